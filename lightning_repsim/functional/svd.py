@@ -1,0 +1,316 @@
+"""d_SVD, the PLS-SVD representational dissimilarity (SPEC §4).
+
+``m_SVD(A, B)`` is the mean singular value of the cross-correlation matrix of the standardised
+columns of ``A`` and ``B``; ``d_SVD = 1 - m_SVD``. The f-part compares the models' log-odds
+``(g(y) - g(y0))^T f(x)`` over inputs for every M-subset of kept labels; the g-part compares
+``(f(x_i) - f(x0))^T g(y)`` over labels for the chosen input set.
+
+The f-part needs only the joint covariance of ``[f_p; f_q]`` (2M x 2M): the cross-correlation of all
+kept labels' log-odds is built once from it and every subset's M x M block is read out of that
+matrix, so all subsets are evaluated in one batched ``svdvals`` call.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from lightning_repsim.functional._moments import batch_moments, covariance_from_moments
+from lightning_repsim.functional._validation import as_matrix, check_finite, check_num_labels
+
+__all__ = [
+    "SVDResult",
+    "DiversityWarning",
+    "svd_dissimilarity",
+    "m_svd_from_cov",
+    "f_part_from_cov",
+    "g_part",
+    "split_unembedding",
+]
+
+#: Condition number above which a diversity matrix (L or N) is reported as near-singular.
+DIVERSITY_COND_WARN = 1e8
+DEFAULT_MAX_LABEL_SUBSETS = 4096
+
+
+class DiversityWarning(UserWarning):
+    """A diversity matrix (displaced unembeddings L or displaced embeddings N) is near-singular."""
+
+
+@dataclass(frozen=True)
+class SVDResult:
+    """Result of :func:`svd_dissimilarity` (float64 tensors).
+
+    Attributes:
+        value: ``d_SVD = max(f_part, g_part)``.
+        f_part: ``1 - min`` over evaluated label subsets of ``m_SVD``.
+        g_part: ``1 - m_SVD`` over labels for the chosen input set.
+        msvd_f: one ``m_SVD`` per evaluated subset, in ``label_subsets`` order.
+        msvd_g: ``m_SVD`` of the g-part.
+        label_subsets: (S, M) indices into ``kept_labels`` (``itertools.combinations`` order when
+            exhaustive).
+        kept_labels: the K-2 labels other than the pivot and the left-out label.
+        worst_subset: the labels (not indices) of the subset attaining ``f_part``.
+        exhaustive: False when ``C(K-2, M) > max_label_subsets`` and a seeded sample of subsets
+            was evaluated; ``f_part`` is then a lower estimate of the true maximum.
+        num_label_subsets: ``C(K-2, M)``, the number of subsets in the definition.
+        cond_l: condition numbers of ``L`` for the worst subset, (model p, model q).
+        cond_n: condition numbers of ``N`` for the input set, (model p, model q).
+        label_pivot, leave_out, input_set: the sets used.
+    """
+
+    value: Tensor
+    f_part: Tensor
+    g_part: Tensor
+    msvd_f: Tensor = field(repr=False)
+    msvd_g: Tensor
+    label_subsets: Tensor = field(repr=False)
+    kept_labels: Tensor = field(repr=False)
+    worst_subset: Tensor
+    exhaustive: bool
+    num_label_subsets: int
+    cond_l: Tensor
+    cond_n: Tensor
+    label_pivot: int
+    leave_out: int
+    input_set: Tensor
+
+    def as_dict(self) -> dict[str, float]:
+        return {"d_svd": float(self.value), "d_svd_f": float(self.f_part), "d_svd_g": float(self.g_part)}
+
+
+def split_unembedding(unemb: Tensor, rep_dim: int, name: str) -> tuple[Tensor, Tensor | None]:
+    """Split an unembedding of width M (weights) or M+1 (weights, bias as last column)."""
+    u = as_matrix(unemb, name)
+    check_finite(u, name)
+    if u.shape[1] == rep_dim:
+        return u, None
+    if u.shape[1] == rep_dim + 1:
+        return u[:, :rep_dim], u[:, rep_dim]
+    raise ValueError(
+        f"`{name}` must have shape (K, M) or (K, M+1) (bias as last column) with M={rep_dim} "
+        f"(the embedding dimension), got {tuple(u.shape)}"
+    )
+
+
+def _correlation(c_pp: Tensor, c_qq: Tensor, c_pq: Tensor, what: str) -> Tensor:
+    v_p, v_q = c_pp.diagonal(dim1=-2, dim2=-1), c_qq.diagonal(dim1=-2, dim2=-1)
+    tiny = torch.finfo(torch.float64).tiny
+    for v, model in ((v_p, "p"), (v_q, "q")):
+        if bool((v <= tiny).any()):
+            bad = torch.nonzero(v <= tiny).flatten().tolist()[:5]
+            raise ValueError(
+                f"zero variance in {what} of model {model} (coordinates {bad}): m_SVD standardises each "
+                "coordinate and is undefined for constant ones"
+            )
+    return c_pq / (v_p.sqrt().unsqueeze(-1) * v_q.sqrt().unsqueeze(-2))
+
+
+def m_svd_from_cov(c_pp: Tensor, c_qq: Tensor, c_pq: Tensor, what: str = "the compared coordinates") -> Tensor:
+    """``m_SVD``: the mean singular value of the cross-correlation matrix; batched over leading dims."""
+    return torch.linalg.svdvals(_correlation(c_pp, c_qq, c_pq, what)).mean(dim=-1)
+
+
+def _label_subsets(n_kept: int, m: int, max_subsets: int, seed: int, device) -> tuple[Tensor, bool, int]:
+    total = math.comb(n_kept, m)
+    if total <= max_subsets:
+        subsets = torch.combinations(torch.arange(n_kept), r=m)
+        if m == 1:
+            subsets = subsets.reshape(-1, 1)
+        return subsets.to(device), True, total
+    gen = torch.Generator().manual_seed(int(seed))
+    keys = torch.rand(max_subsets, n_kept, generator=gen)
+    subsets = keys.argsort(dim=1)[:, :m].sort(dim=1).values
+    subsets = torch.unique(subsets, dim=0)
+    return subsets.to(device), False, total
+
+
+@dataclass(frozen=True)
+class FPart:
+    msvd: Tensor
+    subsets: Tensor
+    kept_labels: Tensor
+    worst: int
+    exhaustive: bool
+    total: int
+    cond: Tensor
+
+
+def f_part_from_cov(
+    cov_f: Tensor,
+    w_p: Tensor,
+    w_q: Tensor,
+    label_pivot: int,
+    leave_out: int,
+    max_label_subsets: int = DEFAULT_MAX_LABEL_SUBSETS,
+    seed: int = 0,
+) -> FPart:
+    """m_SVD of the f-part for every (or a sample of) M-subset(s) of kept labels.
+
+    ``cov_f``: covariance of ``[f_p; f_q]`` over inputs (2M x 2M); ``w_p``, ``w_q``: unembedding
+    weights (K x M). Biases do not matter: they shift the log-odds by constants.
+    """
+    k, m = w_p.shape
+    check_num_labels(k, m, need_subsets=True)
+    keep = torch.ones(k, dtype=torch.bool, device=w_p.device)
+    keep[[label_pivot, leave_out]] = False
+    kept = torch.nonzero(keep).flatten()
+    l_p = w_p[kept] - w_p[label_pivot]
+    l_q = w_q[kept] - w_q[label_pivot]
+    s_pp, s_pq, s_qq = cov_f[:m, :m], cov_f[:m, m:], cov_f[m:, m:]
+    corr = _correlation(l_p @ s_pp @ l_p.T, l_q @ s_qq @ l_q.T, l_p @ s_pq @ l_q.T, "the log-odds over inputs")
+    subsets, exhaustive, total = _label_subsets(kept.numel(), m, max_label_subsets, seed, w_p.device)
+    blocks = corr[subsets[:, :, None], subsets[:, None, :]]
+    msvd = torch.linalg.svdvals(blocks).mean(dim=-1)
+    worst = int(torch.argmin(msvd))
+    rows = kept[subsets[worst]]
+    cond = torch.stack(
+        [torch.linalg.cond(w_p[rows] - w_p[label_pivot]), torch.linalg.cond(w_q[rows] - w_q[label_pivot])]
+    )
+    return FPart(msvd, subsets, kept, worst, exhaustive, total, cond)
+
+
+def g_part(w_p: Tensor, w_q: Tensor, f_p_set: Tensor, f_q_set: Tensor) -> tuple[Tensor, Tensor]:
+    """``(m_SVD, cond(N) per model)`` of the g-part: samples are all K labels, coordinates
+    ``(f(x_i) - f(x0))^T g(y)`` for the input set ``f_set`` (M+1 x M, first row = x0)."""
+    n_p = f_p_set[1:] - f_p_set[:1]
+    n_q = f_q_set[1:] - f_q_set[:1]
+    count, _, m2 = batch_moments(torch.cat([w_p @ n_p.T, w_q @ n_q.T], dim=1))
+    cov = covariance_from_moments(count, m2)
+    m = n_p.shape[0]
+    msvd = m_svd_from_cov(cov[:m, :m], cov[m:, m:], cov[:m, m:], "the input-set log-odds over labels")
+    return msvd, torch.stack([torch.linalg.cond(n_p), torch.linalg.cond(n_q)])
+
+
+def warn_if_near_singular(cond: Tensor, what: str, threshold: float = DIVERSITY_COND_WARN) -> None:
+    for c, model in zip(cond.tolist(), ("p", "q")):
+        if not (c < threshold):
+            warnings.warn(
+                f"near-singular diversity matrix {what} for model {model}: condition number {c:.3g} "
+                f"(> {threshold:.0e}); the diversity condition may fail for these sets, so d_SVD is "
+                "unreliable. The result's label_pivot/leave_out/input_set say which sets were used.",
+                DiversityWarning,
+                stacklevel=3,
+            )
+
+
+def svd_dissimilarity(
+    emb_p: Tensor,
+    unemb_p: Tensor,
+    emb_q: Tensor,
+    unemb_q: Tensor,
+    label_pivot: int | None = None,
+    leave_out: int | None = None,
+    input_set: Tensor | None = None,
+    max_label_subsets: int = DEFAULT_MAX_LABEL_SUBSETS,
+    seed: int = 0,
+    **llv_kwargs,
+) -> SVDResult:
+    """d_SVD between two models given embeddings (N x M) and unembeddings (K x M, or K x (M+1)
+    with the bias as last column).
+
+    ``label_pivot``, ``leave_out`` and ``input_set`` are normally the sets chosen by d_LLV (as in
+    :func:`compare`). Any of them left ``None`` is chosen by running :func:`llv_distance` on the
+    models' logits (``llv_kwargs`` are passed on).
+
+    ``d_SVD^f`` is a max over all ``C(K-2, M)`` label subsets: all are evaluated when there are at
+    most ``max_label_subsets``, otherwise a seeded random sample (``result.exhaustive`` is then
+    False and ``f_part`` a lower estimate).
+
+    Example:
+        >>> import torch
+        >>> from lightning_repsim.constructions import theorem31_pair
+        >>> pair = theorem31_pair(rho=5.0, n_per_class=100, seed=0)
+        >>> res = svd_dissimilarity(pair.emb_p, pair.unemb_p, pair.emb_q, pair.unemb_q)
+        >>> float(res.f_part) > 0.99  # permuted stars: not linearly related
+        True
+        >>> same = svd_dissimilarity(pair.emb_p, pair.unemb_p, 2 * pair.emb_p, pair.unemb_p / 2)
+        >>> float(same.value) < 1e-9
+        True
+    """
+    f_p = as_matrix(emb_p, "emb_p")
+    f_q = as_matrix(emb_q, "emb_q")
+    if f_p.shape != f_q.shape:
+        raise ValueError(f"`emb_p` and `emb_q` must have the same shape, got {tuple(f_p.shape)} and {tuple(f_q.shape)}")
+    check_finite(f_p, "emb_p")
+    check_finite(f_q, "emb_q")
+    m = f_p.shape[1]
+    w_p, b_p = split_unembedding(unemb_p, m, "unemb_p")
+    w_q, b_q = split_unembedding(unemb_q, m, "unemb_q")
+    if w_p.shape != w_q.shape:
+        raise ValueError(f"`unemb_p` and `unemb_q` must have the same number of labels, got {w_p.shape[0]} and {w_q.shape[0]}")
+    check_num_labels(w_p.shape[0], m, need_subsets=True)
+    if label_pivot is None or leave_out is None or input_set is None:
+        from lightning_repsim.functional.llv import llv_distance
+
+        llv = llv_distance(
+            logits_from_parts(f_p, w_p, b_p),
+            logits_from_parts(f_q, w_q, b_q),
+            rep_dim=m,
+            label_pivot=label_pivot,
+            leave_out=leave_out,
+            input_sets=None if input_set is None else torch.as_tensor(input_set)[None],
+            **llv_kwargs,
+        )
+        label_pivot, leave_out, input_set = llv.label_pivot, llv.leave_out, llv.input_set
+    input_set = torch.as_tensor(input_set, device=f_p.device).to(torch.long).flatten()
+    if input_set.numel() != m + 1:
+        raise ValueError(f"`input_set` must hold M+1 = {m + 1} input indices, got {input_set.numel()}")
+    return svd_from_parts(
+        f_p, w_p, f_q, w_q, int(label_pivot), int(leave_out), input_set, f_p[input_set], f_q[input_set],
+        max_label_subsets, seed,
+    )
+
+
+def svd_from_parts(
+    f_p: Tensor | None,
+    w_p: Tensor,
+    f_q: Tensor | None,
+    w_q: Tensor,
+    label_pivot: int,
+    leave_out: int,
+    input_set: Tensor,
+    f_p_set: Tensor,
+    f_q_set: Tensor,
+    max_label_subsets: int = DEFAULT_MAX_LABEL_SUBSETS,
+    seed: int = 0,
+    cov_f: Tensor | None = None,
+) -> SVDResult:
+    """d_SVD from its sufficient parts: ``cov_f`` (or the embeddings to compute it), the unembedding
+    weights, the chosen sets and the embeddings of the input set. Shared with the streaming metric."""
+    if cov_f is None:
+        count, _, m2 = batch_moments(torch.cat([f_p, f_q], dim=1))
+        cov_f = covariance_from_moments(count, m2)
+    fp = f_part_from_cov(cov_f, w_p, w_q, label_pivot, leave_out, max_label_subsets, seed)
+    msvd_g, cond_n = g_part(w_p, w_q, f_p_set, f_q_set)
+    warn_if_near_singular(fp.cond, "L (displaced unembeddings of the worst label subset)")
+    warn_if_near_singular(cond_n, "N (displaced embeddings of the input set)")
+    f_part = 1.0 - fp.msvd[fp.worst]
+    g = 1.0 - msvd_g
+    return SVDResult(
+        value=torch.maximum(f_part, g),
+        f_part=f_part,
+        g_part=g,
+        msvd_f=fp.msvd,
+        msvd_g=msvd_g,
+        label_subsets=fp.subsets,
+        kept_labels=fp.kept_labels,
+        worst_subset=fp.kept_labels[fp.subsets[fp.worst]],
+        exhaustive=fp.exhaustive,
+        num_label_subsets=fp.total,
+        cond_l=fp.cond,
+        cond_n=cond_n,
+        label_pivot=label_pivot,
+        leave_out=leave_out,
+        input_set=input_set,
+    )
+
+
+def logits_from_parts(emb: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Logits ``f(x)^T g(y) (+ b_y)`` of the model family of SPEC §1, float64."""
+    logits = emb.to(torch.float64) @ weight.to(torch.float64).T
+    return logits if bias is None else logits + bias.to(torch.float64)
