@@ -14,7 +14,9 @@ Two routes feed the same formulas:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -105,6 +107,45 @@ def log_probabilities(logits: Tensor) -> Tensor:
 # Label terms (T1, T3) from the covariance of w = [l_p; l_q - l_p]
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class LabelCov:
+    """The parts of ``Cov(w)``, ``w = [X; D] = [l_p; l_q - l_p]``, that the label terms need for a
+    set of pivot labels ``P``: three K-diagonals and four (P, K) row blocks. Building only these keeps
+    a restricted pivot search O(P K) in memory, which is what makes K = 50,257 feasible.
+
+    Attributes:
+        pivots: (P,) pivot labels.
+        vx, vxd, vd: ``Var X_y``, ``Cov(X_y, D_y)``, ``Var D_y`` for every label y, shape (K,).
+        sxx: ``Cov(X_p, X_y)``; sxd_py: ``Cov(X_p, D_y)``; sxd_yp: ``Cov(X_y, D_p)``;
+        sdd: ``Cov(D_p, D_y)``; each (P, K).
+    """
+
+    pivots: Tensor
+    vx: Tensor
+    vxd: Tensor
+    vd: Tensor
+    sxx: Tensor
+    sxd_py: Tensor
+    sxd_yp: Tensor
+    sdd: Tensor
+
+
+def label_cov_from_full(cov: Tensor, pivots: Tensor) -> LabelCov:
+    """:class:`LabelCov` read out of the full ``2K x 2K`` covariance of ``[l_p; l_q - l_p]``."""
+    k = cov.shape[0] // 2
+    sxx, sxd, sdd = cov[:k, :k], cov[:k, k:], cov[k:, k:]
+    return LabelCov(
+        pivots=pivots,
+        vx=sxx.diagonal(),
+        vxd=sxd.diagonal(),
+        vd=sdd.diagonal(),
+        sxx=sxx[pivots, :],
+        sxd_py=sxd[pivots, :],
+        sxd_yp=sxd[:, pivots].T,
+        sdd=sdd[pivots, :],
+    )
+
+
+@dataclass(frozen=True)
 class _LabelTable:
     """Term-1/term-3 entries for every (pivot p in ``pivots``, label y): shape (P, K)."""
 
@@ -115,27 +156,26 @@ class _LabelTable:
     valid: Tensor  # bool; False on the diagonal and where a sigma is zero
 
 
-def label_table(cov: Tensor, pivots: Tensor) -> _LabelTable:
-    """All term-1/term-3 entries for the given pivot labels, from ``cov = Cov(w)`` (2K x 2K).
+def label_table(c: LabelCov) -> _LabelTable:
+    """All term-1/term-3 entries for the pivot labels of ``c``.
 
     Writing ``X = l_p``, ``D = l_q - l_p``, ``u = X_y - X_p``, ``d = D_y - D_p``:
     ``sigma_p^2 = Var u``, ``sigma_q^2 = sigma_p^2 + Delta`` with ``Delta = 2 Cov(u, d) + Var d``, and
     ``X/sigma_p - (X + D)/sigma_q = gamma X - beta D`` with ``beta = 1/sigma_q`` and
     ``gamma = Delta / (sigma_p sigma_q (sigma_p + sigma_q))``. Cost O(P K).
     """
-    k = cov.shape[0] // 2
-    sxx, sxd, sdd = cov[:k, :k], cov[:k, k:], cov[k:, k:]
-    vx, vxd, vd = sxx.diagonal(), sxd.diagonal(), sdd.diagonal()
+    p = c.pivots
+    k = c.vx.shape[0]
+    vx, vxd, vd = c.vx, c.vxd, c.vd
     vy = vx + 2 * vxd + vd  # Var l_q
-    p = pivots
-    s1sq = vx[None, :] + vx[p, None] - 2 * sxx[p, :]
-    cov_ud = vxd[None, :] - sxd[:, p].T - sxd[p, :] + vxd[p, None]
-    var_d = vd[None, :] + vd[p, None] - 2 * sdd[p, :]
+    s1sq = vx[None, :] + vx[p, None] - 2 * c.sxx
+    cov_ud = vxd[None, :] - c.sxd_yp - c.sxd_py + vxd[p, None]
+    var_d = vd[None, :] + vd[p, None] - 2 * c.sdd
     delta = 2 * cov_ud + var_d
     s2sq = s1sq + delta
 
     eps = torch.finfo(torch.float64).eps * _ZERO_VAR_ULPS
-    not_diag = p[:, None] != torch.arange(k, device=cov.device)[None, :]
+    not_diag = p[:, None] != torch.arange(k, device=vx.device)[None, :]
     valid = (
         not_diag
         & (s1sq > eps * (vx[None, :] + vx[p, None]))
@@ -178,7 +218,7 @@ def _leave_out_scores(table: _LabelTable, reduce: str) -> Tensor:
     return scores.masked_fill(diag, float("inf"))
 
 
-def _zero_variance_message(cov: Tensor, pivot: int, labels: list[int]) -> str:
+def _zero_variance_message(pivot: int, labels: list[int]) -> str:
     return (
         f"zero variance: the log-odds l(y|x) - l(y0|x) of label(s) {labels} against pivot y0={pivot} "
         "are constant over the inputs for at least one model (sigma = 0), so d_LLV is undefined for this "
@@ -198,21 +238,25 @@ class LabelPart:
     search: str
 
 
-def label_part_from_cov(
-    cov: Tensor,
+def label_part(
+    label_cov: Callable[[Tensor], LabelCov],
+    num_labels: int,
+    device: torch.device,
     reduce: str = "max",
     label_pivot: int | None = None,
     leave_out: int | None = None,
     pivot_candidates: Tensor | None = None,
 ) -> LabelPart:
-    """Choose ``(y0, lo)`` (unless given) and compute T1/T3 from ``cov = Cov([l_p; l_q - l_p])``.
+    """Choose ``(y0, lo)`` (unless given) and compute T1/T3.
+
+    ``label_cov(pivots)`` returns the :class:`LabelCov` for those pivots: from the full covariance
+    (``functools.partial(label_cov_from_full, cov)``) or from a representation statistic.
 
     The search is the argmin over pivots and left-out labels of T1 (``reduce`` of its entries), ties
     broken by the smallest pivot, then the smallest left-out label. ``pivot_candidates`` restricts
     the pivots searched (for very large K).
     """
-    k = cov.shape[0] // 2
-    device = cov.device
+    k = num_labels
     if label_pivot is not None:
         pivots = torch.tensor([label_pivot], device=device)
         search = "given" if leave_out is not None else "partial"
@@ -228,7 +272,7 @@ def label_part_from_cov(
         pivots = pivots[pivots != leave_out]
         if pivots.numel() == 0:
             raise ValueError(f"`label_pivot` and `leave_out` must differ, both are {leave_out}")
-    table = label_table(cov, pivots)
+    table = label_table(label_cov(pivots))
     scores = _leave_out_scores(table, reduce)
     if leave_out is not None:
         lo_mask = torch.ones_like(scores, dtype=torch.bool)
@@ -242,7 +286,7 @@ def label_part_from_cov(
     kept = torch.nonzero(keep).flatten()
     if not torch.isfinite(scores[row, lo]):
         bad = kept[~table.valid[row, kept]].tolist()
-        raise ValueError(_zero_variance_message(cov, y0, bad))
+        raise ValueError(_zero_variance_message(y0, bad))
     t1_terms = torch.cat([table.a[row, kept], table.a_piv[row, kept]])
     t3_terms = table.t3[row, kept]
     red = torch.amax if reduce == "max" else torch.mean
@@ -424,7 +468,8 @@ def llv_distance(
 
     lp, lq = log_probabilities(p), log_probabilities(q)
     count, _, m2 = batch_moments(torch.cat([lp, lq - lp], dim=1))
-    labels = label_part_from_cov(covariance_from_moments(count, m2), reduce, label_pivot, leave_out)
+    cov = covariance_from_moments(count, m2)
+    labels = label_part(partial(label_cov_from_full, cov), k, cov.device, reduce, label_pivot, leave_out)
 
     if input_sets is None:
         sets = draw_input_sets(n, rep_dim + 1, num_input_sets, seed)
