@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
+from lightning_repsim.functional._validation import as_matrix
 from lightning_repsim.functional.cca import canonical_correlations
 from lightning_repsim.functional.kl import mean_kl_divergence
 from lightning_repsim.functional.llv import LLVResult, llv_distance
@@ -18,7 +18,6 @@ from lightning_repsim.functional.svd import (
     split_unembedding,
     svd_dissimilarity,
 )
-from lightning_repsim.functional._validation import as_matrix
 
 __all__ = ["ComparisonReport", "compare", "logits_from_representations"]
 
