@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(PY) -m lightning_repsim.demo
 
 test: $(STAMP)
-	WANDB_MODE=offline WANDB_SILENT=true $(PY) -m pytest -q tests
+	WANDB_MODE=offline WANDB_SILENT=true $(PY) -m pytest -q --doctest-modules lightning_repsim tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_functional.py

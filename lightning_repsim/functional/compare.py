@@ -22,7 +22,7 @@ from lightning_repsim.functional.svd import (
 __all__ = ["ComparisonReport", "compare", "logits_from_representations"]
 
 
-def logits_from_representations(emb: Tensor, unemb: Tensor) -> Tensor:
+def logits_from_representations(emb: Tensor, unemb: Tensor, names: tuple[str, str] = ("emb", "unemb")) -> Tensor:
     """Logits ``f(x)^T g(y) (+ b_y)`` from an embedding (N x M) and an unembedding (K x M, or
     K x (M+1) with the bias as last column), in float64.
 
@@ -34,8 +34,8 @@ def logits_from_representations(emb: Tensor, unemb: Tensor) -> Tensor:
         >>> torch.allclose(logits_from_representations(f, unemb), lin(f))
         True
     """
-    f = as_matrix(emb, "emb")
-    w, b = split_unembedding(unemb, f.shape[1], "unemb")
+    f = as_matrix(emb, names[0])
+    w, b = split_unembedding(unemb, f.shape[1], names[1])
     return logits_from_parts(f, w, b)
 
 
@@ -135,8 +135,8 @@ def compare(
     f_p = as_matrix(emb_p, "emb_p")
     f_q = as_matrix(emb_q, "emb_q")
     m = f_p.shape[1]
-    logits_p = logits_from_representations(f_p, unemb_p)
-    logits_q = logits_from_representations(f_q, unemb_q)
+    logits_p = logits_from_representations(f_p, unemb_p, ("emb_p", "unemb_p"))
+    logits_q = logits_from_representations(f_q, unemb_q, ("emb_q", "unemb_q"))
     llv = llv_distance(
         logits_p, logits_q, rep_dim=m, lam=lam, reduce=reduce, combine=combine, label_pivot=label_pivot,
         leave_out=leave_out, input_sets=input_sets, num_input_sets=num_input_sets, seed=seed,

@@ -1,0 +1,42 @@
+"""Shared fixtures: the reference cases computed by the paper authors' implementation."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_DIR = Path(os.environ.get("REPSIM_REFERENCE_DIR", REPO_ROOT.parent / "shared" / "reference_cases"))
+REFERENCE_FILES = sorted(REFERENCE_DIR.glob("*.npz"))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def load_reference(path: Path) -> dict[str, torch.Tensor]:
+    """A reference case as float64/int64 torch tensors (scalars as 0-d tensors)."""
+    with np.load(path) as data:
+        return {key: torch.from_numpy(np.array(data[key])) for key in data.files}
+
+
+@pytest.fixture(params=REFERENCE_FILES, ids=[p.stem for p in REFERENCE_FILES])
+def reference_case(request) -> dict[str, torch.Tensor]:
+    return load_reference(request.param)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not REFERENCE_FILES:
+        raise pytest.UsageError(f"no reference cases found in {REFERENCE_DIR} (set REPSIM_REFERENCE_DIR)")
+
+
+def assert_rel(actual, expected, rtol: float = 1e-9, name: str = "") -> None:
+    """Elementwise relative agreement (absolute for exact zeros)."""
+    a = torch.as_tensor(actual, dtype=torch.float64).flatten()
+    e = torch.as_tensor(expected, dtype=torch.float64).flatten()
+    assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    err = (a - e).abs() / e.abs().clamp_min(1e-300)
+    err = torch.where(e == 0, (a - e).abs(), err)
+    assert bool((err <= rtol).all()), f"{name}: max relative error {float(err.max()):.3e} > {rtol:.0e}\n{a}\n{e}"
