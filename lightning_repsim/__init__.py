@@ -6,7 +6,8 @@ pure-torch functional core (:mod:`lightning_repsim.functional`).
 
 from lightning_repsim import functional
 from lightning_repsim.constructions import radial_dataset, theorem31_pair
+from lightning_repsim.losses import KDLoss, LLVLoss, LogitDistanceLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "radial_dataset", "theorem31_pair", "__version__"]
+__all__ = ["KDLoss", "LLVLoss", "LogitDistanceLoss", "functional", "radial_dataset", "theorem31_pair", "__version__"]
