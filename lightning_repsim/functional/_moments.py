@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["batch_moments", "merge_moments", "covariance_from_moments"]
+__all__ = ["batch_moments", "merge_moments", "merge_moments_", "covariance_from_moments"]
 
 
 def batch_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -61,6 +61,29 @@ def merge_moments(
     coef = (n_a * n_b / safe_n).unsqueeze(-1).unsqueeze(-1)
     m2 = m2_a + m2_b + coef * (delta.unsqueeze(-1) * delta.unsqueeze(-2))
     return n, mean, m2
+
+
+def merge_moments_(
+    n_a: Tensor, mean_a: Tensor, m2_a: Tensor, n_b: Tensor, mean_b: Tensor, m2_b: Tensor
+) -> None:
+    """In-place :func:`merge_moments`: the triple ``a`` (``n_a`` a 0-d tensor) is overwritten with the
+    merged triple, without (D, D) temporaries (the streaming metrics' states reach 2000 x 2000).
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(10, 3, dtype=torch.float64)
+        >>> n, mean, m2 = batch_moments(x[:4])
+        >>> merge_moments_(n, mean, m2, *batch_moments(x[4:]))
+        >>> all(torch.allclose(a, b) for a, b in zip((n, mean, m2), batch_moments(x)))
+        True
+    """
+    n = n_a + n_b
+    if float(n) == 0:
+        return
+    delta = mean_b - mean_a
+    m2_a.add_(m2_b).addr_(delta, delta, alpha=float(n_a * n_b / n))
+    mean_a.add_(delta, alpha=float(n_b / n))
+    n_a.copy_(n)
 
 
 def covariance_from_moments(n: Tensor, m2: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from lightning_repsim.functional._moments import batch_moments, covariance_from_moments
+from lightning_repsim.functional._moments import batch_moments, covariance_from_moments, merge_moments
 from lightning_repsim.functional._validation import (
     check_choice,
     check_label_index,
@@ -38,6 +38,21 @@ COMBINATIONS = ("max", "sum")
 # A standard deviation counts as zero when its square is below this many ulps of the variances it
 # was computed from (covariance-route cancellation is of that order).
 _ZERO_VAR_ULPS = 64.0
+#: Scores within this relative distance of the minimum count as tied; ties go to the first index
+#: (smallest pivot, then smallest left-out label; first candidate set). Exact ties are structural
+#: (e.g. T1 entries are symmetric in the pivot and the label), so without a tolerance the choice
+#: would depend on rounding, i.e. on batch order and process count.
+TIE_RTOL = 1e-10
+
+
+def first_argmin(scores: Tensor, rtol: float = TIE_RTOL) -> int:
+    """Index of the first entry (row-major) within ``rtol`` (relative) of the minimum of ``scores``."""
+    flat = scores.reshape(-1)
+    best = flat.min()
+    if not bool(torch.isfinite(best)):
+        return int(torch.argmin(flat))
+    within = flat <= best + rtol * best.abs()
+    return int(torch.nonzero(within)[0])
 
 
 @dataclass(frozen=True)
@@ -132,7 +147,11 @@ class LabelCov:
 def label_cov_from_full(cov: Tensor, pivots: Tensor) -> LabelCov:
     """:class:`LabelCov` read out of the full ``2K x 2K`` covariance of ``[l_p; l_q - l_p]``."""
     k = cov.shape[0] // 2
-    sxx, sxd, sdd = cov[:k, :k], cov[:k, k:], cov[k:, k:]
+    return label_cov_from_blocks(cov[:k, :k], cov[:k, k:], cov[k:, k:], pivots)
+
+
+def label_cov_from_blocks(sxx: Tensor, sxd: Tensor, sdd: Tensor, pivots: Tensor) -> LabelCov:
+    """:class:`LabelCov` from the three distinct K x K blocks ``Cov(X)``, ``Cov(X, D)``, ``Cov(D)``."""
     return LabelCov(
         pivots=pivots,
         vx=sxx.diagonal(),
@@ -253,7 +272,7 @@ def label_part(
     (``functools.partial(label_cov_from_full, cov)``) or from a representation statistic.
 
     The search is the argmin over pivots and left-out labels of T1 (``reduce`` of its entries), ties
-    broken by the smallest pivot, then the smallest left-out label. ``pivot_candidates`` restricts
+    (within ``TIE_RTOL`` relative) broken by the smallest pivot, then the smallest left-out label. ``pivot_candidates`` restricts
     the pivots searched (for very large K).
     """
     k = num_labels
@@ -278,8 +297,7 @@ def label_part(
         lo_mask = torch.ones_like(scores, dtype=torch.bool)
         lo_mask[:, leave_out] = False
         scores = scores.masked_fill(lo_mask, float("inf"))
-    flat = int(torch.argmin(scores.reshape(-1)))
-    row, lo = divmod(flat, k)
+    row, lo = divmod(first_argmin(scores), k)
     y0 = int(pivots[row])
     keep = torch.ones(k, dtype=torch.bool, device=device)
     keep[[y0, lo]] = False
@@ -319,6 +337,10 @@ def draw_input_sets(num_inputs: int, set_size: int, count: int, seed: int = 0) -
     if count < 1:
         raise ValueError(f"`num_input_sets` must be >= 1, got {count}")
     gen = torch.Generator().manual_seed(int(seed))
+    if set_size * (set_size - 1) > 2 * num_inputs:
+        # rejection below would almost never accept (e.g. M = 768 from a buffer of 1024): sample
+        # without replacement instead (seeded, first element of each row is its pivot input)
+        return torch.stack([torch.randperm(num_inputs, generator=gen)[:set_size] for _ in range(count)])
     sets = torch.randint(num_inputs, (count, set_size), generator=gen)
     while True:
         ordered = sets.sort(dim=1).values
@@ -363,10 +385,18 @@ def input_part(lp_sets: Tensor, lq_sets: Tensor, candidate_sets: Tensor, reduce:
     input of each set is its pivot ``x0``. ``candidate_sets``: (S, M+1) input ids, reported back.
     """
     b, b_piv, t4, valid = _sd_terms(lp_sets[:, 1:], lq_sets[:, 1:], lp_sets[:, :1], lq_sets[:, :1])
+    return select_input_set(b, b_piv, t4, valid, candidate_sets, reduce)
+
+
+def select_input_set(
+    b: Tensor, b_piv: Tensor, t4: Tensor, valid: Tensor, candidate_sets: Tensor, reduce: str = "max"
+) -> InputPart:
+    """The argmin of T2 over candidate sets (first on ties) from their ``(S, M)`` term-2/term-4 entries
+    ``b``, ``b_piv``, ``|tau_p - tau_q|`` and validity (``tau > 0`` for both models)."""
     set_valid = valid.all(dim=1)
     scores = torch.maximum(b.amax(dim=1), b_piv.amax(dim=1))
     scores = torch.where(set_valid, scores, torch.full_like(scores, float("inf")))
-    chosen = int(torch.argmin(scores))
+    chosen = first_argmin(scores)
     if not bool(torch.isfinite(scores[chosen])):
         raise ValueError(
             "zero variance: every candidate input set has an input x_i whose log-probability vector equals "
@@ -404,6 +434,16 @@ def check_input_sets(input_sets: Tensor, num_inputs: int, rep_dim: int) -> Tenso
     if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
         raise ValueError("`input_sets`: every candidate set must hold M+1 distinct inputs")
     return sets
+
+
+def _covariance_blocks(lp: Tensor, lq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Two-pass centred ``Cov(X)``, ``Cov(X, D)``, ``Cov(D)`` for ``X = l_p``, ``D = l_q - l_p``: the
+    three distinct blocks of the 2K x 2K covariance, 3/4 of the cost of forming all of it."""
+    xc = lp - lp.mean(dim=0)
+    dc = lq - lp
+    dc = dc - dc.mean(dim=0)
+    scale = 1.0 / (lp.shape[0] - 1)
+    return (xc.T @ xc) * scale, (xc.T @ dc) * scale, (dc.T @ dc) * scale
 
 
 def combine_terms(t1: Tensor, t2: Tensor, t3: Tensor, t4: Tensor, lam: float, combine: str) -> Tensor:
@@ -467,9 +507,7 @@ def llv_distance(
         raise ValueError(f"`label_pivot` and `leave_out` must differ, both are {label_pivot}")
 
     lp, lq = log_probabilities(p), log_probabilities(q)
-    count, _, m2 = batch_moments(torch.cat([lp, lq - lp], dim=1))
-    cov = covariance_from_moments(count, m2)
-    labels = label_part(partial(label_cov_from_full, cov), k, cov.device, reduce, label_pivot, leave_out)
+    labels = label_part(partial(label_cov_from_blocks, *_covariance_blocks(lp, lq)), k, lp.device, reduce, label_pivot, leave_out)
 
     if input_sets is None:
         sets = draw_input_sets(n, rep_dim + 1, num_input_sets, seed)
@@ -502,3 +540,122 @@ def llv_distance(
         reduce=reduce,
         combine=combine,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Representation route (SPEC §6): the same terms from embeddings + unembeddings, never K x K
+# ----------------------------------------------------------------------------------------------
+#: Layout of the streamed representation vector ``u(x)`` (length ``2M + 2``). It is an invertible
+#: linear map of ``[f_p, logZ_p, f_q, logZ_q]`` (SPEC §6); storing the *differences* keeps nearly
+#: identical models accurate, exactly as ``[l_p; l_q - l_p]`` does for the logits route.
+REPRESENTATION_LAYOUT = "[f_p, logZ_p, f_q - f_p, logZ_q - logZ_p]"
+_LABEL_CHUNK = 4096
+
+
+def _label_coefficients(w_p: Tensor, w_q: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows ``alpha_y``, ``delta_y`` of the linear maps ``u -> X_y = l_p(y|x)`` and
+    ``u -> D_y = l_q(y|x) - l_p(y|x)`` (up to constants, which covariances ignore):
+    ``X_y = W_p[y] f_p - logZ_p + b``, ``D_y = (W_q - W_p)[y] f_p + W_q[y] (f_q - f_p) - (logZ_q - logZ_p) + b'``."""
+    wp, wq = w_p[rows], w_q[rows]
+    c, m = wp.shape
+    zero, one = wp.new_zeros(c, 1), wp.new_ones(c, 1)
+    alpha = torch.cat([wp, -one, wp.new_zeros(c, m + 1)], dim=1)
+    delta = torch.cat([wq - wp, zero, wq, -one], dim=1)
+    return alpha, delta
+
+
+def label_cov_from_representation(
+    cov_u: Tensor, w_p: Tensor, w_q: Tensor, pivots: Tensor, chunk_size: int = _LABEL_CHUNK
+) -> LabelCov:
+    """:class:`LabelCov` from the ``(2M+2) x (2M+2)`` covariance of ``u(x)`` (layout
+    :data:`REPRESENTATION_LAYOUT`) and the unembedding weights ``w_p``, ``w_q`` (K x M; biases shift
+    log-probabilities by constants and do not enter). ``Cov(w) = B Cov(u) B^T`` is never formed:
+    cost O(K M^2 + P K M), memory O(P K + chunk_size M), so K = 50,257 is fine.
+    """
+    k, m = w_p.shape
+    a_piv, d_piv = _label_coefficients(w_p, w_q, pivots)
+    a_piv_s, d_piv_s = a_piv[:, : m + 1] @ cov_u[: m + 1], d_piv @ cov_u
+    vx, vxd, vd = (cov_u.new_empty(k) for _ in range(3))
+    sxx, sxd_py, sxd_yp, sdd = (cov_u.new_empty(pivots.numel(), k) for _ in range(4))
+    for start in range(0, k, chunk_size):
+        sl = slice(start, min(k, start + chunk_size))
+        a, d = _label_coefficients(w_p, w_q, torch.arange(sl.start, sl.stop, device=w_p.device))
+        a_s, d_s = a[:, : m + 1] @ cov_u[: m + 1], d @ cov_u
+        vx[sl], vxd[sl], vd[sl] = (a_s * a).sum(1), (a_s * d).sum(1), (d_s * d).sum(1)
+        sxx[:, sl], sxd_py[:, sl] = a_piv_s @ a.T, a_piv_s @ d.T
+        sxd_yp[:, sl], sdd[:, sl] = d_piv_s @ a.T, d_piv_s @ d.T
+    return LabelCov(pivots=pivots, vx=vx, vxd=vxd, vd=vd, sxx=sxx, sxd_py=sxd_py, sxd_yp=sxd_yp, sdd=sdd)
+
+
+def label_means_from_representation(
+    mean_u: Tensor, w_p: Tensor, b_p: Tensor | None, w_q: Tensor, b_q: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Mean log-probability of every label under each model, ``E_x l_p(y|x)`` and ``E_x l_q(y|x)``."""
+    m = w_p.shape[1]
+    f_p, lz_p, df, dlz = mean_u[:m], mean_u[m], mean_u[m + 1 : 2 * m + 1], mean_u[2 * m + 1]
+    mean_p = w_p @ f_p - lz_p
+    mean_q = w_q @ (f_p + df) - (lz_p + dlz)
+    return (mean_p if b_p is None else mean_p + b_p), (mean_q if b_q is None else mean_q + b_q)
+
+
+def input_terms_from_representation(
+    f_p_rows: Tensor,
+    f_q_rows: Tensor,
+    w_p: Tensor,
+    b_p: Tensor | None,
+    w_q: Tensor,
+    b_q: Tensor | None,
+    sets: Tensor,
+    chunk_size: int = _LABEL_CHUNK,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Term-2/term-4 entries ``(b, b_piv, |tau_p - tau_q|, valid)``, each (S, M), for candidate sets
+    (S, M+1) of row indices into the embeddings ``f_p_rows``/``f_q_rows`` (R x M), without forming any
+    (M+1) x K matrix of log-probabilities.
+
+    Over labels, ``l_p(y|x) = h_y . [f_p(x), 1, 0, 0] + const`` and ``l_q(y|x) - l_p(y|x) =
+    h_y . [f_q - f_p, 0, f_q, 1] + const`` with ``h_y = [W_p[y], b_p[y], (W_q - W_p)[y], (b_q - b_p)[y]]``,
+    so every standard deviation over labels is a quadratic form in the ``(2M+2)^2`` label covariance
+    of ``h`` (cost O(K M^2)); pairwise differences of inputs come from Gram matrices of the centred
+    rows (O(R^2 M)). Same algebra as :func:`label_table`: ``tau_q^2 = tau_p^2 + Delta`` and
+    ``l_p/tau_p - l_q/tau_q = gamma l_p - beta (l_q - l_p)``.
+    """
+    k, m = w_p.shape
+    b_p = w_p.new_zeros(k) if b_p is None else b_p
+    b_q = w_q.new_zeros(k) if b_q is None else b_q
+    count = mean = m2 = None
+    for start in range(0, k, chunk_size):
+        sl = slice(start, min(k, start + chunk_size))
+        h = torch.cat([w_p[sl], b_p[sl, None], w_q[sl] - w_p[sl], (b_q[sl] - b_p[sl])[:, None]], dim=1)
+        part = batch_moments(h)
+        count, mean, m2 = part if count is None else merge_moments(count, mean, m2, *part)
+    sigma = covariance_from_moments(count, m2)
+
+    fp, fq = f_p_rows, f_q_rows
+    df = fq - fp
+    r = fp.shape[0]
+    zero, one = fp.new_zeros(r, 1), fp.new_ones(r, 1)
+    x = torch.cat([fp, one, fp.new_zeros(r, m + 1)], dim=1)
+    e = torch.cat([df, zero, fq, one], dim=1)
+    x_s, e_s = x @ sigma, e @ sigma
+    vx, cxe, ve = (x_s * x).sum(1), (x_s * e).sum(1), (e_s * e).sum(1)
+    vq = vx + 2 * cxe + ve
+    ac = torch.cat([fp - fp.mean(0), fp.new_zeros(r, m + 2)], dim=1)
+    dc = torch.cat([df - df.mean(0), zero, fq - fq.mean(0), zero], dim=1)
+    ac_s = ac @ sigma
+    gaa, gad, gdd = ac_s @ ac.T, ac_s @ dc.T, (dc @ sigma) @ dc.T
+
+    z, i = sets[:, :1], sets[:, 1:]
+    tp2 = gaa[i, i] + gaa[z, z] - 2 * gaa[i, z]
+    cad = gad[i, i] - gad[i, z] - gad[z, i] + gad[z, z]
+    vdd = gdd[i, i] + gdd[z, z] - 2 * gdd[i, z]
+    delta = 2 * cad + vdd
+    tq2 = tp2 + delta
+    eps = torch.finfo(torch.float64).eps * _ZERO_VAR_ULPS
+    valid = (tp2 > eps * (vx[i] + vx[z])) & (tq2 > eps * (vq[i] + vq[z])) & (tp2 > 0) & (tq2 > 0)
+    one_ = torch.ones_like(tp2)
+    tp, tq = torch.where(valid, tp2, one_).sqrt(), torch.where(valid, tq2, one_).sqrt()
+    gamma = delta / (tp * tq * (tp + tq))
+    beta = 1.0 / tq
+    b2 = gamma.square() * vx[i] - 2 * gamma * beta * cxe[i] + beta.square() * ve[i]
+    bp2 = gamma.square() * vx[z] - 2 * gamma * beta * cxe[z] + beta.square() * ve[z]
+    return b2.clamp_min(0).sqrt(), bp2.clamp_min(0).sqrt(), delta.abs() / (tp + tq), valid

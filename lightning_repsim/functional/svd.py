@@ -122,9 +122,10 @@ def _label_subsets(n_kept: int, m: int, max_subsets: int, seed: int, device) -> 
         if m == 1:
             subsets = subsets.reshape(-1, 1)
         return subsets.to(device), True, total
-    gen = torch.Generator().manual_seed(int(seed))
-    keys = torch.rand(max_subsets, n_kept, generator=gen)
-    subsets = keys.argsort(dim=1)[:, :m].sort(dim=1).values
+    from lightning_repsim.functional.llv import draw_input_sets
+
+    # seeded M-subsets without an (S, K-2) matrix of random keys (K = 50,257 is fine)
+    subsets = draw_input_sets(n_kept, m, max_subsets, seed).sort(dim=1).values
     subsets = torch.unique(subsets, dim=0)
     return subsets.to(device), False, total
 
@@ -162,10 +163,15 @@ def f_part_from_cov(
     l_p = w_p[kept] - w_p[label_pivot]
     l_q = w_q[kept] - w_q[label_pivot]
     s_pp, s_pq, s_qq = cov_f[:m, :m], cov_f[:m, m:], cov_f[m:, m:]
-    corr = _correlation(l_p @ s_pp @ l_p.T, l_q @ s_qq @ l_q.T, l_p @ s_pq @ l_q.T, "the log-odds over inputs")
     subsets, exhaustive, total = _label_subsets(kept.numel(), m, max_label_subsets, seed, w_p.device)
-    blocks = corr[subsets[:, :, None], subsets[:, None, :]]
-    msvd = torch.linalg.svdvals(blocks).mean(dim=-1)
+    # each subset's M x M correlation block directly (never the (K-2)^2 matrix: K = 50,257 is fine),
+    # in chunks of about 2^22 numbers
+    msvd = []
+    for chunk in subsets.split(max(1, 2**22 // (m * m))):
+        sp, sq = l_p[chunk], l_q[chunk]
+        corr = _correlation(sp @ s_pp @ sp.mT, sq @ s_qq @ sq.mT, sp @ s_pq @ sq.mT, "the log-odds over inputs")
+        msvd.append(torch.linalg.svdvals(corr).mean(dim=-1))
+    msvd = torch.cat(msvd)
     worst = int(torch.argmin(msvd))
     rows = kept[subsets[worst]]
     cond = torch.stack(
