@@ -1,13 +1,31 @@
 """lightning_repsim: do two models that *predict* alike also *represent* alike?
 
-Exact d_LLV, d_SVD, mean KL and mCCA (Nielsen, Marconato, Dittadi, Gresele, NeurIPS 2025) as a
-pure-torch functional core (:mod:`lightning_repsim.functional`).
+Exact d_LLV, d_SVD, mean KL and mCCA (Nielsen, Marconato, Dittadi, Gresele, NeurIPS 2025) in three
+layers: a pure-torch functional core (:mod:`lightning_repsim.functional`), streaming torchmetrics
+metrics (:mod:`lightning_repsim.metrics`), and Lightning integration (the
+:class:`ReferenceComparison` callback, the distillation losses).
 """
 
 from lightning_repsim import functional
 from lightning_repsim.constructions import radial_dataset, theorem31_pair
 from lightning_repsim.losses import KDLoss, LLVLoss, LogitDistanceLoss
+from lightning_repsim.metrics import LLVDistance, MeanCCA, MeanKLDivergence, SVDDissimilarity, SVDDissimilarityResult
+from lightning_repsim.callbacks import ReferenceComparison
 
 __version__ = "0.1.0"
 
-__all__ = ["KDLoss", "LLVLoss", "LogitDistanceLoss", "functional", "radial_dataset", "theorem31_pair", "__version__"]
+__all__ = [
+    "KDLoss",
+    "LLVDistance",
+    "LLVLoss",
+    "LogitDistanceLoss",
+    "MeanCCA",
+    "MeanKLDivergence",
+    "ReferenceComparison",
+    "SVDDissimilarity",
+    "SVDDissimilarityResult",
+    "functional",
+    "radial_dataset",
+    "theorem31_pair",
+    "__version__",
+]
