@@ -117,7 +117,10 @@ def main() -> None:
     sizes = SIZES[:2] if args.quick else SIZES
     print(f"machine: {machine_info()}")
     print(f"N = {n}, {args.sets} candidate input sets, float64\n")
-    print("| K | M | compare (s) | compare peak memory (MB above inputs) | llv_distance (s) | naive loops (s) | speed-up vs naive | authors' code (s, issue) |")
+    print(
+        "| K | M | compare (s) | compare peak memory (MB above inputs) | llv_distance (s) | naive loops (s) "
+        "| speed-up vs naive | authors' code (s, issue) |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for k, m in sizes:
         cmp = subprocess_run(n, k, m, "compare", args.sets, 900)

@@ -7,10 +7,10 @@ metrics (:mod:`lightning_repsim.metrics`), and Lightning integration (the
 """
 
 from lightning_repsim import functional
+from lightning_repsim.callbacks import ReferenceComparison
 from lightning_repsim.constructions import radial_dataset, theorem31_pair
 from lightning_repsim.losses import KDLoss, LLVLoss, LogitDistanceLoss
 from lightning_repsim.metrics import LLVDistance, MeanCCA, MeanKLDivergence, SVDDissimilarity, SVDDissimilarityResult
-from lightning_repsim.callbacks import ReferenceComparison
 
 __version__ = "0.1.0"
 

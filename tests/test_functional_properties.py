@@ -10,7 +10,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lightning_repsim.constructions import theorem31_pair
-from tests.conftest import REFERENCE_DIR, load_reference
 from lightning_repsim.functional import (
     compare,
     llv_distance,
@@ -19,6 +18,7 @@ from lightning_repsim.functional import (
     mean_kl_divergence,
     svd_dissimilarity,
 )
+from tests.conftest import REFERENCE_DIR, load_reference
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -169,8 +169,9 @@ def test_logits_from_representations_uses_bias_column():
     torch.testing.assert_close(logits_from_representations(f, unemb), lin(f).detach())
     # the bias shifts log-odds by constants: d_SVD is unchanged by it
     f2 = f + 0.1 * torch.randn(10, 3, dtype=torch.float64)
-    with_bias = svd_dissimilarity(f, unemb, f2, unemb, label_pivot=0, leave_out=1, input_set=torch.tensor([0, 1, 2, 3]))
-    no_bias = svd_dissimilarity(f, unemb[:, :3], f2, unemb[:, :3], label_pivot=0, leave_out=1, input_set=torch.tensor([0, 1, 2, 3]))
+    sets = dict(label_pivot=0, leave_out=1, input_set=torch.tensor([0, 1, 2, 3]))
+    with_bias = svd_dissimilarity(f, unemb, f2, unemb, **sets)
+    no_bias = svd_dissimilarity(f, unemb[:, :3], f2, unemb[:, :3], **sets)
     assert float(with_bias.value) == pytest.approx(float(no_bias.value), rel=1e-12)
 
 
