@@ -363,7 +363,9 @@ def test_logits_only_models_get_llv_and_kl():
     with torch.no_grad():
         ref.eval(), student.eval()
         z_p = torch.cat([ref(x) for x, _ in val])
-        z_q = torch.cat([student(x) for x, _ in val])
+        # the student has a final nn.Linear: the callback reads its embedding and forms the logits in
+        # float64 from (embedding, [W, b]), so the expected values do the same
+        z_q = radial_representations(student, val) @ unembedding(student.head)[:, :-1].T + student.head.bias.detach().double()
     llv = llv_distance(z_p, z_q, rep_dim=2, input_sets=candidate_sets(cb))
     h = cb.history[-1]
     assert_close(h["d_llv"], float(llv.distance), "d_llv")
@@ -373,7 +375,12 @@ def test_logits_only_models_get_llv_and_kl():
     # explicit LogitsOnly on both sides gives the same d_LLV
     cb2 = ReferenceComparison(ref, rep_dim=2, reference_extractor=LogitsOnly(), student_extractor=LogitsOnly())
     trainer(callbacks=[cb2]).validate(student, val, verbose=False)
-    assert_close(cb2.history[-1]["d_llv"], float(llv.distance), "d_llv LogitsOnly")
+    # LogitsOnly uses the models' own (float32) logits for the student too
+    with torch.no_grad():
+        z_q_model = torch.cat([student(x) for x, _ in val])
+    llv_model = llv_distance(z_p, z_q_model, rep_dim=2, input_sets=candidate_sets(cb2))
+    assert_close(cb2.history[-1]["d_llv"], float(llv_model.distance), "d_llv LogitsOnly")
+    assert abs(float(llv_model.distance) - float(llv.distance)) < 1e-6  # float32 rounding of the logits only
     assert cb2.last_results["llv"].candidate_sets.equal(cb.last_results["llv"].candidate_sets)
 
 
