@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -29,3 +31,52 @@ def test_table1_quick(tmp_path):
         assert r["d_svd_f"] > 0.95
     assert (tmp_path / "table1_quick.md").read_text().startswith("| rho |")
     assert (tmp_path / "table1_quick.png").stat().st_size > 1000
+
+
+def test_radial_quick(tmp_path):
+    """Figure 3 right, reduced: Lightning-trained two-tower models, pairwise d_LLV / d_SVD from the streaming metrics."""
+    rows = load_example("radial").main(["--quick", "--out", str(tmp_path), "--no-cache"])
+    assert [(r["K"], r["W"]) for r in rows] == [(4, 16), (4, 32)]
+    kept = [r for r in rows if r["pairs"]]
+    assert kept, "no pair of quick models reached test accuracy > 0.9"
+    for r in kept:
+        assert r["accurate"] == 2 and r["pairs"] == 1
+        for key in ("d_llv", "d_svd", "kl", "mcca"):
+            assert math.isfinite(r[f"{key}_mean"]) and r[f"{key}_mean"] >= 0
+        assert r["d_svd_mean"] <= 1 and r["mcca_mean"] <= 1
+    table = (tmp_path / "radial_quick.md").read_text()
+    assert "| K | W |" in table and "| 4 | 32 |" in table
+    assert (tmp_path / "radial_quick.png").stat().st_size > 1000
+    assert (tmp_path / "radial_quick_pairs.csv").read_text().startswith("K,W,seed_a,seed_b")
+
+
+def test_fake_cifar10_is_read_by_torchvision(tmp_path):
+    cifar = load_example("cifar10")
+    folder = cifar.write_fake_cifar10(tmp_path, n_train=60, n_test=20)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+    )
+    train = cifar.cifar10(tmp_path, train=True, download=False, verify_checksums=False)
+    test = cifar.cifar10(tmp_path, train=False, download=False, verify_checksums=False)
+    assert (len(train), len(test)) == (60, 20) and train.classes[0] == "airplane"
+    x, y = train[0]
+    assert x.shape == (3, 32, 32) and -1 <= float(x.min()) and float(x.max()) <= 1 and 0 <= y < 10
+    with pytest.raises(RuntimeError):  # the real loader's md5 check refuses generated files
+        cifar.cifar10(tmp_path, train=True, download=False)
+
+
+def test_cifar10_quick(tmp_path):
+    """Figure 3 left, reduced: the real torchvision CIFAR10 loader (download=False) on generated files in the
+    on-disk format, two ResNet-18 seeds compared by the callback with the EmbedUnembed extractors."""
+    cifar = load_example("cifar10")
+    data = tmp_path / "data"
+    cifar.write_fake_cifar10(data, n_train=200, n_test=30)
+    threads = torch.get_num_threads()
+    result = cifar.main(["--quick", "--data-root", str(data), "--out", str(tmp_path / "out"), "--no-progress", "--threads", "1"])
+    assert torch.get_num_threads() == threads
+    (h,) = result["history"]
+    for key in ("kl", "d_llv", "d_svd", "mcca"):
+        assert math.isfinite(h[key])
+    assert h["num_inputs"] == 30
+    assert result["png"].stat().st_size > 5000
+    assert "| epoch | step |" in result["md"].read_text()
