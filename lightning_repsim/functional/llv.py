@@ -446,6 +446,35 @@ def _covariance_blocks(lp: Tensor, lq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return (xc.T @ xc) * scale, (xc.T @ dc) * scale, (dc.T @ dc) * scale
 
 
+def llv_result(labels: LabelPart, inputs: InputPart, n: int, k: int, m: int, lam: float, reduce: str, combine: str) -> LLVResult:
+    """Assemble an :class:`LLVResult` from its label and input parts (shared with the streaming metrics)."""
+    return LLVResult(
+        distance=combine_terms(labels.t1, inputs.t2, labels.t3, inputs.t4, lam, combine),
+        t1=labels.t1,
+        t2=inputs.t2,
+        t3=labels.t3,
+        t4=inputs.t4,
+        t1_terms=labels.t1_terms,
+        t2_terms=inputs.t2_terms,
+        t3_terms=labels.t3_terms,
+        t4_terms=inputs.t4_terms,
+        label_pivot=labels.label_pivot,
+        leave_out=labels.leave_out,
+        kept_labels=labels.kept_labels,
+        input_set=inputs.input_set,
+        chosen_candidate=inputs.chosen_candidate,
+        candidate_sets=inputs.candidate_sets,
+        candidate_scores=inputs.candidate_scores,
+        label_search=labels.search,
+        num_inputs=n,
+        num_labels=k,
+        rep_dim=m,
+        lam=float(lam),
+        reduce=reduce,
+        combine=combine,
+    )
+
+
 def combine_terms(t1: Tensor, t2: Tensor, t3: Tensor, t4: Tensor, lam: float, combine: str) -> Tensor:
     if combine == "max":
         return torch.stack([t1, t2, lam * t3, lam * t4]).amax()
@@ -515,31 +544,7 @@ def llv_distance(
         sets = check_input_sets(input_sets, n, rep_dim)
     sets = sets.to(lp.device)
     inputs = input_part(lp[sets], lq[sets], sets, reduce)
-    return LLVResult(
-        distance=combine_terms(labels.t1, inputs.t2, labels.t3, inputs.t4, lam, combine),
-        t1=labels.t1,
-        t2=inputs.t2,
-        t3=labels.t3,
-        t4=inputs.t4,
-        t1_terms=labels.t1_terms,
-        t2_terms=inputs.t2_terms,
-        t3_terms=labels.t3_terms,
-        t4_terms=inputs.t4_terms,
-        label_pivot=labels.label_pivot,
-        leave_out=labels.leave_out,
-        kept_labels=labels.kept_labels,
-        input_set=inputs.input_set,
-        chosen_candidate=inputs.chosen_candidate,
-        candidate_sets=inputs.candidate_sets,
-        candidate_scores=inputs.candidate_scores,
-        label_search=labels.search,
-        num_inputs=n,
-        num_labels=k,
-        rep_dim=rep_dim,
-        lam=float(lam),
-        reduce=reduce,
-        combine=combine,
-    )
+    return llv_result(labels, inputs, n, k, rep_dim, lam, reduce, combine)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,13 +19,11 @@ from lightning_repsim.functional._validation import (
 from lightning_repsim.functional.llv import (
     COMBINATIONS,
     REDUCTIONS,
-    InputPart,
-    LabelPart,
     LLVResult,
-    combine_terms,
     input_part,
     label_cov_from_full,
     label_part,
+    llv_result,
     log_probabilities,
 )
 from lightning_repsim.metrics._state import (
@@ -44,35 +42,6 @@ from lightning_repsim.metrics._state import (
 __all__ = ["LLVDistance"]
 
 DEFAULT_BUFFER_SIZE = 1024
-
-
-def llv_result(labels: LabelPart, inputs: InputPart, n: int, k: int, m: int, lam: float, reduce: str, combine: str) -> LLVResult:
-    """Assemble an :class:`LLVResult` from its label and input parts."""
-    return LLVResult(
-        distance=combine_terms(labels.t1, inputs.t2, labels.t3, inputs.t4, lam, combine),
-        t1=labels.t1,
-        t2=inputs.t2,
-        t3=labels.t3,
-        t4=inputs.t4,
-        t1_terms=labels.t1_terms,
-        t2_terms=inputs.t2_terms,
-        t3_terms=labels.t3_terms,
-        t4_terms=inputs.t4_terms,
-        label_pivot=labels.label_pivot,
-        leave_out=labels.leave_out,
-        kept_labels=labels.kept_labels,
-        input_set=inputs.input_set,
-        chosen_candidate=inputs.chosen_candidate,
-        candidate_sets=inputs.candidate_sets,
-        candidate_scores=inputs.candidate_scores,
-        label_search=labels.search,
-        num_inputs=n,
-        num_labels=k,
-        rep_dim=m,
-        lam=float(lam),
-        reduce=reduce,
-        combine=combine,
-    )
 
 
 def choose_pivots(

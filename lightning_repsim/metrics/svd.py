@@ -23,6 +23,7 @@ from lightning_repsim.functional.llv import (
     label_cov_from_representation,
     label_means_from_representation,
     label_part,
+    llv_result,
     select_input_set,
 )
 from lightning_repsim.functional.svd import DEFAULT_MAX_LABEL_SUBSETS, SVDResult, svd_from_parts
@@ -36,7 +37,7 @@ from lightning_repsim.metrics._state import (
     moments_size,
 )
 from lightning_repsim.metrics.cca import embedding_rows
-from lightning_repsim.metrics.llv import DEFAULT_BUFFER_SIZE, check_llv_options, choose_pivots, llv_result
+from lightning_repsim.metrics.llv import DEFAULT_BUFFER_SIZE, check_llv_options, choose_pivots
 
 __all__ = ["SVDDissimilarity", "SVDDissimilarityResult", "DEFAULT_MAX_PIVOT_CANDIDATES", "default_max_label_subsets"]
 
