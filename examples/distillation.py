@@ -71,6 +71,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_repsim.models import BottleneckClassifier
+
 RESULTS = Path(__file__).resolve().parent / "results"
 LOSSES = ("labels", "kd", "kd1", "logit", "llv")
 LOSS_LABELS = {
@@ -159,30 +161,6 @@ def batches(tensors: tuple[Tensor, ...], batch_size: int, seed: int | None):
 # ---------------------------------------------------------------------------------------------
 # model and training
 # ---------------------------------------------------------------------------------------------
-class BottleneckMLP(nn.Module):
-    """``x -> hidden (ReLU) -> f(x) in R^M -> head = Linear(M, K)``: f is the embedding, [W, b] the unembedding."""
-
-    def __init__(self, in_dim: int, num_classes: int, hidden: tuple[int, ...], rep_dim: int) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        d = in_dim
-        for h in hidden:
-            layers += [nn.Linear(d, h), nn.ReLU()]
-            d = h
-        layers.append(nn.Linear(d, rep_dim))
-        self.body = nn.Sequential(*layers)
-        self.head = nn.Linear(rep_dim, num_classes)
-
-    def embed(self, x: Tensor) -> Tensor:
-        return self.body(x)
-
-    def unembed(self) -> Tensor:
-        return torch.cat([self.head.weight, self.head.bias[:, None]], dim=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.body(x))
-
-
 def make_loss(name: str, rep_dim: int, llv_setting: dict | None) -> nn.Module | None:
     from lightning_repsim.losses import KDLoss, LLVLoss, LogitDistanceLoss
 
@@ -261,7 +239,7 @@ def fit(cfg: Config, data, teacher_logits, seed: int, loss_name: str, reference:
     epochs = epochs or cfg.epochs
     pl.seed_everything(seed, verbose=False)
     k, in_dim = num_classes(data), data["train"][0].shape[1]
-    net = BottleneckMLP(in_dim, k, cfg.hidden, cfg.rep_dim)
+    net = BottleneckClassifier(in_dim, k, cfg.hidden, cfg.rep_dim)
     module = lightning_module(net, make_loss(loss_name, cfg.rep_dim, llv_setting), cfg.lr, epochs)
     train = batches((*data["train"], teacher_logits["train"]), cfg.batch_size, seed)
     val = batches((*data["val"], teacher_logits["val"]), 1000, None)
