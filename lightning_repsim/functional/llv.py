@@ -114,7 +114,13 @@ class LLVResult:
 
 
 def log_probabilities(logits: Tensor) -> Tensor:
-    """``log softmax`` in float64 over the last dimension (the model's ``l(y|x)``)."""
+    """``log softmax`` in float64 over the last dimension (the model's ``l(y|x)``).
+
+    Example:
+        >>> import torch
+        >>> log_probabilities(torch.tensor([[0.0, 0.0]], dtype=torch.float16)).exp()
+        tensor([[0.5000, 0.5000]], dtype=torch.float64)
+    """
     return torch.log_softmax(logits.to(torch.float64), dim=-1)
 
 
