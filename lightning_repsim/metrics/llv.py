@@ -86,7 +86,7 @@ class LLVDistance(CandidateMixin, StreamingMetric):
       It keeps the inputs with the smallest seeded hash of their logits (or of ``ids``), so its content
       does not depend on batching or world size.
 
-    So ``8 (1 + 2K + 4K^2 + buffer_size (2K + 3))`` bytes: 32 MB + 16 MB for K = 1000. For vocabularies
+    So ``8 (2 + 2K + 4K^2 + buffer_size (2K + 3))`` bytes (the extra 8: the dropped-row counter): 32 MB + 16 MB for K = 1000. For vocabularies
     where ``K^2`` is too large (K = 50,257) use the representation route,
     :class:`~lightning_repsim.metrics.SVDDissimilarity` (its ``.llv`` is this result, from an O(M^2) state).
 
