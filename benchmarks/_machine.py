@@ -1,4 +1,4 @@
-"""Machine description printed with every benchmark table."""
+"""Machine description and memory readings shared by the benchmarks."""
 
 from __future__ import annotations
 
@@ -23,3 +23,22 @@ def machine_info() -> str:
         f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), {gpu}, Python {platform.python_version()}"
     )
+
+
+def current_rss_mb() -> float:
+    """Resident memory of this process now (MB), from /proc/self/status (0 where unavailable)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return float(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MB, ru_maxrss)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 
 import torch
+from _machine import current_rss_mb, peak_rss_mb
 
 SIZES = [(10, 2), (100, 5), (300, 8), (1000, 16)]
 AUTHORS_SECONDS = {10: "1.7", 100: "22", 300: "113", 1000: "> 600"}
@@ -67,7 +67,7 @@ def run_one(n: int, k: int, m: int, what: str, sets: int) -> dict:
 
     f1, g1, f2, g2 = make_pair(n, k, m)
     l1, l2 = logits_from_representations(f1, g1), logits_from_representations(f2, g2)
-    base_mb = _current_rss_mb()
+    base_mb = current_rss_mb()
     start = time.perf_counter()
     if what == "compare":
         rep = compare(f1, g1, f2, g2, num_input_sets=sets)
@@ -79,16 +79,8 @@ def run_one(n: int, k: int, m: int, what: str, sets: int) -> dict:
         lp, lq = torch.log_softmax(l1, -1), torch.log_softmax(l2, -1)
         value = naive_llv(lp, lq, cand)
     seconds = time.perf_counter() - start
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_rss_mb()
     return {"seconds": seconds, "peak_mb": peak_mb - base_mb, "value": value}
-
-
-def _current_rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return float(line.split()[1]) / 1024
-    return 0.0
 
 
 def subprocess_run(n, k, m, what, sets, timeout):

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 
 import torch
+from _machine import current_rss_mb, peak_rss_mb
 
 # (route, K, M, N)
 FULL = [
@@ -43,14 +43,6 @@ FULL = [
 FULL_FLAT = [("logits", 100, 5), ("repr", 1000, 16)]
 QUICK = [("logits", 10, 2, 1_000), ("logits", 100, 5, 1_000), ("repr", 5_000, 2, 1_000), ("repr", 5_000, 16, 1_000)]
 QUICK_FLAT = [("logits", 10, 2)]
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return float(line.split()[1]) / 1024
-    return 0.0
 
 
 def run_one(route: str, k: int, m: int, n: int, batch: int, threads: int) -> dict:
@@ -74,9 +66,9 @@ def run_one(route: str, k: int, m: int, n: int, batch: int, threads: int) -> dic
         return z_p, z_p + 0.5 * torch.randn(size, k, generator=gen)
 
     metric.update(*make_batch(batch))  # first update sizes the state
-    base_mb = _rss_mb()
+    base_mb = current_rss_mb()
     metric.reset()
-    resource_peak0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    resource_peak0 = peak_rss_mb()
     update_s = 0.0
     done = 0
     while done < n:
@@ -87,11 +79,11 @@ def run_one(route: str, k: int, m: int, n: int, batch: int, threads: int) -> dic
         update_s += time.perf_counter() - start
         done += size
     state_mb = metric.state_nbytes() / 2**20
-    peak_update = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_update = peak_rss_mb()
     start = time.perf_counter()
     res = metric.compute()
     compute_s = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     llv = res.llv if route == "repr" else res
     return {
         "update_per_s": n / update_s,
