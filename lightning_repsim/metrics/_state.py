@@ -31,7 +31,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities.prints import rank_zero_warn
 
 from lightning_repsim.functional._moments import batch_moments, covariance_from_moments, merge_moments, merge_moments_
-from lightning_repsim.functional._validation import as_matrix, check_choice, check_finite
+from lightning_repsim.functional._validation import as_matrix, check_choice, check_finite, check_same_shape
 
 NAN_STRATEGIES = ("error", "ignore")
 META = 3  # buffer columns before the data: key, key2, id
@@ -523,3 +523,22 @@ class CandidateMixin:
         pos = draw_input_sets(rows.shape[0], set_size, self.num_input_sets, self.seed).to(rows.device)
         reported = ids[pos] if bool((ids >= 0).all()) else pos
         return pos, reported
+
+
+def logit_rows(
+    metric: StreamingMetric, logits_p: Tensor, logits_q: Tensor, mask: Tensor | None, ids: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Validated, masked, finite float64 (N, K) logits of both models and their ids (non-finite rows
+    dropped and counted under ``nan_strategy="ignore"``; shape and finiteness errors as the functional layer)."""
+    p = flatten_rows(logits_p, "logits_p")
+    q = flatten_rows(logits_q, "logits_q")
+    check_same_shape(logits_p, logits_q, "logits_p", "logits_q")
+    keep, ids = row_selector(logits_p.shape[:-1], mask, ids, p.device)
+    if keep is not None:
+        p, q = take_rows(p, keep), take_rows(q, keep)
+        ids = None if ids is None else take_rows(ids, keep)
+    (p, q), ok, dropped = finite_rows([(p, "logits_p"), (q, "logits_q")], metric.nan_strategy)
+    metric._drop(dropped)
+    if ok is not None and ids is not None:
+        ids = take_rows(ids, ok)
+    return p, q, ids

@@ -6,26 +6,11 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_repsim.functional._validation import check_same_shape
 from lightning_repsim.functional.kl import kl_per_input
 from lightning_repsim.functional.llv import log_probabilities
-from lightning_repsim.metrics._state import StreamingMetric, finite_rows, flatten_rows, moments_add, row_selector, take_rows
+from lightning_repsim.metrics._state import StreamingMetric, logit_rows, moments_add
 
 __all__ = ["MeanKLDivergence"]
-
-
-def logit_rows(metric: StreamingMetric, logits_p: Tensor, logits_q: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Validated, masked, finite float64 (N, K) logits of both models (non-finite rows dropped and
-    counted under ``nan_strategy="ignore"``)."""
-    p = flatten_rows(logits_p, "logits_p")
-    q = flatten_rows(logits_q, "logits_q")
-    check_same_shape(logits_p, logits_q, "logits_p", "logits_q")
-    keep, _ = row_selector(logits_p.shape[:-1], mask, None, p.device)
-    if keep is not None:
-        p, q = take_rows(p, keep), take_rows(q, keep)
-    (p, q), _, dropped = finite_rows([(p, "logits_p"), (q, "logits_q")], metric.nan_strategy)
-    metric._drop(dropped)
-    return p, q
 
 
 class MeanKLDivergence(StreamingMetric):
@@ -61,7 +46,7 @@ class MeanKLDivergence(StreamingMetric):
         self._add_moments("moments", 1)
 
     def update(self, logits_p: Tensor, logits_q: Tensor, mask: Tensor | None = None) -> None:
-        p, q = logit_rows(self, logits_p, logits_q, mask)
+        p, q, _ = logit_rows(self, logits_p, logits_q, mask)
         if p.shape[0]:
             kl = kl_per_input(log_probabilities(p), log_probabilities(q))
             self.moments = moments_add(self.moments, kl[:, None])

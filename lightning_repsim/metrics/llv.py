@@ -14,7 +14,6 @@ from lightning_repsim.functional._validation import (
     check_num_inputs,
     check_num_labels,
     check_rep_dim,
-    check_same_shape,
 )
 from lightning_repsim.functional.llv import (
     COMBINATIONS,
@@ -30,13 +29,10 @@ from lightning_repsim.metrics._state import (
     META,
     CandidateMixin,
     StreamingMetric,
-    finite_rows,
-    flatten_rows,
+    logit_rows,
     moments_add,
     moments_covariance,
     moments_size,
-    row_selector,
-    take_rows,
 )
 
 __all__ = ["LLVDistance"]
@@ -86,7 +82,8 @@ class LLVDistance(CandidateMixin, StreamingMetric):
       It keeps the inputs with the smallest seeded hash of their logits (or of ``ids``), so its content
       does not depend on batching or world size.
 
-    So ``8 (2 + 2K + 4K^2 + buffer_size (2K + 3))`` bytes (the extra 8: the dropped-row counter): 32 MB + 16 MB for K = 1000. For vocabularies
+    So ``8 (2 + 2K + 4K^2 + buffer_size (2K + 3))`` bytes (the extra 8:
+    the dropped-row counter): 32 MB + 16 MB for K = 1000. For vocabularies
     where ``K^2`` is too large (K = 50,257) use the representation route,
     :class:`~lightning_repsim.metrics.SVDDissimilarity` (its ``.llv`` is this result, from an O(M^2) state).
 
@@ -178,17 +175,7 @@ class LLVDistance(CandidateMixin, StreamingMetric):
         )
 
     def update(self, logits_p: Tensor, logits_q: Tensor, mask: Tensor | None = None, ids: Tensor | None = None) -> None:
-        p = flatten_rows(logits_p, "logits_p")
-        q = flatten_rows(logits_q, "logits_q")
-        check_same_shape(logits_p, logits_q, "logits_p", "logits_q")
-        keep, ids = row_selector(logits_p.shape[:-1], mask, ids, p.device)
-        if keep is not None:
-            p, q = take_rows(p, keep), take_rows(q, keep)
-            ids = None if ids is None else take_rows(ids, keep)
-        (p, q), ok, dropped = finite_rows([(p, "logits_p"), (q, "logits_q")], self.nan_strategy)
-        self._drop(dropped)
-        if ok is not None and ids is not None:
-            ids = take_rows(ids, ok)
+        p, q, ids = logit_rows(self, logits_p, logits_q, mask, ids)
         k = p.shape[1]
         if self.num_labels is None:
             check_num_labels(k)

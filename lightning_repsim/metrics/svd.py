@@ -126,7 +126,8 @@ class SVDDissimilarity(CandidateMixin, StreamingMetric):
     * a candidate buffer of ``buffer_size`` inputs' embeddings, ``buffer_size x (2M + 3)`` numbers, for
       the input-set search (T2, T4) and the g-part. Same bottom-k hash sketch as :class:`LLVDistance`.
 
-    So ``8 (2 + (2M+2) + (2M+2)^2 + buffer_size (2M+3))`` bytes (with the dropped-row counter): 31.5 MB for M = 768 and the default
+    So ``8 (2 + (2M+2) + (2M+2)^2 + buffer_size (2M+3))`` bytes (with the dropped-row counter):
+    31.5 MB for M = 768 and the default
     buffer, whatever K.
 
     Cost: ``update`` computes ``logZ`` in float64, O(B K M) per batch. ``compute()`` is O(K M^2 + P K M)
