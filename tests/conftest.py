@@ -10,7 +10,8 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-REFERENCE_DIR = Path(os.environ.get("REPSIM_REFERENCE_DIR", REPO_ROOT.parent / "shared" / "reference_cases"))
+#: The paper authors' reference cases, bundled with the repository (provenance and format: its README).
+REFERENCE_DIR = Path(os.environ.get("REPSIM_REFERENCE_DIR", REPO_ROOT / "tests" / "data" / "reference_cases"))
 REFERENCE_FILES = sorted(REFERENCE_DIR.glob("*.npz"))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

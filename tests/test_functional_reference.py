@@ -80,3 +80,19 @@ def test_low_precision_inputs_are_computed_in_float64(reference_case, dtype):
     expected = llv_distance(lp.double(), lq.double(), rep_dim=int(ref["rep_dim"]), input_sets=ref["candidate_sets"])
     assert res.distance.dtype == torch.float64
     assert float(res.distance) == float(expected.distance)
+
+
+def test_bundled_reference_cases_are_intact():
+    """The repository's copy of the reference cases is complete and unmodified (SHA-256 listed in its README)."""
+    import hashlib
+    import re
+
+    from tests.conftest import REFERENCE_DIR, REFERENCE_FILES
+
+    listed = dict(
+        (name, digest)
+        for digest, name in re.findall(r"^([0-9a-f]{64})  (\S+\.npz)$", (REFERENCE_DIR / "README.md").read_text(), re.M)
+    )
+    assert sorted(listed) == sorted(p.name for p in REFERENCE_FILES) and len(listed) == 4
+    for path in REFERENCE_FILES:
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == listed[path.name], path.name
