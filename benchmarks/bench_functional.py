@@ -71,9 +71,9 @@ def run_one(n: int, k: int, m: int, what: str, sets: int) -> dict:
     start = time.perf_counter()
     if what == "compare":
         rep = compare(f1, g1, f2, g2, num_input_sets=sets)
-        value = float(rep.llv.distance)
+        value = float(rep.llv.value)
     elif what == "llv":
-        value = float(llv_distance(l1, l2, rep_dim=m, num_input_sets=sets).distance)
+        value = float(llv_distance(l1, l2, rep_dim=m, num_input_sets=sets).value)
     else:
         cand = draw_input_sets(n, m + 1, sets, seed=0)
         lp, lq = torch.log_softmax(l1, -1), torch.log_softmax(l2, -1)

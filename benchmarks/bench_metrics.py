@@ -81,7 +81,7 @@ def run_one(route: str, k: int, m: int, n: int, batch: int, threads: int) -> dic
     state_mb = metric.state_nbytes() / 2**20
     peak_update = peak_rss_mb()
     start = time.perf_counter()
-    res = metric.compute()
+    res = metric.compute_result()
     compute_s = time.perf_counter() - start
     peak = peak_rss_mb()
     llv = res.llv if route == "repr" else res
@@ -92,7 +92,7 @@ def run_one(route: str, k: int, m: int, n: int, batch: int, threads: int) -> dic
         "peak_update_mb": max(0.0, max(peak_update, resource_peak0) - base_mb),
         "peak_mb": max(0.0, peak - base_mb),
         "base_mb": base_mb,
-        "d_llv": float(llv.distance),
+        "d_llv": float(llv.value),
         "label_search": llv.label_search,
         "d_svd": float(res.value) if route == "repr" else None,
         "subsets": int(res.svd.msvd_f.numel()) if route == "repr" else None,

@@ -32,7 +32,7 @@ Setup, per data set:
   (b) ``kd``: :class:`~lightning_repsim.losses.KDLoss` (T = 4), pure distillation (no label term);
   (b') ``kd1``: the same with T = 1, i.e. plain KL(teacher || student) (the "KL" of the follow-up paper);
   (c) ``logit``: :class:`~lightning_repsim.losses.LogitDistanceLoss` (p = 2, centred), pure distillation;
-  (d) ``llv``: :class:`~lightning_repsim.losses.LLVLoss` (``label_pivot="mean"``, ``input_set="search"``,
+  (d) ``llv``: :class:`~lightning_repsim.losses.LLVLoss` (``label_pivot="mean"``, ``input_set_search="sample"``,
       ``rep_dim=M``), pure distillation; its aggregation and ``lam`` are chosen among
       :data:`LLV_CANDIDATES` by one run per setting on a separate seed (100), judged on *validation*
       data (see :func:`select_llv`); the sweep is reported.
@@ -85,7 +85,7 @@ LOSS_LABELS = {
 METRICS = ("acc", "agree", "kl", "d_llv", "d_svd", "mcca")
 #: the callback's history entries kept per epoch (ReferenceComparison logs more)
 HISTORY_KEYS = ("epoch", "stage", "kl", "d_llv", "d_svd", "mcca")
-#: LLVLoss settings tried on one seed (validation data); all with label_pivot="mean", input_set="search".
+#: LLVLoss settings tried on one seed (validation data); all with label_pivot="mean", input_set_search="sample".
 LLV_CANDIDATES = {
     "paper": {"reduce": "max", "combine": "max", "lam": 1e-5},
     "smooth": {"reduce": "softmax", "combine": "sum", "lam": 1e-5, "softmax_temperature": 0.1},
@@ -173,7 +173,7 @@ def make_loss(name: str, rep_dim: int, llv_setting: dict | None) -> nn.Module | 
     if name == "logit":
         return LogitDistanceLoss(p=2, centered=True)
     if name == "llv":
-        return LLVLoss(rep_dim=rep_dim, label_pivot="mean", input_set="search", **(llv_setting or {}))
+        return LLVLoss(rep_dim=rep_dim, label_pivot="mean", input_set_search="sample", **(llv_setting or {}))
     raise ValueError(name)
 
 

@@ -126,8 +126,8 @@ def compare_pair(a: dict, b: dict, chunk: int = 500) -> dict[str, float]:
         svd.update(fa, fb)
         kl.update(fa @ a["unemb"].T, fb @ b["unemb"].T)
         cca.update(fa, fb)
-    res = svd.compute()
-    return {"d_llv": float(res.llv.distance), "d_svd": float(res.value), "kl": float(kl.compute()), "mcca": float(cca.compute())}
+    res = svd.compute_result()
+    return {"d_llv": float(res.llv.value), "d_svd": float(res.value), "kl": float(kl.compute()), "mcca": float(cca.compute())}
 
 
 def summarise(models: list[dict], pairs: list[dict], ks, widths, min_acc: float) -> list[dict]:

@@ -40,13 +40,15 @@ import torch
 from torch import Tensor, nn
 
 from lightning_repsim.functional._validation import check_finite as _check_finite_values
+from lightning_repsim.functional._validation import check_input_sets, check_mask
+from lightning_repsim.functional.llv_terms import compared_variance, displacement_moments
 
 __all__ = ["KDLoss", "LLVLoss", "LLVLossTerms", "LogitDistanceLoss"]
 
 REDUCTIONS = ("mean", "sum", "none")
 LLV_REDUCE = ("max", "mean", "softmax")
 LLV_COMBINE = ("max", "sum", "softmax")
-INPUT_SET_MODES = ("mean", "search", "first")
+INPUT_SET_SEARCH = ("sample", "first", "mean")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,15 +115,8 @@ def _prepare(
     cdt = _compute_dtype(student, teacher, dtype)
     s = student.reshape(-1, k).to(cdt)
     t = teacher.detach().reshape(-1, k).to(cdt)
-    keep = None
-    if mask is not None:
-        if not isinstance(mask, Tensor):
-            raise TypeError(f"`mask` must be a torch.Tensor, got {type(mask).__name__}")
-        if mask.shape != lead:
-            raise ValueError(f"`mask` must have the logits' leading shape {tuple(lead)}, got {tuple(mask.shape)}")
-        if mask.is_floating_point() or mask.is_complex():
-            raise TypeError(f"`mask` must be bool (True = keep) or 0/1 integers, got dtype {mask.dtype}")
-        keep = mask.reshape(-1).to(device=s.device, dtype=torch.bool)
+    keep = check_mask(mask, lead, s.device)
+    if keep is not None:
         s = torch.where(keep[:, None], s, torch.zeros_like(s))
         t = torch.where(keep[:, None], t, torch.zeros_like(t))
     if check_finite and not _compiling():
@@ -141,18 +136,6 @@ def _reduce_rows(per_row: Tensor, keep: Tensor | None, lead: torch.Size, reducti
         return total
     count = per_row.new_tensor(float(per_row.shape[0])) if keep is None else keep.sum().to(per_row.dtype)
     return total / count.clamp_min(1.0)
-
-
-def _smooth_sd(x: Tensor, dim: int, eps: float) -> Tensor:
-    """``sqrt(Var + eps^2) - eps`` (unbiased variance over ``dim``): within ``eps`` below the standard
-    deviation, exactly 0 with zero gradient when the variance is 0. Used for compared quantities."""
-    var = x.var(dim=dim)
-    return torch.sqrt(var + eps * eps) - eps
-
-
-def _floored_sd(x: Tensor, dim: int, eps: float, keepdim: bool = False) -> Tensor:
-    """``sqrt(Var + eps^2) >= eps``: a normaliser that never divides by zero."""
-    return torch.sqrt(x.var(dim=dim, keepdim=keepdim) + eps * eps)
 
 
 def _smooth_abs(x: Tensor, eps: float) -> Tensor:
@@ -374,22 +357,23 @@ class LLVLoss(nn.Module):
     * ``b_piv(i) = sd_y[r_p(y)/tau_p(i)     - r_q(y)/tau_q(i)]``
     * T4 entries ``|tau_p(i) - tau_q(i)|``.
 
-    A set of ``M+1`` rows ``(x0, x1..xM)`` is the definition (``r(y) = l(y|x0)``). ``input_set``:
+    A set of ``M+1`` rows ``(x0, x1..xM)`` is the definition (``r(y) = l(y|x0)``). Explicit ``input_sets``
+    (``M+1`` row indices, first = pivot ``x0``, or an ``(S, M+1)`` array of candidate sets: argmin of T2
+    over them, first on ties, like the functional's ``input_sets``) are used when given; otherwise
+    ``input_set_search``:
 
-    * ``"search"`` (default, needs ``rep_dim``): as the reference does it, ``T2 = min`` over
+    * ``"sample"`` (default, needs ``rep_dim``): as the reference does it, ``T2 = min`` over
       ``num_input_sets`` candidate sets of M+1 distinct batch rows of the set's ``reduce`` of its
       entries; T4 comes from the chosen set. The candidate row positions are drawn once per batch
       size with a seeded generator (``seed``) and reused, so with a shuffling loader they are fresh
       random rows every step. O(S M K), and compile-friendly apart from the (cached) draw;
-    * explicit sets: ``M+1`` row indices (first = pivot ``x0``) or an ``(S, M+1)`` array of candidate
-      sets (argmin of T2 over them, first on ties, like the functional's ``input_sets``);
     * ``"first"``: kept rows ``0..M`` (needs ``rep_dim``);
     * ``"mean"``: the all-pivots mode for inputs: ``r(y) = mean_x l(y|x)`` over the batch and *every*
       kept row is a compared input, O(B K). Caveat: a row close to the batch-mean profile has a small
       ``tau`` and so a large, noisy ``b``; with ``reduce="max"`` that row dominates. Pair it with
       ``reduce="mean"`` or ``"softmax"``.
 
-    ``forward(..., input_set=...)`` overrides the constructor's choice for one call. With tiny
+    ``forward(..., input_sets=...)`` gives explicit sets for one call. With tiny
     batches the input terms are noisy; ``input_terms=False`` drops T2 and T4.
 
     **Aggregation.** ``T_k = reduce(entries of term k)`` with ``reduce`` = ``"max"`` (the paper),
@@ -403,7 +387,7 @@ class LLVLoss(nn.Module):
     **Exactness.** With ``label_pivot``, ``leave_out`` and the input set(s) fixed, ``reduce="max"``,
     a tiny ``eps`` and the whole data set as one batch, the loss equals
     ``functional.llv_distance(student, teacher, rep_dim=M, label_pivot=..., leave_out=...,
-    input_sets=..., lam=..., combine=...).distance`` (tested to 1e-10 in float64).
+    input_sets=..., lam=..., combine=...).value`` (tested to 1e-10 in float64).
 
     **Scale.** As in the paper the scale terms have weight ``lam = 1e-5``, so LLV barely constrains
     the overall logit scale: a student can reduce d_LLV while its KL to the teacher grows. For
@@ -427,22 +411,23 @@ class LLVLoss(nn.Module):
     ``[T1, T2, lam*T3, lam*T4]`` (shape (4,)). :meth:`terms` returns every entry.
 
     **Rows.** ``(B, K)``, or ``(B, T, K)`` flattened to ``B*T`` rows; with a ``mask`` only the kept
-    rows are used (explicit ``input_set`` indices refer to the kept rows, in flattened order). At
+    rows are used (explicit ``input_sets`` indices refer to the kept rows, in flattened order). At
     least 2 kept rows are needed (``ValueError`` otherwise), M+1 for an input set.
 
     Args:
         rep_dim: M, the representation dimension; input sets have M+1 rows. Needed for
-            ``input_set="search"`` (default) and ``"first"`` (unless ``input_terms=False``); checked
-            against explicit sets.
+            ``input_set_search="sample"`` (default) and ``"first"`` (unless ``input_terms=False`` or
+            ``input_sets`` are given); checked against explicit sets.
         label_pivot: ``"mean"`` (default, all-pivots mode) or a label index ``y0``.
         leave_out: optional label excluded from the compared labels (the reference leaves one out).
-        input_set: ``"search"`` (default), ``"mean"``, ``"first"``, M+1 row indices, or (S, M+1) sets.
+        input_set_search: ``"sample"`` (default), ``"first"`` or ``"mean"``, when ``input_sets`` is None.
+        input_sets: explicit M+1 row indices or (S, M+1) candidate sets (default None).
         input_terms: include T2 and T4 (default True).
         lam: weight of the scale terms T3, T4 (default 1e-5, the paper's).
         reduce: ``"max"`` (default), ``"mean"`` or ``"softmax"``, over each term's entries.
         combine: ``"max"`` (default), ``"sum"`` or ``"softmax"``, over the four terms.
         softmax_temperature: ``tau`` of the soft maxima (default 0.05, in the units of d_LLV).
-        num_input_sets: candidate sets for ``input_set="search"`` (default 16).
+        num_input_sets: candidate sets for ``input_set_search="sample"`` (default 16).
         seed: seed of the candidate draw (default 0).
         eps: see the epsilon policy above.
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (see above).
@@ -466,8 +451,8 @@ class LLVLoss(nn.Module):
         >>> from lightning_repsim.functional import llv_distance
         >>> sets = torch.tensor([[3, 10, 20], [7, 1, 40]])
         >>> exact = llv_distance(student, teacher, rep_dim=2, label_pivot=0, leave_out=6, input_sets=sets)
-        >>> mini = LLVLoss(rep_dim=2, label_pivot=0, leave_out=6, input_set=sets, eps=1e-12)
-        >>> abs(float(mini(student, teacher)) - float(exact.distance)) < 1e-10
+        >>> mini = LLVLoss(rep_dim=2, label_pivot=0, leave_out=6, input_sets=sets, eps=1e-12)
+        >>> abs(float(mini(student, teacher)) - float(exact.value)) < 1e-10
         True
     """
 
@@ -476,7 +461,8 @@ class LLVLoss(nn.Module):
         rep_dim: int | None = None,
         label_pivot: int | str = "mean",
         leave_out: int | None = None,
-        input_set: str | Tensor | list[int] | tuple[int, ...] = "search",
+        input_set_search: str = "sample",
+        input_sets: Tensor | list[int] | None = None,
         input_terms: bool = True,
         lam: float = 1e-5,
         reduce: str = "max",
@@ -512,7 +498,10 @@ class LLVLoss(nn.Module):
         self._draw_cache: dict[tuple[int, str], Tensor] = {}
         self._index_cache: dict[tuple[int, str], Tensor] = {}
         self.input_terms = bool(input_terms)
-        self.input_set = self._check_input_set(input_set)
+        self.input_set_search = _check_choice(input_set_search, "input_set_search", INPUT_SET_SEARCH)
+        if input_set_search in ("first", "sample") and self.rep_dim is None and self.input_terms and input_sets is None:
+            raise ValueError(f"`input_set_search={input_set_search!r}` needs `rep_dim` (input sets have M+1 rows)")
+        self.input_sets = None if input_sets is None else self._check_sets(input_sets)
         self.lam = _check_positive(lam, "lam", allow_zero=True)
         self.reduce = _check_choice(reduce, "reduce", LLV_REDUCE)
         self.combine = _check_choice(combine, "combine", LLV_COMBINE)
@@ -523,32 +512,10 @@ class LLVLoss(nn.Module):
         self.check_finite = bool(check_finite)
 
     # -- configuration checks ------------------------------------------------------------------
-    def _check_input_set(self, input_set) -> str | tuple[tuple[int, ...], ...]:
-        if isinstance(input_set, str):
-            if input_set not in INPUT_SET_MODES:
-                raise ValueError(
-                    f"`input_set` must be one of {INPUT_SET_MODES} or M+1 row indices (or (S, M+1) candidate sets), "
-                    f"got {input_set!r}"
-                )
-            if input_set in ("first", "search") and self.rep_dim is None and self.input_terms:
-                raise ValueError(f"`input_set={input_set!r}` needs `rep_dim` (input sets have M+1 rows)")
-            return input_set
-        idx = torch.as_tensor(input_set)
-        if idx.is_floating_point() or idx.is_complex() or idx.ndim not in (1, 2) or idx.numel() == 0:
-            raise ValueError(
-                "`input_set` must be M+1 integer row indices or an (S, M+1) integer array of candidate sets, "
-                f"got {input_set!r}"
-            )
-        sets = tuple(tuple(int(i) for i in row) for row in (idx[None] if idx.ndim == 1 else idx).tolist())
-        size = len(sets[0])
-        if size < 2:
-            raise ValueError(f"an input set needs at least 2 rows (pivot x0 and one compared input), got {sets[0]}")
-        for row in sets:
-            if len(set(row)) != len(row) or min(row) < 0:
-                raise ValueError(f"every input set must hold distinct non-negative row indices, got {row}")
-        if self.rep_dim is not None and size != self.rep_dim + 1:
-            raise ValueError(f"`input_set` must hold M+1 = {self.rep_dim + 1} row indices per set, got {size}")
-        return sets
+    def _check_sets(self, input_sets) -> tuple[tuple[int, ...], ...]:
+        """Explicit sets as a tuple of row-index tuples (built into a tensor per call: compile-friendly)."""
+        sets = check_input_sets(input_sets, self.rep_dim)
+        return tuple(tuple(int(i) for i in row) for row in sets.tolist())
 
     def _labels(self, k: int, device: torch.device) -> tuple[int | None, Tensor | None]:
         """(pivot, or None for the mean pivot; index of the compared labels, or None for all K)."""
@@ -574,37 +541,36 @@ class LLVLoss(nn.Module):
         return self._index_cache[key]
 
     # -- the computation ---------------------------------------------------------------------
+    def _entries(self, x: Tensor, d: Tensor, x_ref: Tensor, d_ref: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``(a, a_ref, scale)`` entries along ``dim`` with the functional core's formula
+        (:func:`~lightning_repsim.functional.llv_terms.compared_variance`) and the epsilon policy."""
+        eps2 = self.eps * self.eps
+        s1sq, delta, compared, reference = displacement_moments(x, d, x_ref, d_ref, dim)
+        s_p = torch.sqrt(s1sq + eps2)  # floored normalisers: never a division by zero
+        s_q = torch.sqrt((s1sq + delta).clamp_min(0) + eps2)
+        a = torch.sqrt(compared_variance(s_p, s_q, delta, *compared).clamp_min(0) + eps2) - self.eps
+        a_ref = torch.sqrt(compared_variance(s_p, s_q, delta, *reference).clamp_min(0) + eps2) - self.eps
+        return a, a_ref, _smooth_abs(delta / (s_p + s_q), self.eps)
+
     def _label_entries(self, lp: Tensor, lq: Tensor, pivot: int | None, index: Tensor | None):
-        eps = self.eps
+        """T1 entries ``[a, a_piv]`` and T3 entries of the compared labels: variances over the batch's rows."""
         if pivot is None:
             rp, rq = lp.mean(dim=1, keepdim=True), lq.mean(dim=1, keepdim=True)
         else:
             rp, rq = lp[:, pivot : pivot + 1], lq[:, pivot : pivot + 1]
-        if index is not None:
-            xp, xq = lp.index_select(1, index), lq.index_select(1, index)
-        else:
-            xp, xq = lp, lq
-        sig_p = _floored_sd(xp - rp, 0, eps, keepdim=True)
-        sig_q = _floored_sd(xq - rq, 0, eps, keepdim=True)
-        a = _smooth_sd(xp / sig_p - xq / sig_q, 0, eps)
-        a_piv = _smooth_sd(rp / sig_p - rq / sig_q, 0, eps)
-        t3 = _smooth_abs((sig_p - sig_q).squeeze(0), eps)
-        return torch.cat([a, a_piv]), t3
+        xp, xq = (lp, lq) if index is None else (lp.index_select(1, index), lq.index_select(1, index))
+        a, a_piv, t3 = self._entries(xp, xq - xp, rp, rq - rp, dim=0)
+        return torch.cat([a, a_piv.expand_as(a)]), t3
 
     def _input_entries(self, lp: Tensor, lq: Tensor, sets: Tensor | None):
         """Entries per candidate set: ``(S, 2m)`` b/b_piv and ``(S, m)`` T4 (``S = 1``, ``m = N`` for the mean mode)."""
-        eps = self.eps
         if sets is None:
             rp, rq = lp.mean(dim=0, keepdim=True)[None], lq.mean(dim=0, keepdim=True)[None]
             xp, xq = lp[None], lq[None]
         else:
             sp, sq = lp[sets], lq[sets]  # (S, M+1, K)
             rp, rq, xp, xq = sp[:, :1], sq[:, :1], sp[:, 1:], sq[:, 1:]
-        tau_p = _floored_sd(xp - rp, -1, eps, keepdim=True)
-        tau_q = _floored_sd(xq - rq, -1, eps, keepdim=True)
-        b = _smooth_sd(xp / tau_p - xq / tau_q, -1, eps)
-        b_piv = _smooth_sd(rp / tau_p - rq / tau_q, -1, eps)
-        t4 = _smooth_abs((tau_p - tau_q).squeeze(-1), eps)
+        b, b_piv, t4 = self._entries(xp, xq - xp, rp, rq - rp, dim=-1)
         return torch.cat([b, b_piv], dim=-1), t4
 
     @torch.compiler.disable
@@ -617,19 +583,21 @@ class LLVLoss(nn.Module):
             self._draw_cache[key] = order[:, : self.rep_dim + 1].to(device)
         return self._draw_cache[key]
 
-    def _candidate_sets(self, input_set, n: int, device: torch.device) -> Tensor | None:
-        chosen = self.input_set if input_set is None else self._check_input_set(input_set)
-        if chosen == "mean":
-            return None
-        if chosen in ("first", "search"):
+    def _candidate_sets(self, input_sets, n: int, device: torch.device) -> Tensor | None:
+        chosen = self.input_sets if input_sets is None else self._check_sets(input_sets)
+        if chosen is None:
+            if self.input_set_search == "mean":
+                return None
             if n < self.rep_dim + 1:
-                raise ValueError(f"`input_set={chosen!r}` needs M+1 = {self.rep_dim + 1} (kept) rows, the batch has {n}")
-            if chosen == "first":
+                raise ValueError(
+                    f"`input_set_search={self.input_set_search!r}` needs M+1 = {self.rep_dim + 1} (kept) rows, the batch has {n}"
+                )
+            if self.input_set_search == "first":
                 return torch.arange(self.rep_dim + 1, device=device)[None]
             return self._drawn_sets(n, device)
         top = max(max(row) for row in chosen)
         if top >= n:
-            raise ValueError(f"`input_set` needs {top + 1} (kept) rows, the batch has {n}")
+            raise ValueError(f"`input_sets` needs {top + 1} (kept) rows, the batch has {n}")
         return torch.tensor(chosen, device=device)
 
     def terms(
@@ -637,7 +605,7 @@ class LLVLoss(nn.Module):
         student_logits: Tensor,
         teacher_logits: Tensor,
         mask: Tensor | None = None,
-        input_set: Tensor | list[int] | tuple[int, ...] | str | None = None,
+        input_sets: Tensor | list[int] | None = None,
     ) -> LLVLossTerms:
         """The loss and all its terms and entries (differentiable), see :class:`LLVLossTerms`."""
         with _no_autocast(student_logits):
@@ -655,7 +623,7 @@ class LLVLoss(nn.Module):
             how, temp = self.reduce, self.softmax_temperature
             t1, t3 = _aggregate(t1_entries, how, temp), _aggregate(t3_entries, how, temp)
             if self.input_terms:
-                sets = self._candidate_sets(input_set, n, lp.device)
+                sets = self._candidate_sets(input_sets, n, lp.device)
                 t2_all, t4_all = self._input_entries(lp, lq, sets)
                 t2_per_set = _aggregate(t2_all, how, temp)
                 # the reference's argmin over candidate sets (first on ties); index_select keeps it in-graph
@@ -682,9 +650,9 @@ class LLVLoss(nn.Module):
         student_logits: Tensor,
         teacher_logits: Tensor,
         mask: Tensor | None = None,
-        input_set: Tensor | list[int] | tuple[int, ...] | str | None = None,
+        input_sets: Tensor | list[int] | None = None,
     ) -> Tensor:
-        out = self.terms(student_logits, teacher_logits, mask, input_set)
+        out = self.terms(student_logits, teacher_logits, mask, input_sets)
         if self.reduction == "none":
             return torch.stack([out.t1, out.t2, self.lam * out.t3, self.lam * out.t4])
         return out.loss
@@ -692,6 +660,7 @@ class LLVLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"rep_dim={self.rep_dim}, label_pivot={self.label_pivot!r}, leave_out={self.leave_out}, "
-            f"input_set={self.input_set!r}, input_terms={self.input_terms}, lam={self.lam}, reduce={self.reduce!r}, "
+            f"input_set_search={self.input_set_search!r}, input_sets={self.input_sets!r}, input_terms={self.input_terms}, "
+            f"lam={self.lam}, reduce={self.reduce!r}, "
             f"combine={self.combine!r}, eps={self.eps}, reduction={self.reduction!r}"
         )

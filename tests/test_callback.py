@@ -368,7 +368,7 @@ def test_logits_only_models_get_llv_and_kl():
         z_q = radial_representations(student, val) @ unembedding(student.head)[:, :-1].T + student.head.bias.detach().double()
     llv = llv_distance(z_p, z_q, rep_dim=2, input_sets=candidate_sets(cb))
     h = cb.history[-1]
-    assert_close(h["d_llv"], float(llv.distance), "d_llv")
+    assert_close(h["d_llv"], float(llv.value), "d_llv")
     assert_close(h["llv_t2"], float(llv.t2), "t2")
     assert_close(h["kl"], float(mean_kl_divergence(z_p, z_q)), "kl")
     assert math.isnan(h["d_svd"]) and math.isnan(h["mcca"])
@@ -379,8 +379,8 @@ def test_logits_only_models_get_llv_and_kl():
     with torch.no_grad():
         z_q_model = torch.cat([student(x) for x, _ in val])
     llv_model = llv_distance(z_p, z_q_model, rep_dim=2, input_sets=candidate_sets(cb2))
-    assert_close(cb2.history[-1]["d_llv"], float(llv_model.distance), "d_llv LogitsOnly")
-    assert abs(float(llv_model.distance) - float(llv.distance)) < 1e-6  # float32 rounding of the logits only
+    assert_close(cb2.history[-1]["d_llv"], float(llv_model.value), "d_llv LogitsOnly")
+    assert abs(float(llv_model.value) - float(llv.value)) < 1e-6  # float32 rounding of the logits only
     assert cb2.last_results["llv"].candidate_sets.equal(cb.last_results["llv"].candidate_sets)
 
 

@@ -100,7 +100,7 @@ def test_zero_variance_over_labels_is_an_error():
 def test_never_nan():
     for seed in range(5):
         res = llv_distance(logits(seed=seed), logits(seed=seed + 10), rep_dim=2, num_input_sets=5)
-        values = torch.cat([res.t1_terms, res.t2_terms, res.t3_terms, res.t4_terms, res.distance[None]])
+        values = torch.cat([res.t1_terms, res.t2_terms, res.t3_terms, res.t4_terms, res.value[None]])
         assert bool(torch.isfinite(values).all())
 
 

@@ -48,7 +48,7 @@ def test_same_identifiability_class_gives_zero(seed, k, m, y0):
     f2 = f @ a.T
     g2 = (g - g[y0]) @ torch.linalg.inv(a) + c
     rep = compare(f, g, f2, g2, num_input_sets=20, seed=seed)
-    assert float(rep.llv.distance) < 1e-8
+    assert float(rep.llv.value) < 1e-8
     assert float(rep.svd.value) < 1e-8
     assert abs(float(rep.kl)) < 1e-12
     assert float(rep.mcca) == pytest.approx(1.0, abs=1e-8)
@@ -67,7 +67,7 @@ def test_per_input_constants_change_nothing(seed, offset):
     assert moved.input_set.tolist() == base.input_set.tolist()
     # log_softmax of x + c in float64 rounds at |c| * 1e-16: the tolerance scales with the offset.
     tol = 1e-9 * max(1.0, offset)
-    for name in ("distance", "t1", "t2", "t3", "t4"):
+    for name in ("value", "t1", "t2", "t3", "t4"):
         assert float(getattr(moved, name)) == pytest.approx(float(getattr(base, name)), rel=tol, abs=tol)
     assert float(mean_kl_divergence(lp + shift, lq)) == pytest.approx(float(mean_kl_divergence(lp, lq)), abs=tol)
 
@@ -84,13 +84,13 @@ def test_symmetry_and_triangle_inequality_for_fixed_sets(seed, combine, reduce):
     a, b, c = _three_models(seed)
     sets = dict(label_pivot=seed % 6, leave_out=(seed + 1) % 6, input_sets=torch.tensor([[3, 7, 11]]))
     kw = dict(rep_dim=2, combine=combine, reduce=reduce, **sets)
-    d_ab = float(llv_distance(a, b, **kw).distance)
-    d_ba = float(llv_distance(b, a, **kw).distance)
-    d_bc = float(llv_distance(b, c, **kw).distance)
-    d_ac = float(llv_distance(a, c, **kw).distance)
+    d_ab = float(llv_distance(a, b, **kw).value)
+    d_ba = float(llv_distance(b, a, **kw).value)
+    d_bc = float(llv_distance(b, c, **kw).value)
+    d_ac = float(llv_distance(a, c, **kw).value)
     assert d_ab == pytest.approx(d_ba, rel=1e-12)
     assert d_ac <= d_ab + d_bc + 1e-12
-    assert float(llv_distance(a, a, **kw).distance) < 1e-12
+    assert float(llv_distance(a, a, **kw).value) < 1e-12
 
 
 @SETTINGS
@@ -104,7 +104,7 @@ def test_bounds_hold_on_the_chosen_sets(seed, noise, m):
     f2 = f @ a.T + noise * torch.randn(400, m, generator=gen, dtype=torch.float64)
     g2 = g @ torch.linalg.inv(a) + noise * torch.randn(k, m, generator=gen, dtype=torch.float64)
     rep = compare(f, g, f2, g2, num_input_sets=40, seed=seed)
-    d_llv, d_svd = float(rep.llv.distance), float(rep.svd.value)
+    d_llv, d_svd = float(rep.llv.value), float(rep.svd.value)
     assert d_svd <= 2 * m * d_llv + 1e-12
     assert d_svd <= 2 * d_llv**2 + 1e-12, f"sharper bound violated: d_SVD={d_svd}, d_LLV={d_llv}"
 
@@ -126,7 +126,7 @@ def test_theorem31_kl_vanishes_while_representations_differ():
         pair = theorem31_pair(rho, n_per_class=500, seed=0)
         rep = compare(pair.emb_p, pair.unemb_p, pair.emb_q, pair.unemb_q)
         kls.append(float(rep.kl))
-        assert float(rep.llv.distance) > 1.3
+        assert float(rep.llv.value) > 1.3
         assert float(rep.mcca) < 0.01
         assert float(rep.svd.f_part) > 0.99
     assert kls[-1] < 1e-4

@@ -38,9 +38,9 @@ def pair(n=24, k=5, seed=0, t=None):
 # Every configuration exercised below; the fixed-pivot ones follow the d_LLV definition exactly.
 LLV_CONFIGS = {
     "default": dict(rep_dim=2),
-    "mean_inputs_soft": dict(input_set="mean", reduce="softmax"),
-    "pivot_first": dict(rep_dim=2, label_pivot=1, leave_out=3, input_set="first"),
-    "pivot_idx_soft": dict(rep_dim=2, label_pivot=0, input_set=[5, 2, 9], reduce="softmax", combine="softmax"),
+    "mean_inputs_soft": dict(input_set_search="mean", reduce="softmax"),
+    "pivot_first": dict(rep_dim=2, label_pivot=1, leave_out=3, input_set_search="first"),
+    "pivot_idx_soft": dict(rep_dim=2, label_pivot=0, input_sets=[5, 2, 9], reduce="softmax", combine="softmax"),
     "mean_sum": dict(rep_dim=3, reduce="mean", combine="sum", lam=0.5),
     "no_input_terms": dict(input_terms=False, reduce="softmax", combine="sum"),
 }
@@ -129,24 +129,24 @@ def test_llv_loss_equals_functional_on_full_batch(seed, combine, lam):
     exact = llv_distance(
         student, teacher, rep_dim=m, lam=lam, combine=combine, label_pivot=y0, leave_out=lo, input_sets=input_set[None]
     )
-    loss = LLVLoss(rep_dim=m, label_pivot=y0, leave_out=lo, input_set=input_set, lam=lam, combine=combine, eps=1e-13)
+    loss = LLVLoss(rep_dim=m, label_pivot=y0, leave_out=lo, input_sets=input_set, lam=lam, combine=combine, eps=1e-13)
     out = loss.terms(student, teacher)
     tol = 1e-10 * max(1.0, lam)
-    assert abs(float(out.loss - exact.distance)) < tol
+    assert abs(float(out.loss - exact.value)) < tol
     for mine, ref in ((out.t1, exact.t1), (out.t2, exact.t2), (out.t3, exact.t3), (out.t4, exact.t4)):
         assert abs(float(mine - ref)) < 1e-10
     torch.testing.assert_close(out.t1_entries, exact.t1_terms, rtol=0, atol=1e-10)
     torch.testing.assert_close(out.t2_entries, exact.t2_terms, rtol=0, atol=1e-10)
     torch.testing.assert_close(out.t3_entries, exact.t3_terms, rtol=0, atol=1e-10)
     torch.testing.assert_close(out.t4_entries, exact.t4_terms, rtol=0, atol=1e-10)
-    assert abs(float(loss(student, teacher)) - float(exact.distance)) < tol
+    assert abs(float(loss(student, teacher)) - float(exact.value)) < tol
 
 
 def test_llv_loss_equals_functional_on_flattened_sequence_with_forward_input_set():
     student, teacher = pair(n=6, k=5, seed=20, t=7)
     exact = llv_distance(student, teacher, rep_dim=3, label_pivot=2, leave_out=0, input_sets=torch.tensor([[4, 30, 11, 0]]))
     loss = LLVLoss(rep_dim=3, label_pivot=2, leave_out=0, eps=1e-13)
-    assert abs(float(loss(student, teacher, input_set=[4, 30, 11, 0])) - float(exact.distance)) < 1e-10
+    assert abs(float(loss(student, teacher, input_sets=[4, 30, 11, 0])) - float(exact.value)) < 1e-10
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -156,20 +156,20 @@ def test_llv_loss_candidate_sets_and_search_equal_functional_argmin(seed):
     gens = [torch.Generator().manual_seed(seed * 10 + j) for j in range(12)]
     candidates = torch.stack([torch.randperm(n, generator=gen)[: m + 1] for gen in gens])
     exact = llv_distance(student, teacher, rep_dim=m, label_pivot=1, leave_out=4, input_sets=candidates)
-    loss = LLVLoss(rep_dim=m, label_pivot=1, leave_out=4, input_set=candidates, eps=1e-13)
+    loss = LLVLoss(rep_dim=m, label_pivot=1, leave_out=4, input_sets=candidates, eps=1e-13)
     out = loss.terms(student, teacher)
-    assert abs(float(out.loss - exact.distance)) < 1e-10
+    assert abs(float(out.loss - exact.value)) < 1e-10
     torch.testing.assert_close(out.t2_entries, exact.t2_terms, rtol=0, atol=1e-10)
     torch.testing.assert_close(out.t4_entries, exact.t4_terms, rtol=0, atol=1e-10)
     # "search" draws its candidates as documented: a seeded uniform draw, argsort, first M+1 positions
     drawn = torch.rand(7, n, generator=torch.Generator().manual_seed(3)).argsort(dim=1)[:, : m + 1]
     exact_search = llv_distance(student, teacher, rep_dim=m, label_pivot=1, leave_out=4, input_sets=drawn)
     search = LLVLoss(rep_dim=m, label_pivot=1, leave_out=4, num_input_sets=7, seed=3, eps=1e-13)
-    assert abs(float(search(student, teacher)) - float(exact_search.distance)) < 1e-10
+    assert abs(float(search(student, teacher)) - float(exact_search.value)) < 1e-10
     assert abs(float(search.terms(student, teacher).t2) - float(exact_search.candidate_scores.min())) < 1e-10
     # the searched T2 is never above that of any single candidate
     single = LLVLoss(rep_dim=m, label_pivot=1, leave_out=4, eps=1e-13)
-    t2_each = [float(single.terms(student, teacher, input_set=row).t2) for row in drawn]
+    t2_each = [float(single.terms(student, teacher, input_sets=row).t2) for row in drawn]
     assert float(search.terms(student, teacher).t2) == pytest.approx(min(t2_each), abs=1e-12)
 
 
@@ -204,7 +204,7 @@ def _naive_mean_mode(student, teacher, eps):
 @pytest.mark.parametrize("eps", [1e-13, 1e-2])
 def test_llv_all_pivots_mode_matches_loop_definition(eps):
     student, teacher = pair(n=15, k=6, seed=21)
-    out = LLVLoss(input_set="mean", eps=eps, lam=2.0, combine="sum").terms(student, teacher)
+    out = LLVLoss(input_set_search="mean", eps=eps, lam=2.0, combine="sum").terms(student, teacher)
     t1, t2, t3, t4 = (torch.tensor(v, dtype=F64) for v in _naive_mean_mode(student, teacher, eps))
     torch.testing.assert_close(out.t1_entries, t1, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(out.t2_entries, t2, rtol=1e-10, atol=1e-12)
@@ -218,7 +218,7 @@ def test_llv_all_pivots_mode_is_label_and_input_permutation_invariant_fixed_pivo
     student, teacher = pair(n=20, k=6, seed=22)
     perm_y = torch.tensor([3, 5, 0, 1, 4, 2])
     perm_x = torch.randperm(20, generator=torch.Generator().manual_seed(0))
-    loss = LLVLoss(input_set="mean")
+    loss = LLVLoss(input_set_search="mean")
     base = float(loss(student, teacher))
     permuted = float(loss(student[perm_x][:, perm_y], teacher[perm_x][:, perm_y]))
     assert permuted == pytest.approx(base, rel=1e-12)
@@ -292,7 +292,8 @@ def test_llv_zero_variance_column_uses_documented_eps():
 def test_llv_needs_two_rows():
     teacher = randn(2, 5, seed=28)
     student = randn(2, 5, seed=29)
-    for loss in (LLVLoss(rep_dim=1), LLVLoss(input_set="mean"), LLVLoss(rep_dim=1, input_set="first", label_pivot=0)):
+    losses = (LLVLoss(rep_dim=1), LLVLoss(input_set_search="mean"), LLVLoss(rep_dim=1, input_set_search="first", label_pivot=0))
+    for loss in losses:
         with pytest.raises(ValueError, match="at least 2 \\(kept\\) rows"):
             loss(student[:1], teacher[:1])
         with pytest.raises(ValueError, match="at least 2 \\(kept\\) rows"):
@@ -389,10 +390,12 @@ def test_bad_input_errors(name):
         loss(student, bad)
     with pytest.raises(ValueError, match="`student_logits` contains 1 non-finite"):
         loss(bad, teacher)
-    with pytest.raises(ValueError, match="`mask` must have the logits' leading shape"):
+    with pytest.raises(ValueError, match="`mask` must have shape \\(6,\\) \\(the inputs' leading shape\\)"):
         loss(student, teacher, mask=torch.ones(5, dtype=torch.bool))
-    with pytest.raises(TypeError, match="`mask` must be bool"):
+    with pytest.raises(TypeError, match="`mask` must be boolean or 0/1 integers"):
         loss(student, teacher, mask=torch.ones(6))
+    with pytest.raises(ValueError, match="`mask` must hold only 0 and 1"):
+        loss(student, teacher, mask=torch.full((6,), 2))
     with pytest.raises(TypeError, match="floating-point"):
         loss(student.long(), teacher.long())
     # the finiteness check can be switched off (no host sync): NaN then propagates, as documented
@@ -420,19 +423,19 @@ def test_bad_configuration_errors():
     with pytest.raises(ValueError, match="`rep_dim` must be a positive int"):
         LLVLoss(rep_dim=0)
     with pytest.raises(ValueError, match="needs `rep_dim`"):
-        LLVLoss(input_set="first")
-    with pytest.raises(ValueError, match="`input_set='search'` needs `rep_dim`"):
+        LLVLoss(input_set_search="first")
+    with pytest.raises(ValueError, match="`input_set_search='sample'` needs `rep_dim`"):
         LLVLoss()
-    with pytest.raises(ValueError, match="`input_set` must be one of"):
-        LLVLoss(input_set="all")
+    with pytest.raises(ValueError, match="`input_set_search` must be one of"):
+        LLVLoss(input_set_search="all")
     with pytest.raises(ValueError, match="`num_input_sets` must be a positive int"):
         LLVLoss(rep_dim=2, num_input_sets=0)
-    with pytest.raises(ValueError, match="M\\+1 = 3 row indices"):
-        LLVLoss(rep_dim=2, input_set=[0, 1])
-    with pytest.raises(ValueError, match="M\\+1 = 3 row indices"):
-        LLVLoss(rep_dim=2, input_set=[[0, 1], [2, 3]])
+    with pytest.raises(ValueError, match="\\(S, M\\+1\\) = \\(S, 3\\)"):
+        LLVLoss(rep_dim=2, input_sets=[0, 1])
+    with pytest.raises(ValueError, match="\\(S, M\\+1\\) = \\(S, 3\\)"):
+        LLVLoss(rep_dim=2, input_sets=[[0, 1], [2, 3]])
     with pytest.raises(ValueError, match="distinct"):
-        LLVLoss(input_set=[0, 1, 1])
+        LLVLoss(input_sets=[0, 1, 1])
     with pytest.raises(ValueError, match="must differ"):
         LLVLoss(label_pivot=2, leave_out=2)
     with pytest.raises(ValueError, match="'mean' or a label index"):
@@ -441,12 +444,12 @@ def test_bad_configuration_errors():
     with pytest.raises(ValueError, match="`label_pivot` must be a label index in \\[0, 4\\)"):
         LLVLoss(label_pivot=4, rep_dim=1)(student, teacher)
     with pytest.raises(ValueError, match="needs 8 \\(kept\\) rows, the batch has 6"):
-        LLVLoss(input_set=[0, 7])(student, teacher)
+        LLVLoss(input_sets=[0, 7])(student, teacher)
     with pytest.raises(ValueError, match="needs 8 \\(kept\\) rows, the batch has 6"):
-        LLVLoss(rep_dim=1)(student, teacher, input_set=[[0, 1], [2, 7]])
-    for mode in ("first", "search"):
+        LLVLoss(rep_dim=1)(student, teacher, input_sets=[[0, 1], [2, 7]])
+    for mode in ("first", "sample"):
         with pytest.raises(ValueError, match="needs M\\+1 = 4 \\(kept\\) rows, the batch has 3"):
-            LLVLoss(rep_dim=3, input_set=mode)(student[:3], teacher[:3])
+            LLVLoss(rep_dim=3, input_set_search=mode)(student[:3], teacher[:3])
     with pytest.raises(ValueError, match="no label left"):
         LLVLoss(label_pivot=0, leave_out=1, input_terms=False)(student[:, :2], teacher[:, :2])
 
@@ -512,7 +515,7 @@ def test_torch_compile_matches_eager(name):
     "name,loss",
     [
         ("llv", LLVLoss(rep_dim=2)),
-        ("llv_mean_inputs", LLVLoss(input_set="mean", reduce="mean", combine="sum")),
+        ("llv_mean_inputs", LLVLoss(input_set_search="mean", reduce="mean", combine="sum")),
         ("logit_distance", LogitDistanceLoss()),
         ("kd", KDLoss()),
     ],
@@ -530,7 +533,7 @@ def test_training_brings_student_closer(name, loss):
     def held_out():
         with torch.no_grad():
             s_test = student(x_test)
-        d_llv = llv_distance(s_test, t_test, rep_dim=2, input_sets=sets).distance
+        d_llv = llv_distance(s_test, t_test, rep_dim=2, input_sets=sets).value
         return float(d_llv), float(mean_kl_divergence(t_test, s_test)), float(loss(s_test, t_test))
 
     before = held_out()

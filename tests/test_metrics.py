@@ -14,7 +14,8 @@ from torchmetrics import MetricCollection
 from lightning_repsim.functional import compare, llv_distance, logits_from_representations, mean_cca, mean_kl_divergence
 from lightning_repsim.functional.llv import LLVResult
 from lightning_repsim.metrics import LLVDistance, MeanCCA, MeanKLDivergence, SVDDissimilarity
-from lightning_repsim.metrics._state import bottom_k, buffer_content, fold_buffers, fold_moments, hash_keys
+from lightning_repsim.metrics.moment_state import fold_moments
+from lightning_repsim.metrics.sketch import bottom_k, buffer_content, fold_buffers, hash_keys
 from tests.conftest import assert_rel
 
 RTOL = 1e-9
@@ -83,7 +84,18 @@ def stream(collection: MetricCollection, ref, size: int, order=None, with_ids: b
         collection.update(
             logits_p=ref["logits1"][sl], logits_q=ref["logits2"][sl], emb_p=ref["f1"][sl], emb_q=ref["f2"][sl], **extra
         )
-    return collection.compute()
+    return results(collection)
+
+
+def results(collection: MetricCollection) -> dict:
+    """Every metric's ``compute_result()``, after checking that ``collection.compute()`` gives their values."""
+    values = collection.compute()
+    out = {name: metric.compute_result() for name, metric in collection.items()}
+    assert sorted(values) == sorted(out)
+    for name, value in values.items():
+        assert value.ndim == 0 and value.dtype == torch.float64
+        assert torch.equal(value, out[name].value), name
+    return out
 
 
 def check_against_file(out: dict, ref) -> None:
@@ -91,8 +103,8 @@ def check_against_file(out: dict, ref) -> None:
         assert (res.label_pivot, res.leave_out) == (int(ref["label_pivot"]), int(ref["leave_out"]))
         for name in FILE_FIELDS_LLV:
             assert_rel(getattr(res, name), ref[name], RTOL, name)
-    assert_rel(out["kl"], ref["mean_kl"], RTOL, "mean_kl")
-    assert_rel(out["mcca"], ref["mcca_exact"], RTOL, "mcca_exact")
+    assert_rel(out["kl"].value, ref["mean_kl"], RTOL, "mean_kl")
+    assert_rel(out["mcca"].value, ref["mcca_exact"], RTOL, "mcca_exact")
     assert_rel(out["svd"].f_part, ref["d_svd_f"], RTOL, "d_svd_f")
     assert_rel(out["svd"].svd.msvd_f, ref["msvd_f"], RTOL, "msvd_f")
 
@@ -150,14 +162,14 @@ def test_given_candidate_sets_reproduce_every_reference_value(reference_case, co
         llv_metric.update(ref["logits1"][idx], ref["logits2"][idx], ids=idx)
         svd_metric.update(ref["f1"][idx], ref["f2"][idx], ids=idx)
     key = "distance_max" if combine == "max" else "distance_sum"
-    for res in (llv_metric.compute(), svd_metric.compute().llv):
+    for res in (llv_metric.compute_result(), svd_metric.compute_result().llv):
         assert res.input_set.tolist() == ref["input_set"].tolist()
         assert res.chosen_candidate == int(ref["chosen_candidate"])
         assert torch.equal(res.candidate_sets, ref["candidate_sets"])
-        assert_rel(res.distance, ref[key], RTOL, key)
+        assert_rel(res.value, ref[key], RTOL, key)
         for name in FILE_FIELDS_LLV + ("t2", "t4", "t2_terms", "t4_terms", "candidate_scores"):
             assert_rel(getattr(res, name), ref[name], RTOL, name)
-    svd = svd_metric.compute()
+    svd = svd_metric.compute_result()
     for name, key in (("value", "d_svd"), ("f_part", "d_svd_f"), ("g_part", "d_svd_g")):
         assert_rel(getattr(svd, name), ref[key], RTOL, key)
     assert svd.svd.label_subsets.tolist() == ref["label_subsets"].tolist()
@@ -178,7 +190,7 @@ def test_large_offsets_match_two_pass_float64():
     for idx in batches(n, 50):
         metric.update(z_p[idx], z_q[idx], ids=idx)
         kl.update(z_p[idx], z_q[idx])
-    res = metric.compute()
+    res = metric.compute_result()
     assert_same(res, llv_distance(z_p, z_q, rep_dim=m, input_sets=res.candidate_sets))
     assert_rel(kl.compute(), mean_kl_divergence(z_p, z_q), RTOL)
 
@@ -189,7 +201,7 @@ def test_large_offsets_match_two_pass_float64():
     svd_metric = SVDDissimilarity(unemb_p=w_p, unemb_q=unemb_q)
     for idx in batches(n, 50):
         svd_metric.update(f_p[idx], f_q[idx], ids=ids[idx])
-    out = svd_metric.compute()
+    out = svd_metric.compute_result()
     rep = compare(f_p, w_p, f_q, unemb_q, input_sets=out.llv.candidate_sets)
     assert_same(out.llv, rep.llv)
     assert_same(out.svd, rep.svd)
@@ -204,7 +216,7 @@ def test_nearly_identical_models_keep_their_digits():
     f_q = f_p + 1e-9 * torch.randn(n, m, generator=g, dtype=torch.float64)
     metric = SVDDissimilarity(unemb_p=w, unemb_q=w)
     metric.update(f_p, f_q, ids=torch.arange(n))
-    out = metric.compute()
+    out = metric.compute_result()
     rep = compare(f_p, w, f_q, w, input_sets=out.llv.candidate_sets)
     assert 1e-12 < float(rep.llv.t1) < 1e-7
     assert out.llv.label_pivot == rep.llv.label_pivot and out.llv.leave_out == rep.llv.leave_out
@@ -223,7 +235,7 @@ def test_low_precision_inputs_accumulate_in_float64(dtype):
         metric.update(z_p[idx], z_q[idx], ids=idx)
         kl.update(z_p[idx], z_q[idx])
     assert metric.moments.dtype == torch.float64 and metric.candidates.dtype == torch.float64
-    res = metric.compute()
+    res = metric.compute_result()
     assert_same(res, llv_distance(z_p.double(), z_q.double(), rep_dim=2, input_sets=res.candidate_sets))
     assert_rel(kl.compute(), mean_kl_divergence(z_p.double(), z_q.double()), RTOL)
 
@@ -240,7 +252,7 @@ def test_sequence_inputs_with_mask():
     for i in range(0, b, 5):
         metric.update(z_p[i : i + 5], z_q[i : i + 5], mask=mask[i : i + 5], ids=ids[i : i + 5])
         kl.update(z_p[i : i + 5], z_q[i : i + 5], mask=mask[i : i + 5])
-    res = metric.compute()
+    res = metric.compute_result()
     keep_p, keep_q = z_p[mask], z_q[mask]
     # candidate sets are ids; map them to positions among the kept rows
     pos = torch.full((b * t,), -1, dtype=torch.long)
@@ -256,10 +268,10 @@ def test_sequence_inputs_with_mask():
     svd_metric, cca = SVDDissimilarity(unemb_p=w_p, unemb_q=w_q), MeanCCA()
     svd_metric.update(f_p, f_q, mask=mask, ids=ids)
     cca.update(f_p, f_q, mask=mask)
-    out = svd_metric.compute()
+    out = svd_metric.compute_result()
     rep = compare(f_p[mask], w_p, f_q[mask], w_q, input_sets=pos[out.llv.candidate_sets])
     assert_rel(out.value, rep.svd.value, RTOL)
-    assert_rel(out.llv.distance, rep.llv.distance, RTOL)
+    assert_rel(out.llv.value, rep.llv.value, RTOL)
     assert_rel(cca.compute(), mean_cca(f_p[mask], f_q[mask]), RTOL)
 
 
@@ -291,10 +303,10 @@ def test_state_size_does_not_grow_with_inputs():
         assert metrics["llv"].num_inputs == total
         sizes[total] = {name: metric.state_nbytes() for name, metric in metrics.items()}
     assert sizes[1_000] == sizes[100_000]
-    # the documented formulas (+ 8 bytes for the dropped-row counter, + 16 for MeanCCA's dims)
-    assert sizes[1_000]["llv"] == 8 * (1 + 2 * k + 4 * k * k + buf * (2 * k + 3)) + 8
-    assert sizes[1_000]["svd"] == 8 * (1 + (2 * m + 2) + (2 * m + 2) ** 2 + buf * (2 * m + 3)) + 8
-    assert sizes[1_000]["kl"] == 8 * 3 + 8
+    # the documented formulas (+ 8 bytes for the dropped-row counter, 8 per dimension and per configuration entry)
+    assert sizes[1_000]["llv"] == 8 * (1 + 2 * k + 4 * k * k + buf * (2 * k + 3)) + 8 + 8 + 5 * 8
+    assert sizes[1_000]["svd"] == 8 * (1 + (2 * m + 2) + (2 * m + 2) ** 2 + buf * (2 * m + 3)) + 8 + 4 * 8
+    assert sizes[1_000]["kl"] == 8 * 3 + 8 + 8
     assert sizes[1_000]["cca"] == 8 * (1 + 2 * m + 4 * m * m) + 8 + 16
 
 
@@ -311,7 +323,7 @@ def test_buffer_is_a_bottom_k_sketch_independent_of_batching_and_sharding():
     shards[0].merge_state(shards[1])
     shards[0].merge_state(shards[2])
     assert torch.equal(shards[0].candidates, metric_a.candidates)
-    assert_same(shards[0].compute(), metric_a.compute())
+    assert_same(shards[0].compute_result(), metric_a.compute_result())
     # the buffer holds exactly the 32 smallest keys of the distinct inputs
     key, key2 = hash_keys(torch.cat([x, x.flip(-1)], 1), seed=0)
     distinct = torch.unique(torch.stack([key, key2], 1), dim=0)
@@ -360,13 +372,13 @@ def test_merge_state_and_reset():
         a.merge_state(b)
         a.merge_state(empty)  # a never-updated metric (lazily sized states) is the identity
         empty.merge_state(a)  # and can receive
-        assert_same(a.compute(), whole.compute())
-        assert_same(empty.compute(), whole.compute())
+        assert_same(a.compute_result(), whole.compute_result())
+        assert_same(empty.compute_result(), whole.compute_result())
         whole.reset()
         for name, default in whole._defaults.items():
             assert torch.equal(getattr(whole, name), default)
         with pytest.warns(UserWarning, match="before the ``update``"), pytest.raises(ValueError, match="N=0"):
-            whole.compute()
+            whole.compute_result()
 
 
 def test_checkpoint_round_trip():
@@ -374,23 +386,25 @@ def test_checkpoint_round_trip():
     z_p, z_q = torch.randn(2, 200, 5, generator=g, dtype=torch.float64).unbind(0)
     metric = LLVDistance(rep_dim=2, nan_strategy="ignore")
     metric.update(z_p, z_q)
+    assert not set(metric.state_dict())  # torchmetrics' default: states are not persistent
+    metric.persistent(True)
     state = metric.state_dict()
-    assert {"moments", "candidates", "num_dropped"} <= set(state)
+    assert {"moments", "candidates", "num_dropped", "config", "dims"} <= set(state)
     restored = LLVDistance(rep_dim=2, nan_strategy="ignore")
+    restored.persistent(True)
     restored.load_state_dict(state)
-    restored._update_count = 1
-    assert_same(restored.compute(), metric.compute())
+    assert_same(restored.compute_result(), metric.compute_result())
     # pickling (Lightning's ddp_spawn) and clone() give independent, working copies
     svd = SVDDissimilarity(unemb_p=torch.randn(6, 2, generator=g), unemb_q=torch.randn(6, 2, generator=g))
     svd.update(torch.randn(50, 2, generator=g), torch.randn(50, 2, generator=g))
     for copy in (pickle.loads(pickle.dumps(svd)), svd.clone()):
         copy.update(torch.randn(20, 2, generator=g), torch.randn(20, 2, generator=g))
         assert copy.num_inputs == 70
-        assert float(copy.compute().value) >= 0
+        assert float(copy.compute_result().value) >= 0
     assert svd.num_inputs == 50
     lazy = pickle.loads(pickle.dumps(LLVDistance(rep_dim=2)))
     lazy.update(z_p, z_q)
-    assert_same(lazy.compute(), metric.compute())
+    assert_same(lazy.compute_result(), metric.compute_result())
 
 
 def test_metric_collection_composition():
@@ -421,16 +435,16 @@ def test_metric_collection_composition():
             collection.update(**kwargs)
         else:
             collection(**kwargs)
-    out = collection.compute()
+    out = results(collection)
     rep = compare(pair.emb_p, pair.unemb_p, pair.emb_q, pair.unemb_q, input_sets=out["llv"].candidate_sets)
     assert isinstance(out["llv"], LLVResult)
     assert_same(out["llv"], rep.llv)
     assert_same(out["svd"].llv, rep.llv)
     assert_same(out["svd"].svd, rep.svd)
-    assert_rel(out["kl"], rep.kl, RTOL)
-    assert_rel(out["mcca"], rep.mcca, RTOL)
+    assert_rel(out["kl"].value, rep.kl, RTOL)
+    assert_rel(out["mcca"].value, rep.mcca, RTOL)
     flat = out["svd"].as_dict()
-    assert {"d_llv", "t1", "d_svd", "d_svd_f", "d_svd_g"} <= set(flat)
+    assert {"d_llv", "llv_t1", "d_svd", "d_svd_f", "d_svd_g"} <= set(flat)
 
 
 def test_restricted_pivot_search_is_flagged():
@@ -446,21 +460,21 @@ def test_restricted_pivot_search_is_flagged():
     for metric in (full, restricted):
         metric.update(f_p, f_q)
     logits.update(logits_from_representations(f_p, unemb_p), logits_from_representations(f_q, w_q))
-    out_full, out = full.compute(), restricted.compute()
+    out_full, out = full.compute_result(), restricted.compute_result()
     assert out_full.llv.label_search == "full"
-    assert out.llv.label_search == "restricted" and logits.compute().label_search == "restricted"
+    assert out.llv.label_search == "restricted" and logits.compute_result().label_search == "restricted"
     # the candidates are the 5 labels with the largest mean log-probability (over both models)
     mean_lp = torch.log_softmax(logits_from_representations(f_p, unemb_p), -1).mean(0)
     mean_lq = torch.log_softmax(f_q @ w_q.T, -1).mean(0)
     top = set(torch.argsort(-(mean_lp + mean_lq))[:5].tolist())
     assert out.llv.label_pivot in top
-    assert logits.compute().label_pivot == out.llv.label_pivot
+    assert logits.compute_result().label_pivot == out.llv.label_pivot
     # the restricted search can only be worse (or equal) on T1 than the full one
     assert float(out.llv.t1) >= float(out_full.llv.t1) - 1e-12
     # explicit candidates override the default
     given = SVDDissimilarity(unemb_p=unemb_p, unemb_q=w_q, pivot_candidates=torch.tensor([3]), max_label_subsets=50)
     given.update(f_p, f_q)
-    assert given.compute().llv.label_pivot == 3
+    assert given.compute_result().llv.label_pivot == 3
 
 
 def test_representation_route_large_vocabulary_smoke():
@@ -475,7 +489,7 @@ def test_representation_route_large_vocabulary_smoke():
     metric = SVDDissimilarity(unemb_p=w_p, unemb_q=w_q, max_label_subsets=64, num_input_sets=20)
     for idx in batches(n, 100):
         metric.update(f_p[idx], f_q[idx], ids=idx)
-    out = metric.compute()
+    out = metric.compute_result()
     assert metric.state_nbytes() < 200_000
     assert out.llv.label_search == "restricted" and not out.svd.exhaustive
     # check against the functional core restricted to the same pivot (its full search is O(K^2))
@@ -537,7 +551,7 @@ def test_nan_strategy_ignore_drops_and_counts_rows():
         kl.update(bad_p[idx], bad_q[idx])
         ref_metric.update(z_p[idx][clean[idx]], z_q[idx][clean[idx]])
     assert int(metric.num_dropped) == 3 and int(kl.num_dropped) == 3 and metric.num_inputs == 297
-    assert_same(metric.compute(), ref_metric.compute())
+    assert_same(metric.compute_result(), ref_metric.compute_result())
     assert_rel(kl.compute(), mean_kl_divergence(z_p[clean], z_q[clean]), RTOL)
 
 
@@ -545,7 +559,7 @@ def test_compute_errors_too_few_inputs_and_zero_variance():
     metric = LLVDistance(rep_dim=2)
     metric.update(torch.randn(3, 5), torch.randn(3, 5))
     with pytest.raises(ValueError, match="need at least M \\+ 2 = 4 inputs"):
-        metric.compute()
+        metric.compute_result()
     const = LLVDistance(rep_dim=1)
     z = torch.randn(50, 1).expand(50, 3)  # every label equally likely for every input: sigma = 0
     const.update(z, torch.randn(50, 3))
@@ -554,10 +568,12 @@ def test_compute_errors_too_few_inputs_and_zero_variance():
     assert str(err.value) == _message(llv_distance, z, torch.randn(50, 3), rep_dim=1)
     cca = MeanCCA()
     cca.update(torch.randn(3, 2), torch.randn(3, 2))
-    with pytest.raises(ValueError, match="more inputs than dimensions"):
+    with pytest.raises(ValueError, match=r"N >= max\(M_p, M_q\) \+ 2 = 4 inputs"):
         cca.compute()
-    few = LLVDistance(rep_dim=2, buffer_size=2)
-    few.update(torch.randn(30, 5), torch.randn(30, 5))
+    with pytest.raises(ValueError, match="`buffer_size`=2 cannot hold an input set of M\\+1 = 3 inputs"):
+        LLVDistance(rep_dim=2, buffer_size=2)
+    few = LLVDistance(rep_dim=2, buffer_size=3)
+    few.update(torch.randn(2, 5).repeat(15, 1), torch.randn(2, 5).repeat(15, 1))
     with pytest.raises(ValueError, match="candidate buffer holds 2 distinct inputs"):
         few.compute()
     pinned = LLVDistance(rep_dim=2, input_sets=torch.tensor([[0, 1, 99]]))
@@ -572,4 +588,4 @@ def test_compute_before_update_warns():
     metrics = (LLVDistance(rep_dim=2), LLVDistance(rep_dim=2, num_labels=5), MeanKLDivergence(), MeanCCA(), SVDDissimilarity())
     for metric in metrics:
         with pytest.warns(UserWarning, match="before the ``update``"), pytest.raises(ValueError):
-            metric.compute()
+            metric.compute_result()

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from lightning_repsim.metrics import LLVDistance, MeanCCA, MeanKLDivergence, SVDDissimilarity
 from tests.conftest import REFERENCE_DIR, load_reference
-from tests.test_metrics import assert_same, reference_collection
+from tests.test_metrics import assert_same, reference_collection, results
 
 pytestmark = pytest.mark.ddp
 
@@ -43,9 +43,9 @@ def run_checks(rank: int, world: int) -> dict:
             hashed.update(logits_p=ref["logits1"][idx], logits_q=ref["logits2"][idx], emb_p=ref["f1"][idx], emb_q=ref["f2"][idx])
             by_id.update(ref["logits1"][idx], ref["logits2"][idx], ids=idx)
             pinned.update(ref["f1"][idx], ref["f2"][idx], ids=idx)
-        res = hashed.compute()
-        res["by_id"] = by_id.compute()
-        res["pinned"] = pinned.compute()
+        res = results(hashed)
+        res["by_id"] = by_id.compute_result()
+        res["pinned"] = pinned.compute_result()
         res["local_n_after_sync"] = hashed["llv"].num_inputs  # unsynced again after compute()
         out[case] = res
     # lazily sized metrics where one process sees no data at all
@@ -58,7 +58,7 @@ def run_checks(rank: int, world: int) -> dict:
         lazy["svd"].update(ref["f1"], ref["f2"], unemb_p=ref["g1"], unemb_q=ref["g2"])
     else:
         lazy["svd"].unemb_p, lazy["svd"].unemb_q = ref["g1"], ref["g2"]
-    out["empty_rank"] = {name: metric.compute() for name, metric in lazy.items()}
+    out["empty_rank"] = {name: metric.compute_result() for name, metric in lazy.items()}
     return out
 
 

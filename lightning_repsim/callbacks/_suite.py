@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from lightning_repsim.callbacks._extract import Representations
-from lightning_repsim.functional import logits_from_representations
+from lightning_repsim.functional import LLVOptions, logits_from_representations
 
 __all__ = ["METRIC_KEYS", "MetricSuite"]
 
@@ -90,7 +90,7 @@ class MetricSuite:
     def __init__(self, rep_dim: int | None = None, **metric_kwargs: Any) -> None:
         from lightning_repsim import metrics as M
 
-        known = set(_TORCHMETRICS_KWARGS)
+        known = set(_TORCHMETRICS_KWARGS) | set(LLVOptions.names())
         for cls in (M.MeanKLDivergence, M.LLVDistance, M.SVDDissimilarity, M.MeanCCA):
             known |= _own_params(cls)
         unknown = sorted(set(metric_kwargs) - known)
@@ -108,7 +108,14 @@ class MetricSuite:
 
     # -- construction ----------------------------------------------------------------------------
     def _kwargs_for(self, cls: Any) -> dict[str, Any]:
-        return {k: v for k, v in self.metric_kwargs.items() if k in _own_params(cls) or k in _TORCHMETRICS_KWARGS}
+        from lightning_repsim import metrics as M
+
+        accepted = _own_params(cls) | _TORCHMETRICS_KWARGS
+        if cls in (M.LLVDistance, M.SVDDissimilarity):
+            accepted |= set(LLVOptions.names())
+        if cls is M.SVDDissimilarity:
+            accepted -= {"labels"}
+        return {k: v for k, v in self.metric_kwargs.items() if k in accepted}
 
     def _build(self, ref: Representations, stu: Representations) -> None:
         from lightning_repsim import metrics as M
@@ -227,18 +234,18 @@ class MetricSuite:
         self.results = results
         for name, metric in self.metrics.items():
             try:
-                results[name] = metric.compute()
+                results[name] = metric.compute_result()
             except (ValueError, torch.linalg.LinAlgError) as err:
                 problems[{"kl": "kl", "llv": "d_llv", "svd": "d_svd", "cca": "mcca"}[name]] = str(err)
         if "d_svd" in problems and "svd" in self.metrics:
             problems["d_llv"] = problems["d_svd"]  # d_LLV comes from the same metric
         if "kl" in results:
-            values["kl"] = float(results["kl"])
+            values["kl"] = float(results["kl"].value)
         llv = results.get("llv")
         if llv is None and "svd" in results:
             llv = results["svd"].llv
         if llv is not None:
-            d = float(llv.distance)
+            d = float(llv.value)
             values.update(
                 d_llv=d, llv_t1=float(llv.t1), llv_t2=float(llv.t2), llv_t3=float(llv.t3), llv_t4=float(llv.t4),
                 bound_paper=2 * self.m * d, bound_sharp=2 * d * d,
@@ -253,5 +260,5 @@ class MetricSuite:
         elif "svd" not in self.metrics and self.mode == "representations":
             problems["d_svd"] = f"d_SVD needs K >= M + 2 labels, got K={self.k}, M={self.m}"
         if "cca" in results:
-            values["mcca"] = float(results["cca"])
+            values["mcca"] = float(results["cca"].value)
         return values, info, problems

@@ -142,7 +142,8 @@ class ReferenceComparison(Callback):
             ``label_pivot``, ``leave_out``, ``input_set``.
         last_embeddings: ``(reference, student, labels)`` plotted last (M = 2 only), or None.
         last_results: the metrics' full results of the last comparison (``"kl"``; ``"svd"``, an
-            ``SVDDissimilarityResult`` whose ``.llv`` is the ``LLVResult``, or ``"llv"``; ``"cca"``), with the
+            ``SVDDissimilarityResult`` whose ``.llv`` is the ``LLVResult``, or ``"llv"``; ``"cca"``: their
+            ``compute_result()``), with the
             candidate input sets, kept label sets, etc. Not saved in checkpoints.
         stats: counters: student forwards reused / run by the callback, padded duplicate rows dropped.
 

@@ -5,14 +5,16 @@
 
 from lightning_repsim.functional._moments import batch_moments, covariance_from_moments, merge_moments
 from lightning_repsim.functional.cca import canonical_correlations, mean_cca
-from lightning_repsim.functional.compare import ComparisonReport, compare, logits_from_representations
+from lightning_repsim.functional.compare import ComparisonReport, compare
+from lightning_repsim.functional.family import log_partition, logits_from_representations, split_unembedding
 from lightning_repsim.functional.kl import mean_kl_divergence
-from lightning_repsim.functional.llv import LLVResult, draw_input_sets, llv_distance, log_probabilities
+from lightning_repsim.functional.llv import LLVOptions, LLVResult, draw_input_sets, llv_distance, log_probabilities
 from lightning_repsim.functional.svd import DiversityWarning, SVDResult, svd_dissimilarity
 
 __all__ = [
     "ComparisonReport",
     "DiversityWarning",
+    "LLVOptions",
     "LLVResult",
     "SVDResult",
     "batch_moments",
@@ -21,10 +23,12 @@ __all__ = [
     "covariance_from_moments",
     "draw_input_sets",
     "llv_distance",
+    "log_partition",
     "log_probabilities",
     "logits_from_representations",
     "mean_cca",
     "mean_kl_divergence",
     "merge_moments",
+    "split_unembedding",
     "svd_dissimilarity",
 ]

@@ -8,15 +8,31 @@ from torch import Tensor
 _MAX_SHOWN = 5
 
 
-def as_matrix(x: Tensor, name: str) -> Tensor:
-    """Flatten ``(..., K)`` to ``(N, K)`` and cast to float64 on the tensor's own device."""
+def check_tensor(x: Tensor, name: str) -> Tensor:
+    """A real (not ``meta``) torch.Tensor, or a ``TypeError``/``ValueError`` naming the argument."""
     if not isinstance(x, Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_meta:
+        raise ValueError(
+            f"`{name}` is a tensor on the `meta` device: it has a shape but no values, so nothing can be computed "
+            "from it. Materialise the model/tensors first (e.g. `module.to_empty(device=...)` and load weights)."
+        )
+    return x
+
+
+def as_rows(x: Tensor, name: str) -> Tensor:
+    """Flatten a floating-point ``(..., K)`` tensor to ``(N, K)`` rows, keeping its dtype and device."""
+    check_tensor(x, name)
     if x.ndim < 2:
         raise ValueError(f"`{name}` must have shape (N, K) or (..., K), got shape {tuple(x.shape)}")
     if not (x.is_floating_point()):
         raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {x.dtype}")
-    return x.reshape(-1, x.shape[-1]).to(torch.float64)
+    return x.reshape(-1, x.shape[-1])
+
+
+def as_matrix(x: Tensor, name: str) -> Tensor:
+    """Flatten ``(..., K)`` to ``(N, K)`` and cast to float64 on the tensor's own device."""
+    return as_rows(x, name).to(torch.float64)
 
 
 def check_finite(x: Tensor, name: str) -> None:
@@ -31,6 +47,12 @@ def check_finite(x: Tensor, name: str) -> None:
             f"`{name}` contains {count} non-finite value(s) (NaN or inf) in {rows.numel()} row(s); "
             f"first rows (after flattening to (N, K)): {shown}{more}"
         )
+
+
+def check_positive_int(value: int, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}")
+    return value
 
 
 def check_same_shape(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
@@ -48,6 +70,52 @@ def check_logit_pair(logits_p: Tensor, logits_q: Tensor) -> tuple[Tensor, Tensor
     check_finite(p, "logits_p")
     check_finite(q, "logits_q")
     return p, q
+
+
+def check_mask(mask: Tensor | None, lead_shape: torch.Size | tuple[int, ...], device: torch.device | str | None = None,
+               name: str = "mask") -> Tensor | None:
+    """Flattened boolean ``mask`` (True = keep the input) from a bool or 0/1 integer tensor of the inputs' leading
+    shape (an ``attention_mask`` as tokenizers produce it); None stays None. One host read checks integer values."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        mask = torch.as_tensor(mask)
+    check_tensor(mask, name)
+    if mask.is_floating_point() or mask.is_complex():
+        raise TypeError(f"`{name}` must be boolean or 0/1 integers (True/1 = keep the input), got dtype {mask.dtype}")
+    if tuple(mask.shape) != tuple(lead_shape):
+        raise ValueError(
+            f"`{name}` must have shape {tuple(lead_shape)} (the inputs' leading shape), got {tuple(mask.shape)}"
+        )
+    if mask.dtype != torch.bool:
+        if mask.numel() and bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError(f"`{name}` must hold only 0 and 1 (or be boolean), got values {torch.unique(mask)[:5].tolist()}")
+        mask = mask != 0
+    flat = mask.reshape(-1)
+    return flat if device is None else flat.to(device)
+
+
+def check_input_sets(input_sets: Tensor, rep_dim: int | None = None, num_inputs: int | None = None,
+                     name: str = "input_sets") -> Tensor:
+    """Candidate input sets as an ``(S, M+1)`` LongTensor (one set of ``M+1`` indices may be given as a vector):
+    integer, non-empty, ``M+1`` distinct non-negative entries per row, below ``num_inputs`` when given."""
+    sets = torch.as_tensor(input_sets)
+    if sets.is_floating_point() or sets.dtype == torch.bool or sets.is_complex():
+        raise TypeError(f"`{name}` must hold integer input indices (or ids), got dtype {sets.dtype}")
+    sets = sets.to(torch.long)
+    if sets.ndim == 1:
+        sets = sets[None]
+    expect = "(S, M+1)" if rep_dim is None else f"(S, M+1) = (S, {rep_dim + 1})"
+    if sets.ndim != 2 or sets.numel() == 0 or (rep_dim is not None and sets.shape[1] != rep_dim + 1):
+        raise ValueError(f"`{name}` must have shape {expect}, got {tuple(sets.shape)}")
+    if sets.shape[1] < 2:
+        raise ValueError(f"`{name}`: an input set needs at least 2 inputs (the pivot x0 and one compared input)")
+    if bool((sets < 0).any()) or (num_inputs is not None and bool((sets >= num_inputs).any())):
+        where = "negative indices" if num_inputs is None else f"indices outside [0, {num_inputs})"
+        raise ValueError(f"`{name}` holds {where}")
+    if bool((sets.sort(dim=1).values.diff(dim=1) == 0).any()):
+        raise ValueError(f"`{name}`: every candidate set must hold M+1 distinct inputs")
+    return sets
 
 
 def check_num_labels(k: int, rep_dim: int | None = None, need_subsets: bool = False) -> None:
@@ -83,10 +151,17 @@ def check_choice(value: str, name: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-def check_label_index(value: int | None, name: str, k: int) -> int | None:
+def check_label_index(value: int | None, name: str, k: int | None = None) -> int | None:
+    """A label index in ``[0, k)`` (any non-negative int when ``k`` is None), or None."""
     if value is None:
         return None
+    if isinstance(value, bool) or not isinstance(value, (int, Tensor)) or (isinstance(value, Tensor) and value.numel() != 1):
+        raise ValueError(f"`{name}` must be a label index (an int), got {value!r}")
     value = int(value)
+    if k is None:
+        if value < 0:
+            raise ValueError(f"`{name}` must be a non-negative label index, got {value}")
+        return value
     if not 0 <= value < k:
         raise ValueError(f"`{name}` must be a label index in [0, {k}), got {value}")
     return value

@@ -38,6 +38,17 @@ def canonical_correlations_from_cov(cov: Tensor, dim_p: int) -> Tensor:
     return torch.linalg.svdvals(t).clamp(max=1.0)
 
 
+def check_cca_inputs(n: int, dim_p: int, dim_q: int) -> None:
+    """Canonical correlations need N >= max(M_p, M_q) + 2 inputs (non-singular unbiased covariances need
+    N - 1 > M, and the joint centring takes one more)."""
+    need = max(dim_p, dim_q) + 2
+    if n < need:
+        raise ValueError(
+            f"canonical correlations need N >= max(M_p, M_q) + 2 = {need} inputs for embedding dimensions "
+            f"{dim_p} and {dim_q}, got N={n}"
+        )
+
+
 def _embedding_pair(emb_p: Tensor, emb_q: Tensor) -> tuple[Tensor, Tensor]:
     p = as_matrix(emb_p, "emb_p")
     q = as_matrix(emb_q, "emb_q")
@@ -47,11 +58,7 @@ def _embedding_pair(emb_p: Tensor, emb_q: Tensor) -> tuple[Tensor, Tensor]:
         )
     check_finite(p, "emb_p")
     check_finite(q, "emb_q")
-    if p.shape[0] < max(p.shape[1], q.shape[1]) + 2:
-        raise ValueError(
-            f"canonical correlations need more inputs than dimensions, got N={p.shape[0]} for "
-            f"dimensions {p.shape[1]} and {q.shape[1]}"
-        )
+    check_cca_inputs(p.shape[0], p.shape[1], q.shape[1])
     return p, q
 
 

@@ -4,39 +4,18 @@ baselines (mean KL, mCCA) and the bounds d_SVD <= 2 M d_LLV (paper) and d_SVD <=
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
-from lightning_repsim.functional._validation import as_matrix
+from lightning_repsim.functional._validation import as_matrix, check_finite
 from lightning_repsim.functional.cca import canonical_correlations
+from lightning_repsim.functional.family import logits_from_representations
 from lightning_repsim.functional.kl import mean_kl_divergence
-from lightning_repsim.functional.llv import LLVResult, llv_distance
-from lightning_repsim.functional.svd import (
-    DEFAULT_MAX_LABEL_SUBSETS,
-    SVDResult,
-    logits_from_parts,
-    split_unembedding,
-    svd_dissimilarity,
-)
+from lightning_repsim.functional.llv import LLVOptions, LLVResult, llv_distance
+from lightning_repsim.functional.svd import DEFAULT_MAX_LABEL_SUBSETS, SVDResult, svd_dissimilarity
 
-__all__ = ["ComparisonReport", "compare", "logits_from_representations"]
-
-
-def logits_from_representations(emb: Tensor, unemb: Tensor, names: tuple[str, str] = ("emb", "unemb")) -> Tensor:
-    """Logits ``f(x)^T g(y) (+ b_y)`` from an embedding (N x M) and an unembedding (K x M, or
-    K x (M+1) with the bias as last column), in float64.
-
-    Example:
-        >>> import torch
-        >>> lin = torch.nn.Linear(4, 3).double()
-        >>> f = torch.randn(5, 4, dtype=torch.float64)
-        >>> unemb = torch.cat([lin.weight, lin.bias[:, None]], dim=1)
-        >>> torch.allclose(logits_from_representations(f, unemb), lin(f))
-        True
-    """
-    f = as_matrix(emb, names[0])
-    w, b = split_unembedding(unemb, f.shape[1], names[1])
-    return logits_from_parts(f, w, b)
+__all__ = ["ComparisonReport", "compare"]
 
 
 @dataclass(frozen=True)
@@ -65,16 +44,11 @@ class ComparisonReport:
 
     def as_dict(self) -> dict[str, float]:
         """Flat scalar dictionary (keys as logged by the callback)."""
+        llv = {k: v for k, v in self.llv.as_dict().items() if k not in ("label_pivot", "leave_out")}
         return {
             "kl": float(self.kl),
-            "d_llv": float(self.llv.distance),
-            "llv_t1": float(self.llv.t1),
-            "llv_t2": float(self.llv.t2),
-            "llv_t3": float(self.llv.t3),
-            "llv_t4": float(self.llv.t4),
-            "d_svd": float(self.svd.value),
-            "d_svd_f": float(self.svd.f_part),
-            "d_svd_g": float(self.svd.g_part),
+            **llv,
+            **self.svd.as_dict(),
             "mcca": float(self.mcca),
             "bound_paper": float(self.bound_paper),
             "bound_sharp": float(self.bound_sharp),
@@ -96,6 +70,8 @@ class ComparisonReport:
             f"  sets                   label pivot={self.llv.label_pivot} left-out={self.llv.leave_out} "
             f"input set={self.llv.input_set.tolist()}",
         ]
+        if self.llv.labels is not None:
+            lines.append(f"  d_LLV was computed on {self.llv.labels.numel()} of the {self.num_labels} labels: an estimate")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -107,15 +83,8 @@ def compare(
     unemb_p: Tensor,
     emb_q: Tensor,
     unemb_q: Tensor,
-    lam: float = 1e-5,
-    reduce: str = "max",
-    combine: str = "max",
-    label_pivot: int | None = None,
-    leave_out: int | None = None,
-    input_sets: Tensor | None = None,
-    num_input_sets: int = 200,
-    seed: int = 0,
     max_label_subsets: int = DEFAULT_MAX_LABEL_SUBSETS,
+    **options: Any,
 ) -> ComparisonReport:
     """Compare two models of the family ``p(y|x) = softmax(f(x)^T g(y))`` on the same inputs.
 
@@ -123,30 +92,33 @@ def compare(
         emb_p, emb_q: embeddings ``f`` (N x M).
         unemb_p, unemb_q: unembeddings ``g`` (K x M), or K x (M+1) with the bias as last column
             (e.g. ``torch.cat([linear.weight, linear.bias[:, None]], 1)``).
-        The other arguments are those of :func:`llv_distance` and :func:`svd_dissimilarity`.
+        max_label_subsets: as in :func:`svd_dissimilarity`.
+        options: the d_LLV options of :class:`LLVOptions` (``lam``, ``reduce``, ``combine``, ``label_pivot``,
+            ``leave_out``, ``labels``, ``input_sets``, ``num_input_sets``, ``seed``, ...); ``seed`` also seeds
+            the sample of label subsets of d_SVD.
 
     Example:
         >>> from lightning_repsim.constructions import theorem31_pair
         >>> pair = theorem31_pair(rho=20.0, n_per_class=200, seed=0)
         >>> report = compare(pair.emb_p, pair.unemb_p, pair.emb_q, pair.unemb_q)
-        >>> float(report.kl) < 1e-4, float(report.llv.distance) > 1.3, float(report.mcca) < 0.05
+        >>> float(report.kl) < 1e-4, float(report.llv.value) > 1.3, float(report.mcca) < 0.05
         (True, True, True)
     """
+    opts = LLVOptions(**options)
     f_p = as_matrix(emb_p, "emb_p")
     f_q = as_matrix(emb_q, "emb_q")
+    check_finite(f_p, "emb_p")
+    check_finite(f_q, "emb_q")
     m = f_p.shape[1]
     logits_p = logits_from_representations(f_p, unemb_p, ("emb_p", "unemb_p"))
     logits_q = logits_from_representations(f_q, unemb_q, ("emb_q", "unemb_q"))
-    llv = llv_distance(
-        logits_p, logits_q, rep_dim=m, lam=lam, reduce=reduce, combine=combine, label_pivot=label_pivot,
-        leave_out=leave_out, input_sets=input_sets, num_input_sets=num_input_sets, seed=seed,
-    )
+    llv = llv_distance(logits_p, logits_q, rep_dim=m, **options)
     svd = svd_dissimilarity(
         f_p, unemb_p, f_q, unemb_q, label_pivot=llv.label_pivot, leave_out=llv.leave_out,
-        input_set=llv.input_set, max_label_subsets=max_label_subsets, seed=seed,
+        input_set=llv.input_set, max_label_subsets=max_label_subsets, seed=opts.seed,
     )
     ccs = canonical_correlations(f_p, f_q)
-    d = llv.distance
+    d = llv.value
     return ComparisonReport(
         llv=llv,
         svd=svd,
@@ -159,5 +131,3 @@ def compare(
         num_inputs=f_p.shape[0],
         num_labels=llv.num_labels,
     )
-
-

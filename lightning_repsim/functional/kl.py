@@ -15,6 +15,11 @@ def kl_per_input(log_p: Tensor, log_q: Tensor) -> Tensor:
     return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
 
 
+def check_num_classes(k: int) -> None:
+    if k < 1:
+        raise ValueError(f"the logits must have at least one class (K >= 1) in their last dimension, got K={k}")
+
+
 def mean_kl_divergence(logits_p: Tensor, logits_q: Tensor) -> Tensor:
     """``d_KL = mean_x KL(p(.|x) || q(.|x))``, a float64 scalar tensor.
 
@@ -30,6 +35,7 @@ def mean_kl_divergence(logits_p: Tensor, logits_q: Tensor) -> Tensor:
         1.2557
     """
     p, q = check_logit_pair(logits_p, logits_q)
+    check_num_classes(p.shape[1])
     if p.shape[0] == 0:
         raise ValueError("mean_kl_divergence needs at least one input, got N=0")
     return kl_per_input(torch.log_softmax(p, -1), torch.log_softmax(q, -1)).mean()

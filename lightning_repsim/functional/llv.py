@@ -1,82 +1,239 @@
-"""The log-likelihood variance distance d_LLV (SPEC §3).
+"""The log-likelihood variance distance d_LLV (SPEC §3): options, result and the functional entry point.
 
-Two routes feed the same formulas:
+Two routes feed the same formulas (:mod:`~lightning_repsim.functional.llv_terms`):
 
 * label terms (T1, T3) and the (pivot, left-out) search come from the covariance of the
   ``2K``-vector ``w(x) = [l_p(.|x); l_q(.|x) - l_p(.|x)]`` (log-probabilities ``l``). Storing the
   *difference* of the two models rather than ``l_q`` keeps the terms accurate when the models are
-  nearly identical (distillation): no difference of two large, almost equal numbers is formed.
-  Any batch split gives the same covariance (``_moments``), which is what makes the streaming
-  metrics exact;
+  nearly identical (distillation). Any batch split gives the same covariance (``_moments``), which is
+  what makes the streaming metrics exact;
 * input terms (T2, T4) need the full label vectors at the inputs of each candidate input set and
-  are computed directly from them, all candidate sets in one batched operation.
+  are computed directly from them, all candidate sets in a few batched operations.
+
+The representation route (:mod:`~lightning_repsim.functional.llv_representation`) computes the same
+terms from embeddings and unembeddings for large vocabularies.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_repsim.functional._moments import batch_moments, covariance_from_moments, merge_moments
 from lightning_repsim.functional._validation import (
     check_choice,
+    check_input_sets,
     check_label_index,
     check_logit_pair,
     check_num_inputs,
     check_num_labels,
+    check_positive_int,
     check_rep_dim,
 )
+from lightning_repsim.functional.llv_terms import TIE_RTOL, InputPart, LabelPart, input_part, label_cov_from_blocks, label_part
 
-__all__ = ["LLVResult", "llv_distance", "log_probabilities", "draw_input_sets"]
+__all__ = [
+    "DEFAULT_MAX_PIVOT_CANDIDATES_REPRESENTATION",
+    "LLVOptions",
+    "LLVResult",
+    "TIE_RTOL",
+    "choose_pivots",
+    "draw_input_sets",
+    "llv_distance",
+    "log_probabilities",
+]
 
 REDUCTIONS = ("max", "mean")
 COMBINATIONS = ("max", "sum")
-# A standard deviation counts as zero when its square is below this many ulps of the variances it
-# was computed from (covariance-route cancellation is of that order).
-_ZERO_VAR_ULPS = 64.0
-#: Scores within this relative distance of the minimum count as tied; ties go to the first index
-#: (smallest pivot, then smallest left-out label; first candidate set). Exact ties are structural
-#: (e.g. T1 entries are symmetric in the pivot and the label), so without a tolerance the choice
-#: would depend on rounding, i.e. on batch order and process count.
-TIE_RTOL = 1e-10
+#: Pivots searched on the representation route when ``max_pivot_candidates`` is None and K is larger:
+#: its (pivot, label) table costs O(P K M) time and O(P K) memory.
+DEFAULT_MAX_PIVOT_CANDIDATES_REPRESENTATION = 128
 
 
-def first_argmin(scores: Tensor, rtol: float = TIE_RTOL) -> int:
-    """Index of the first entry (row-major) within ``rtol`` (relative) of the minimum of ``scores``."""
-    flat = scores.reshape(-1)
-    best = flat.min()
-    if not bool(torch.isfinite(best)):
-        return int(torch.argmin(flat))
-    within = flat <= best + rtol * best.abs()
-    return int(torch.nonzero(within)[0])
+@dataclass(frozen=True, eq=False)
+class LLVOptions:
+    """The options of d_LLV, defined and validated once for every layer that computes it:
+    :func:`llv_distance`, :func:`~lightning_repsim.functional.compare`, the metrics
+    :class:`~lightning_repsim.metrics.LLVDistance` and :class:`~lightning_repsim.metrics.SVDDissimilarity`, and
+    the ``metric_kwargs`` of :class:`~lightning_repsim.ReferenceComparison`. They are passed as keyword arguments.
+
+    Attributes:
+        lam: weight of the scale terms T3, T4 (1e-5 in the paper).
+        reduce: ``"max"`` (paper) or ``"mean"`` over the entries of T1, T3, T4 (T2 is always a max).
+        combine: ``"max"`` (paper: ``max(T1, T2, lam*T3, lam*T4)``) or ``"sum"`` (``T1 + T2 + lam*(T3 + T4)``).
+        label_pivot, leave_out: fix the label set (label indices); otherwise both are searched (SPEC §3).
+        labels: optional subset of label indices (at least 3). d_LLV is then computed for the models
+            restricted to these labels (log-probabilities still normalised over all K): an *estimate* for
+            vocabularies too large for the full ``2K x 2K`` statistic, reported in ``result.labels``.
+        pivot_candidates: optional labels to search as pivots (default: see ``max_pivot_candidates``).
+        max_pivot_candidates: search at most this many pivots, the labels with the largest mean
+            log-probability over both models (ties: smaller label); the left-out label is still searched
+            over all labels. None (default) is the route's default: all K pivots on the logits route
+            (:func:`llv_distance`, :class:`~lightning_repsim.metrics.LLVDistance`; O(K^2) time, in chunks),
+            at most 128 on the representation route (:class:`~lightning_repsim.metrics.SVDDissimilarity`,
+            O(P K M) time). A restricted search is reported as ``label_search == "restricted"`` with
+            ``num_pivots_searched``.
+        input_sets: optional (S, M+1) candidate input sets, first column the pivot input ``x0``: row
+            indices for the functional core, input ids (``update(..., ids=...)``) for the metrics. The
+            chosen set is the true argmin of T2 over them.
+        num_input_sets: candidate sets drawn (seeded) when ``input_sets`` is None (default 200).
+        seed: seed of the draws (candidate sets, label subsets for d_SVD, the metrics' hash).
+
+    Example:
+        >>> LLVOptions(reduce="mean").reduce
+        'mean'
+        >>> LLVOptions(lam=-1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: `lam` must be a finite number >= 0, got -1.0
+    """
+
+    lam: float = 1e-5
+    reduce: str = "max"
+    combine: str = "max"
+    label_pivot: int | None = None
+    leave_out: int | None = None
+    labels: Tensor | None = field(default=None, repr=False)
+    pivot_candidates: Tensor | None = field(default=None, repr=False)
+    max_pivot_candidates: int | None = None
+    input_sets: Tensor | None = field(default=None, repr=False)
+    num_input_sets: int = 200
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        set_ = partial(object.__setattr__, self)
+        lam = float(self.lam) if isinstance(self.lam, (int, float)) and not isinstance(self.lam, bool) else float("nan")
+        if not (lam >= 0 and lam < float("inf")):
+            raise ValueError(f"`lam` must be a finite number >= 0, got {self.lam!r}")
+        set_("lam", lam)
+        check_choice(self.reduce, "reduce", REDUCTIONS)
+        check_choice(self.combine, "combine", COMBINATIONS)
+        set_("label_pivot", check_label_index(self.label_pivot, "label_pivot"))
+        set_("leave_out", check_label_index(self.leave_out, "leave_out"))
+        if self.label_pivot is not None and self.label_pivot == self.leave_out:
+            raise ValueError(f"`label_pivot` and `leave_out` must differ, both are {self.label_pivot}")
+        set_("labels", _label_list(self.labels, "labels", minimum=3))
+        set_("pivot_candidates", _label_list(self.pivot_candidates, "pivot_candidates", minimum=1))
+        if self.max_pivot_candidates is not None:
+            check_positive_int(self.max_pivot_candidates, "max_pivot_candidates")
+        if self.input_sets is not None:
+            set_("input_sets", check_input_sets(self.input_sets))
+        check_positive_int(self.num_input_sets, "num_input_sets")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"`seed` must be an int, got {self.seed!r}")
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The option names (the keyword arguments every d_LLV entry point accepts)."""
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def split(cls, kwargs: dict[str, Any]) -> tuple[LLVOptions, dict[str, Any]]:
+        """``(LLVOptions of the d_LLV keywords in kwargs, the other keywords)``."""
+        names = set(cls.names())
+        return cls(**{k: v for k, v in kwargs.items() if k in names}), {k: v for k, v in kwargs.items() if k not in names}
+
+    def replace(self, **changes: Any) -> LLVOptions:
+        return LLVOptions(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **changes})
+
+    def resolve(self, k: int) -> ResolvedLabels:
+        """The label options checked against K and expressed as positions among the compared labels."""
+        labels = self.labels
+        if labels is not None:
+            if int(labels.max()) >= k:
+                raise ValueError(f"`labels` must be label indices in [0, {k}), got {int(labels.max())}")
+            position = torch.full((k,), -1, dtype=torch.long)
+            position[labels] = torch.arange(labels.numel())
+        else:
+            position = None
+
+        def locate(value: int | None, name: str) -> int | None:
+            if value is None:
+                return None
+            check_label_index(value, name, k)
+            if position is None:
+                return value
+            if int(position[value]) < 0:
+                raise ValueError(f"`{name}`={value} is not among the `labels` the distance is computed on")
+            return int(position[value])
+
+        pivots = self.pivot_candidates
+        if pivots is not None:
+            if int(pivots.max()) >= k:
+                raise ValueError(f"`pivot_candidates` must be label indices in [0, {k}), got {int(pivots.max())}")
+            if position is not None:
+                if bool((position[pivots] < 0).any()):
+                    raise ValueError("`pivot_candidates` must be among the `labels` the distance is computed on")
+                pivots = position[pivots]
+        return ResolvedLabels(labels, locate(self.label_pivot, "label_pivot"), locate(self.leave_out, "leave_out"), pivots)
+
+
+def _label_list(value: Any, name: str, minimum: int) -> Tensor | None:
+    """Distinct non-negative label indices as a sorted CPU LongTensor (None stays None)."""
+    if value is None:
+        return None
+    t = torch.as_tensor(value)
+    if t.is_floating_point() or t.dtype == torch.bool or t.is_complex():
+        raise ValueError(f"`{name}` must hold integer label indices, got dtype {t.dtype}")
+    t = t.detach().to("cpu", torch.long).flatten()
+    if t.numel() and bool((t < 0).any()):
+        raise ValueError(f"`{name}` must hold non-negative label indices")
+    unique = torch.unique(t)
+    if unique.numel() != t.numel():
+        raise ValueError(f"`{name}` must hold distinct label indices")
+    if unique.numel() < minimum:
+        raise ValueError(f"`{name}` must hold at least {minimum} label indices, got {unique.numel()}")
+    return unique
+
+
+@dataclass(frozen=True)
+class ResolvedLabels:
+    """:meth:`LLVOptions.resolve`: ``labels`` (None = all K) and positions among them."""
+
+    labels: Tensor | None
+    label_pivot: int | None
+    leave_out: int | None
+    pivot_candidates: Tensor | None
+
+    def original(self, positions: Tensor | int) -> Tensor | int:
+        """Label indices of positions among the compared labels."""
+        if self.labels is None:
+            return positions
+        if isinstance(positions, int):
+            return int(self.labels[positions])
+        return self.labels.to(positions.device)[positions]
 
 
 @dataclass(frozen=True)
 class LLVResult:
-    """Everything ``llv_distance`` computed. Tensors are float64 scalars unless noted.
+    """Everything d_LLV computed (:func:`llv_distance`, ``LLVDistance.compute_result()``, the ``llv`` of the
+    d_SVD results). Tensors are float64 scalars unless noted.
 
     Attributes:
-        distance: d_LLV, ``max(T1, T2, lam*T3, lam*T4)`` (``combine="max"``) or
+        value: d_LLV, ``max(T1, T2, lam*T3, lam*T4)`` (``combine="max"``) or
             ``T1 + T2 + lam*(T3 + T4)`` (``combine="sum"``).
         t1, t2, t3, t4: the four terms (``reduce`` of their entries; T2 is always a max).
         t1_terms: ``2(K-2)`` entries, ``a(y)`` for the kept labels in label order, then ``a_piv(y)``.
         t2_terms: ``2M`` entries, ``b(i)`` for ``i = 1..M`` then ``b_piv(i)``.
         t3_terms: ``|sigma_p(y) - sigma_q(y)|`` for the kept labels.  t4_terms: ``|tau_p(i) - tau_q(i)|``.
-        label_pivot, leave_out: the label set (pivot ``y0`` and left-out label).
-        kept_labels: the ``K-2`` labels compared (LongTensor, increasing).
-        input_set: ``M+1`` input indices, the first is the pivot input ``x0`` (LongTensor).
+        label_pivot, leave_out: the label set (pivot ``y0`` and left-out label), label indices.
+        kept_labels: the labels compared besides the pivot (LongTensor, increasing).
+        input_set: ``M+1`` inputs, the first is the pivot input ``x0`` (LongTensor): row indices, or input
+            ids / buffer positions for the metrics.
         chosen_candidate: index of ``input_set`` among ``candidate_sets``.
         candidate_sets, candidate_scores: the candidate input sets and their T2 (``inf`` = invalid).
         label_search: ``"full"`` (all pivots and left-out labels searched), ``"given"`` (both given),
             ``"partial"`` (one given) or ``"restricted"`` (a bounded list of pivots searched).
-        num_inputs, num_labels, rep_dim, lam, reduce, combine: the configuration.
+        num_pivots_searched: how many pivots the label search evaluated.
+        labels: the label subset the distance was computed on (an estimate), or None for all K labels.
+        num_inputs, num_labels, rep_dim, lam, reduce, combine: the configuration (``num_labels`` = K of
+            the models, whatever ``labels``).
     """
 
-    distance: Tensor
+    value: Tensor
     t1: Tensor
     t2: Tensor
     t3: Tensor
@@ -93,6 +250,8 @@ class LLVResult:
     candidate_sets: Tensor = field(repr=False)
     candidate_scores: Tensor = field(repr=False)
     label_search: str
+    num_pivots_searched: int
+    labels: Tensor | None
     num_inputs: int
     num_labels: int
     rep_dim: int
@@ -101,13 +260,13 @@ class LLVResult:
     combine: str
 
     def as_dict(self) -> dict[str, float]:
-        """Scalar summary (Python floats/ints), handy for loggers."""
+        """Scalar summary (Python floats/ints) under the keys the callback logs."""
         return {
-            "d_llv": float(self.distance),
-            "t1": float(self.t1),
-            "t2": float(self.t2),
-            "t3": float(self.t3),
-            "t4": float(self.t4),
+            "d_llv": float(self.value),
+            "llv_t1": float(self.t1),
+            "llv_t2": float(self.t2),
+            "llv_t3": float(self.t3),
+            "llv_t4": float(self.t4),
             "label_pivot": self.label_pivot,
             "leave_out": self.leave_out,
         }
@@ -124,211 +283,6 @@ def log_probabilities(logits: Tensor) -> Tensor:
     return torch.log_softmax(logits.to(torch.float64), dim=-1)
 
 
-# ----------------------------------------------------------------------------------------------
-# Label terms (T1, T3) from the covariance of w = [l_p; l_q - l_p]
-# ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LabelCov:
-    """The parts of ``Cov(w)``, ``w = [X; D] = [l_p; l_q - l_p]``, that the label terms need for a
-    set of pivot labels ``P``: three K-diagonals and four (P, K) row blocks. Building only these keeps
-    a restricted pivot search O(P K) in memory, which is what makes K = 50,257 feasible.
-
-    Attributes:
-        pivots: (P,) pivot labels.
-        vx, vxd, vd: ``Var X_y``, ``Cov(X_y, D_y)``, ``Var D_y`` for every label y, shape (K,).
-        sxx: ``Cov(X_p, X_y)``; sxd_py: ``Cov(X_p, D_y)``; sxd_yp: ``Cov(X_y, D_p)``;
-        sdd: ``Cov(D_p, D_y)``; each (P, K).
-    """
-
-    pivots: Tensor
-    vx: Tensor
-    vxd: Tensor
-    vd: Tensor
-    sxx: Tensor
-    sxd_py: Tensor
-    sxd_yp: Tensor
-    sdd: Tensor
-
-
-def label_cov_from_full(cov: Tensor, pivots: Tensor) -> LabelCov:
-    """:class:`LabelCov` read out of the full ``2K x 2K`` covariance of ``[l_p; l_q - l_p]``."""
-    k = cov.shape[0] // 2
-    return label_cov_from_blocks(cov[:k, :k], cov[:k, k:], cov[k:, k:], pivots)
-
-
-def label_cov_from_blocks(sxx: Tensor, sxd: Tensor, sdd: Tensor, pivots: Tensor) -> LabelCov:
-    """:class:`LabelCov` from the three distinct K x K blocks ``Cov(X)``, ``Cov(X, D)``, ``Cov(D)``."""
-    return LabelCov(
-        pivots=pivots,
-        vx=sxx.diagonal(),
-        vxd=sxd.diagonal(),
-        vd=sdd.diagonal(),
-        sxx=sxx[pivots, :],
-        sxd_py=sxd[pivots, :],
-        sxd_yp=sxd[:, pivots].T,
-        sdd=sdd[pivots, :],
-    )
-
-
-@dataclass(frozen=True)
-class _LabelTable:
-    """Term-1/term-3 entries for every (pivot p in ``pivots``, label y): shape (P, K)."""
-
-    pivots: Tensor
-    a: Tensor  # a(y) for pivot p; +inf where invalid
-    a_piv: Tensor  # a_piv(y) for pivot p; +inf where invalid
-    t3: Tensor  # |sigma_p - sigma_q|; +inf where invalid
-    valid: Tensor  # bool; False on the diagonal and where a sigma is zero
-
-
-def label_table(c: LabelCov) -> _LabelTable:
-    """All term-1/term-3 entries for the pivot labels of ``c``.
-
-    Writing ``X = l_p``, ``D = l_q - l_p``, ``u = X_y - X_p``, ``d = D_y - D_p``:
-    ``sigma_p^2 = Var u``, ``sigma_q^2 = sigma_p^2 + Delta`` with ``Delta = 2 Cov(u, d) + Var d``, and
-    ``X/sigma_p - (X + D)/sigma_q = gamma X - beta D`` with ``beta = 1/sigma_q`` and
-    ``gamma = Delta / (sigma_p sigma_q (sigma_p + sigma_q))``. Cost O(P K).
-    """
-    p = c.pivots
-    k = c.vx.shape[0]
-    vx, vxd, vd = c.vx, c.vxd, c.vd
-    vy = vx + 2 * vxd + vd  # Var l_q
-    s1sq = vx[None, :] + vx[p, None] - 2 * c.sxx
-    cov_ud = vxd[None, :] - c.sxd_yp - c.sxd_py + vxd[p, None]
-    var_d = vd[None, :] + vd[p, None] - 2 * c.sdd
-    delta = 2 * cov_ud + var_d
-    s2sq = s1sq + delta
-
-    eps = torch.finfo(torch.float64).eps * _ZERO_VAR_ULPS
-    not_diag = p[:, None] != torch.arange(k, device=vx.device)[None, :]
-    valid = (
-        not_diag
-        & (s1sq > eps * (vx[None, :] + vx[p, None]))
-        & (s2sq > eps * (vy[None, :] + vy[p, None]))
-        & (s1sq > 0)
-        & (s2sq > 0)
-    )
-    one = torch.ones_like(s1sq)
-    s1 = torch.where(valid, s1sq, one).sqrt()
-    s2 = torch.where(valid, s2sq, one).sqrt()
-    beta = 1.0 / s2
-    gamma = delta / (s1 * s2 * (s1 + s2))
-    a2 = gamma.square() * vx[None, :] - 2 * gamma * beta * vxd[None, :] + beta.square() * vd[None, :]
-    ap2 = gamma.square() * vx[p, None] - 2 * gamma * beta * vxd[p, None] + beta.square() * vd[p, None]
-    inf = torch.full_like(s1sq, float("inf"))
-    a = torch.where(valid, a2.clamp_min(0).sqrt(), inf)
-    a_piv = torch.where(valid, ap2.clamp_min(0).sqrt(), inf)
-    t3 = torch.where(valid, delta.abs() / (s1 + s2), inf)
-    return _LabelTable(pivots=p, a=a, a_piv=a_piv, t3=t3, valid=valid)
-
-
-def _leave_out_scores(table: _LabelTable, reduce: str) -> Tensor:
-    """T1 for every (pivot, left-out) pair, shape (P, K); +inf for invalid pairs. O(P K)."""
-    k = table.a.shape[1]
-    n_kept = 2 * (k - 2)
-    diag = ~(table.pivots[:, None] != torch.arange(k, device=table.a.device)[None, :])
-    if reduce == "max":
-        entry = torch.maximum(table.a, table.a_piv).masked_fill(diag, float("-inf"))
-        top = entry.topk(2, dim=1).values  # largest and second largest over y != p
-        v1, v2 = top[:, :1], top[:, 1:]
-        # leaving out lo removes entry[p, lo]; the max of the rest is v2 if entry[p, lo] is the max.
-        scores = torch.where(entry >= v1, v2.expand_as(entry), v1.expand_as(entry))
-    else:
-        invalid = ~table.valid & ~diag
-        entry = torch.where(table.valid, table.a + table.a_piv, torch.zeros_like(table.a))
-        total = entry.sum(dim=1, keepdim=True)
-        scores = (total - entry) / n_kept
-        still_invalid = (invalid.sum(dim=1, keepdim=True) - invalid.to(torch.int64)) > 0
-        scores = scores.masked_fill(still_invalid, float("inf"))
-    return scores.masked_fill(diag, float("inf"))
-
-
-def _zero_variance_message(pivot: int, labels: list[int]) -> str:
-    return (
-        f"zero variance: the log-odds l(y|x) - l(y0|x) of label(s) {labels} against pivot y0={pivot} "
-        "are constant over the inputs for at least one model (sigma = 0), so d_LLV is undefined for this "
-        "label set. Check for duplicated or dead output units, or give other `label_pivot`/`leave_out`."
-    )
-
-
-@dataclass(frozen=True)
-class LabelPart:
-    label_pivot: int
-    leave_out: int
-    kept_labels: Tensor
-    t1_terms: Tensor
-    t3_terms: Tensor
-    t1: Tensor
-    t3: Tensor
-    search: str
-
-
-def label_part(
-    label_cov: Callable[[Tensor], LabelCov],
-    num_labels: int,
-    device: torch.device,
-    reduce: str = "max",
-    label_pivot: int | None = None,
-    leave_out: int | None = None,
-    pivot_candidates: Tensor | None = None,
-) -> LabelPart:
-    """Choose ``(y0, lo)`` (unless given) and compute T1/T3.
-
-    ``label_cov(pivots)`` returns the :class:`LabelCov` for those pivots: from the full covariance
-    (``functools.partial(label_cov_from_full, cov)``) or from a representation statistic.
-
-    The search is the argmin over pivots and left-out labels of T1 (``reduce`` of its entries), ties
-    (within ``TIE_RTOL`` relative) broken by the smallest pivot, then the smallest left-out label. ``pivot_candidates`` restricts
-    the pivots searched (for very large K).
-    """
-    k = num_labels
-    if label_pivot is not None:
-        pivots = torch.tensor([label_pivot], device=device)
-        search = "given" if leave_out is not None else "partial"
-    elif pivot_candidates is not None:
-        pivots = torch.unique(pivot_candidates.to(device=device, dtype=torch.long))
-        search = "restricted" if pivots.numel() < k else "full"
-        if leave_out is not None:
-            search = "partial"
-    else:
-        pivots = torch.arange(k, device=device)
-        search = "full" if leave_out is None else "partial"
-    if leave_out is not None:
-        pivots = pivots[pivots != leave_out]
-        if pivots.numel() == 0:
-            raise ValueError(f"`label_pivot` and `leave_out` must differ, both are {leave_out}")
-    table = label_table(label_cov(pivots))
-    scores = _leave_out_scores(table, reduce)
-    if leave_out is not None:
-        lo_mask = torch.ones_like(scores, dtype=torch.bool)
-        lo_mask[:, leave_out] = False
-        scores = scores.masked_fill(lo_mask, float("inf"))
-    row, lo = divmod(first_argmin(scores), k)
-    y0 = int(pivots[row])
-    keep = torch.ones(k, dtype=torch.bool, device=device)
-    keep[[y0, lo]] = False
-    kept = torch.nonzero(keep).flatten()
-    if not torch.isfinite(scores[row, lo]):
-        bad = kept[~table.valid[row, kept]].tolist()
-        raise ValueError(_zero_variance_message(y0, bad))
-    t1_terms = torch.cat([table.a[row, kept], table.a_piv[row, kept]])
-    t3_terms = table.t3[row, kept]
-    red = torch.amax if reduce == "max" else torch.mean
-    return LabelPart(
-        label_pivot=y0,
-        leave_out=lo,
-        kept_labels=kept,
-        t1_terms=t1_terms,
-        t3_terms=t3_terms,
-        t1=red(t1_terms),
-        t3=red(t3_terms),
-        search=search,
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# Input terms (T2, T4) from the label vectors at candidate input sets
-# ----------------------------------------------------------------------------------------------
 def draw_input_sets(num_inputs: int, set_size: int, count: int, seed: int = 0) -> Tensor:
     """``count`` random sets of ``set_size`` distinct input indices (a seeded CPU generator, so the
     draw is the same on every run and device). Rows with a repeated index are redrawn.
@@ -357,89 +311,56 @@ def draw_input_sets(num_inputs: int, set_size: int, count: int, seed: int = 0) -
         sets[dup] = torch.randint(num_inputs, (n_dup, set_size), generator=gen)
 
 
-def _sd_terms(lp: Tensor, lq: Tensor, lp_piv: Tensor, lq_piv: Tensor) -> tuple[Tensor, ...]:
-    """The (b, b_piv, |tau_p - tau_q|, valid) entries over the last dimension (labels)."""
-    tau_p = (lp - lp_piv).std(dim=-1, keepdim=True)
-    tau_q = (lq - lq_piv).std(dim=-1, keepdim=True)
-    eps = torch.finfo(torch.float64).eps * _ZERO_VAR_ULPS
-    scale_p = lp.abs().amax(dim=-1, keepdim=True) + lp_piv.abs().amax(dim=-1, keepdim=True)
-    scale_q = lq.abs().amax(dim=-1, keepdim=True) + lq_piv.abs().amax(dim=-1, keepdim=True)
-    valid = (tau_p > eps * scale_p) & (tau_q > eps * scale_q)
-    one = torch.ones_like(tau_p)
-    tp, tq = torch.where(valid, tau_p, one), torch.where(valid, tau_q, one)
-    b = (lp / tp - lq / tq).std(dim=-1, keepdim=True)
-    b_piv = (lp_piv / tp - lq_piv / tq).std(dim=-1, keepdim=True)
-    return b.squeeze(-1), b_piv.squeeze(-1), (tau_p - tau_q).abs().squeeze(-1), valid.squeeze(-1)
+def choose_pivots(mean_lp: Tensor, mean_lq: Tensor, resolved: ResolvedLabels, max_pivot_candidates: int | None) -> Tensor | None:
+    """Pivots to search (positions among the compared labels): the given candidates, else (when there are
+    more labels than ``max_pivot_candidates``) the labels with the largest mean log-probability averaged
+    over both models (ties: smaller label), else all (None)."""
+    k = mean_lp.numel()
+    if resolved.pivot_candidates is not None:
+        return resolved.pivot_candidates.to(mean_lp.device)
+    if max_pivot_candidates is None or k <= max_pivot_candidates:
+        return None
+    score = mean_lp + mean_lq
+    return torch.argsort(-score, stable=True)[:max_pivot_candidates].sort().values
 
 
-@dataclass(frozen=True)
-class InputPart:
-    input_set: Tensor
-    chosen_candidate: int
-    candidate_sets: Tensor
-    candidate_scores: Tensor
-    t2_terms: Tensor
-    t4_terms: Tensor
-    t2: Tensor
-    t4: Tensor
+def combine_terms(t1: Tensor, t2: Tensor, t3: Tensor, t4: Tensor, lam: float, combine: str) -> Tensor:
+    if combine == "max":
+        return torch.stack([t1, t2, lam * t3, lam * t4]).amax()
+    return t1 + t2 + lam * (t3 + t4)
 
 
-def input_part(lp_sets: Tensor, lq_sets: Tensor, candidate_sets: Tensor, reduce: str = "max") -> InputPart:
-    """T2/T4 for every candidate set and the argmin of T2 (first on ties).
-
-    ``lp_sets``/``lq_sets``: log-probabilities at the candidate sets, shape (S, M+1, K); the first
-    input of each set is its pivot ``x0``. ``candidate_sets``: (S, M+1) input ids, reported back.
-    """
-    b, b_piv, t4, valid = _sd_terms(lp_sets[:, 1:], lq_sets[:, 1:], lp_sets[:, :1], lq_sets[:, :1])
-    return select_input_set(b, b_piv, t4, valid, candidate_sets, reduce)
-
-
-def select_input_set(
-    b: Tensor, b_piv: Tensor, t4: Tensor, valid: Tensor, candidate_sets: Tensor, reduce: str = "max"
-) -> InputPart:
-    """The argmin of T2 over candidate sets (first on ties) from their ``(S, M)`` term-2/term-4 entries
-    ``b``, ``b_piv``, ``|tau_p - tau_q|`` and validity (``tau > 0`` for both models)."""
-    set_valid = valid.all(dim=1)
-    scores = torch.maximum(b.amax(dim=1), b_piv.amax(dim=1))
-    scores = torch.where(set_valid, scores, torch.full_like(scores, float("inf")))
-    chosen = first_argmin(scores)
-    if not bool(torch.isfinite(scores[chosen])):
-        raise ValueError(
-            "zero variance: every candidate input set has an input x_i whose log-probability vector equals "
-            "that of its pivot x0 up to a constant (tau = 0) for at least one model. Give `input_sets` "
-            "with distinct, non-degenerate inputs or more candidates."
-        )
-    t2_terms = torch.cat([b[chosen], b_piv[chosen]])
-    t4_terms = t4[chosen]
-    red = torch.amax if reduce == "max" else torch.mean
-    return InputPart(
-        input_set=candidate_sets[chosen],
-        chosen_candidate=chosen,
-        candidate_sets=candidate_sets,
-        candidate_scores=scores,
-        t2_terms=t2_terms,
-        t4_terms=t4_terms,
-        t2=t2_terms.amax(),  # the reference always takes the max for term 2
-        t4=red(t4_terms),
+def llv_result(labels: LabelPart, inputs: InputPart, resolved: ResolvedLabels, n: int, k: int, m: int,
+               options: LLVOptions) -> LLVResult:
+    """Assemble an :class:`LLVResult` from its label and input parts (shared with the streaming metrics);
+    label positions are mapped back to label indices."""
+    return LLVResult(
+        value=combine_terms(labels.t1, inputs.t2, labels.t3, inputs.t4, options.lam, options.combine),
+        t1=labels.t1,
+        t2=inputs.t2,
+        t3=labels.t3,
+        t4=inputs.t4,
+        t1_terms=labels.t1_terms,
+        t2_terms=inputs.t2_terms,
+        t3_terms=labels.t3_terms,
+        t4_terms=inputs.t4_terms,
+        label_pivot=resolved.original(labels.label_pivot),
+        leave_out=resolved.original(labels.leave_out),
+        kept_labels=resolved.original(labels.kept_labels),
+        input_set=inputs.input_set,
+        chosen_candidate=inputs.chosen_candidate,
+        candidate_sets=inputs.candidate_sets,
+        candidate_scores=inputs.candidate_scores,
+        label_search=labels.search,
+        num_pivots_searched=labels.num_pivots,
+        labels=resolved.labels,
+        num_inputs=n,
+        num_labels=k,
+        rep_dim=m,
+        lam=options.lam,
+        reduce=options.reduce,
+        combine=options.combine,
     )
-
-
-def check_input_sets(input_sets: Tensor, num_inputs: int, rep_dim: int) -> Tensor:
-    sets = torch.as_tensor(input_sets).to(torch.long)
-    if sets.ndim == 1:
-        sets = sets[None]
-    if sets.ndim != 2 or sets.shape[1] != rep_dim + 1:
-        raise ValueError(
-            f"`input_sets` must have shape (S, M+1) = (S, {rep_dim + 1}), got {tuple(sets.shape)}"
-        )
-    if sets.numel() == 0:
-        raise ValueError("`input_sets` is empty")
-    if bool((sets < 0).any()) or bool((sets >= num_inputs).any()):
-        raise ValueError(f"`input_sets` holds indices outside [0, {num_inputs})")
-    ordered = sets.sort(dim=1).values
-    if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
-        raise ValueError("`input_sets`: every candidate set must hold M+1 distinct inputs")
-    return sets
 
 
 def _covariance_blocks(lp: Tensor, lq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -452,221 +373,55 @@ def _covariance_blocks(lp: Tensor, lq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return (xc.T @ xc) * scale, (xc.T @ dc) * scale, (dc.T @ dc) * scale
 
 
-def llv_result(labels: LabelPart, inputs: InputPart, n: int, k: int, m: int, lam: float, reduce: str, combine: str) -> LLVResult:
-    """Assemble an :class:`LLVResult` from its label and input parts (shared with the streaming metrics)."""
-    return LLVResult(
-        distance=combine_terms(labels.t1, inputs.t2, labels.t3, inputs.t4, lam, combine),
-        t1=labels.t1,
-        t2=inputs.t2,
-        t3=labels.t3,
-        t4=inputs.t4,
-        t1_terms=labels.t1_terms,
-        t2_terms=inputs.t2_terms,
-        t3_terms=labels.t3_terms,
-        t4_terms=inputs.t4_terms,
-        label_pivot=labels.label_pivot,
-        leave_out=labels.leave_out,
-        kept_labels=labels.kept_labels,
-        input_set=inputs.input_set,
-        chosen_candidate=inputs.chosen_candidate,
-        candidate_sets=inputs.candidate_sets,
-        candidate_scores=inputs.candidate_scores,
-        label_search=labels.search,
-        num_inputs=n,
-        num_labels=k,
-        rep_dim=m,
-        lam=float(lam),
-        reduce=reduce,
-        combine=combine,
-    )
-
-
-def combine_terms(t1: Tensor, t2: Tensor, t3: Tensor, t4: Tensor, lam: float, combine: str) -> Tensor:
-    if combine == "max":
-        return torch.stack([t1, t2, lam * t3, lam * t4]).amax()
-    return t1 + t2 + lam * (t3 + t4)
-
-
-def llv_distance(
-    logits_p: Tensor,
-    logits_q: Tensor,
-    rep_dim: int,
-    lam: float = 1e-5,
-    reduce: str = "max",
-    combine: str = "max",
-    label_pivot: int | None = None,
-    leave_out: int | None = None,
-    input_sets: Tensor | None = None,
-    num_input_sets: int = 200,
-    seed: int = 0,
-) -> LLVResult:
+def llv_distance(logits_p: Tensor, logits_q: Tensor, rep_dim: int, **options: Any) -> LLVResult:
     """Log-likelihood variance distance d_LLV between two models' predictive distributions.
 
     Args:
         logits_p, logits_q: logits of the two models on the same inputs, shape (N, K) or (..., K)
             (leading dimensions are flattened). Any float dtype and device; computed in float64.
         rep_dim: the representation dimension M; input sets have M+1 inputs.
-        lam: weight of the scale terms T3, T4 (1e-5 in the paper).
-        reduce: ``"max"`` (paper) or ``"mean"`` over the entries of T1, T3, T4 (T2 is always a max).
-        combine: ``"max"`` (paper) or ``"sum"`` of the four (weighted) terms.
-        label_pivot, leave_out: fix the label set; otherwise the argmin search of SPEC §3.
-        input_sets: optional (S, M+1) candidate input sets (first column = pivot input x0). The
-            chosen set is the true argmin of T2 over them.
-        num_input_sets: how many candidate sets to draw when ``input_sets`` is None.
-        seed: seed of the draw of candidate sets.
+        options: the d_LLV options of :class:`LLVOptions`: ``lam``, ``reduce``, ``combine``,
+            ``label_pivot``, ``leave_out``, ``labels``, ``pivot_candidates``, ``max_pivot_candidates``,
+            ``input_sets`` (row indices), ``num_input_sets``, ``seed``.
 
     Returns:
-        :class:`LLVResult`.
+        :class:`LLVResult` (``.value`` is d_LLV).
+
+    Cost: O(N K^2) for the label covariance and O(K^2) for the (pivot, left-out) search (all pairs, in
+    chunks of pivots), O(S M K) for S candidate input sets; memory O(N K + K^2).
 
     Example:
         >>> import torch
         >>> g = torch.Generator().manual_seed(0)
         >>> logits = torch.randn(500, 7, generator=g, dtype=torch.float64)
         >>> shifted = logits + torch.randn(500, 1, generator=g, dtype=torch.float64)  # same p(y|x)
-        >>> float(llv_distance(logits, shifted, rep_dim=2).distance) < 1e-12
+        >>> float(llv_distance(logits, shifted, rep_dim=2).value) < 1e-12
         True
         >>> res = llv_distance(logits, logits.flip(-1), rep_dim=2)
-        >>> round(float(res.distance), 3) > 0, res.input_set.shape
+        >>> round(float(res.value), 3) > 0, res.input_set.shape
         (True, torch.Size([3]))
     """
+    opts = LLVOptions(**options)
     rep_dim = check_rep_dim(rep_dim)
-    check_choice(reduce, "reduce", REDUCTIONS)
-    check_choice(combine, "combine", COMBINATIONS)
     p, q = check_logit_pair(logits_p, logits_q)
     n, k = p.shape
-    check_num_labels(k)
-    check_num_inputs(n, rep_dim)
-    label_pivot = check_label_index(label_pivot, "label_pivot", k)
-    leave_out = check_label_index(leave_out, "leave_out", k)
-    if label_pivot is not None and label_pivot == leave_out:
-        raise ValueError(f"`label_pivot` and `leave_out` must differ, both are {label_pivot}")
-
+    resolved = opts.resolve(k)
     lp, lq = log_probabilities(p), log_probabilities(q)
-    labels = label_part(partial(label_cov_from_blocks, *_covariance_blocks(lp, lq)), k, lp.device, reduce, label_pivot, leave_out)
-
-    if input_sets is None:
-        sets = draw_input_sets(n, rep_dim + 1, num_input_sets, seed)
+    if resolved.labels is not None:
+        index = resolved.labels.to(lp.device)
+        lp, lq = lp.index_select(1, index), lq.index_select(1, index)
+    kk = lp.shape[1]
+    check_num_labels(kk)
+    check_num_inputs(n, rep_dim)
+    pivots = choose_pivots(lp.mean(0), lq.mean(0), resolved, opts.max_pivot_candidates)
+    labels = label_part(
+        partial(label_cov_from_blocks, *_covariance_blocks(lp, lq)), kk, lp.device, opts.reduce,
+        resolved.label_pivot, resolved.leave_out, pivots,
+    )
+    if opts.input_sets is None:
+        sets = draw_input_sets(n, rep_dim + 1, opts.num_input_sets, opts.seed)
     else:
-        sets = check_input_sets(input_sets, n, rep_dim)
+        sets = check_input_sets(opts.input_sets, rep_dim, n)
     sets = sets.to(lp.device)
-    inputs = input_part(lp[sets], lq[sets], sets, reduce)
-    return llv_result(labels, inputs, n, k, rep_dim, lam, reduce, combine)
-
-
-# ----------------------------------------------------------------------------------------------
-# Representation route (SPEC §6): the same terms from embeddings + unembeddings, never K x K
-# ----------------------------------------------------------------------------------------------
-#: Layout of the streamed representation vector ``u(x)`` (length ``2M + 2``). It is an invertible
-#: linear map of ``[f_p, logZ_p, f_q, logZ_q]`` (SPEC §6); storing the *differences* keeps nearly
-#: identical models accurate, exactly as ``[l_p; l_q - l_p]`` does for the logits route.
-REPRESENTATION_LAYOUT = "[f_p, logZ_p, f_q - f_p, logZ_q - logZ_p]"
-_LABEL_CHUNK = 4096
-
-
-def _label_coefficients(w_p: Tensor, w_q: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
-    """Rows ``alpha_y``, ``delta_y`` of the linear maps ``u -> X_y = l_p(y|x)`` and
-    ``u -> D_y = l_q(y|x) - l_p(y|x)`` (up to constants, which covariances ignore):
-    ``X_y = W_p[y] f_p - logZ_p + b``, ``D_y = (W_q - W_p)[y] f_p + W_q[y] (f_q - f_p) - (logZ_q - logZ_p) + b'``."""
-    wp, wq = w_p[rows], w_q[rows]
-    c, m = wp.shape
-    zero, one = wp.new_zeros(c, 1), wp.new_ones(c, 1)
-    alpha = torch.cat([wp, -one, wp.new_zeros(c, m + 1)], dim=1)
-    delta = torch.cat([wq - wp, zero, wq, -one], dim=1)
-    return alpha, delta
-
-
-def label_cov_from_representation(
-    cov_u: Tensor, w_p: Tensor, w_q: Tensor, pivots: Tensor, chunk_size: int = _LABEL_CHUNK
-) -> LabelCov:
-    """:class:`LabelCov` from the ``(2M+2) x (2M+2)`` covariance of ``u(x)`` (layout
-    :data:`REPRESENTATION_LAYOUT`) and the unembedding weights ``w_p``, ``w_q`` (K x M; biases shift
-    log-probabilities by constants and do not enter). ``Cov(w) = B Cov(u) B^T`` is never formed:
-    cost O(K M^2 + P K M), memory O(P K + chunk_size M), so K = 50,257 is fine.
-    """
-    k, m = w_p.shape
-    a_piv, d_piv = _label_coefficients(w_p, w_q, pivots)
-    a_piv_s, d_piv_s = a_piv[:, : m + 1] @ cov_u[: m + 1], d_piv @ cov_u
-    vx, vxd, vd = (cov_u.new_empty(k) for _ in range(3))
-    sxx, sxd_py, sxd_yp, sdd = (cov_u.new_empty(pivots.numel(), k) for _ in range(4))
-    for start in range(0, k, chunk_size):
-        sl = slice(start, min(k, start + chunk_size))
-        a, d = _label_coefficients(w_p, w_q, torch.arange(sl.start, sl.stop, device=w_p.device))
-        a_s, d_s = a[:, : m + 1] @ cov_u[: m + 1], d @ cov_u
-        vx[sl], vxd[sl], vd[sl] = (a_s * a).sum(1), (a_s * d).sum(1), (d_s * d).sum(1)
-        sxx[:, sl], sxd_py[:, sl] = a_piv_s @ a.T, a_piv_s @ d.T
-        sxd_yp[:, sl], sdd[:, sl] = d_piv_s @ a.T, d_piv_s @ d.T
-    return LabelCov(pivots=pivots, vx=vx, vxd=vxd, vd=vd, sxx=sxx, sxd_py=sxd_py, sxd_yp=sxd_yp, sdd=sdd)
-
-
-def label_means_from_representation(
-    mean_u: Tensor, w_p: Tensor, b_p: Tensor | None, w_q: Tensor, b_q: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """Mean log-probability of every label under each model, ``E_x l_p(y|x)`` and ``E_x l_q(y|x)``."""
-    m = w_p.shape[1]
-    f_p, lz_p, df, dlz = mean_u[:m], mean_u[m], mean_u[m + 1 : 2 * m + 1], mean_u[2 * m + 1]
-    mean_p = w_p @ f_p - lz_p
-    mean_q = w_q @ (f_p + df) - (lz_p + dlz)
-    return (mean_p if b_p is None else mean_p + b_p), (mean_q if b_q is None else mean_q + b_q)
-
-
-def input_terms_from_representation(
-    f_p_rows: Tensor,
-    f_q_rows: Tensor,
-    w_p: Tensor,
-    b_p: Tensor | None,
-    w_q: Tensor,
-    b_q: Tensor | None,
-    sets: Tensor,
-    chunk_size: int = _LABEL_CHUNK,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Term-2/term-4 entries ``(b, b_piv, |tau_p - tau_q|, valid)``, each (S, M), for candidate sets
-    (S, M+1) of row indices into the embeddings ``f_p_rows``/``f_q_rows`` (R x M), without forming any
-    (M+1) x K matrix of log-probabilities.
-
-    Over labels, ``l_p(y|x) = h_y . [f_p(x), 1, 0, 0] + const`` and ``l_q(y|x) - l_p(y|x) =
-    h_y . [f_q - f_p, 0, f_q, 1] + const`` with ``h_y = [W_p[y], b_p[y], (W_q - W_p)[y], (b_q - b_p)[y]]``,
-    so every standard deviation over labels is a quadratic form in the ``(2M+2)^2`` label covariance
-    of ``h`` (cost O(K M^2)); pairwise differences of inputs come from Gram matrices of the centred
-    rows (O(R^2 M)). Same algebra as :func:`label_table`: ``tau_q^2 = tau_p^2 + Delta`` and
-    ``l_p/tau_p - l_q/tau_q = gamma l_p - beta (l_q - l_p)``.
-    """
-    k, m = w_p.shape
-    b_p = w_p.new_zeros(k) if b_p is None else b_p
-    b_q = w_q.new_zeros(k) if b_q is None else b_q
-    count = mean = m2 = None
-    for start in range(0, k, chunk_size):
-        sl = slice(start, min(k, start + chunk_size))
-        h = torch.cat([w_p[sl], b_p[sl, None], w_q[sl] - w_p[sl], (b_q[sl] - b_p[sl])[:, None]], dim=1)
-        part = batch_moments(h)
-        count, mean, m2 = part if count is None else merge_moments(count, mean, m2, *part)
-    sigma = covariance_from_moments(count, m2)
-
-    fp, fq = f_p_rows, f_q_rows
-    df = fq - fp
-    r = fp.shape[0]
-    zero, one = fp.new_zeros(r, 1), fp.new_ones(r, 1)
-    x = torch.cat([fp, one, fp.new_zeros(r, m + 1)], dim=1)
-    e = torch.cat([df, zero, fq, one], dim=1)
-    x_s, e_s = x @ sigma, e @ sigma
-    vx, cxe, ve = (x_s * x).sum(1), (x_s * e).sum(1), (e_s * e).sum(1)
-    vq = vx + 2 * cxe + ve
-    ac = torch.cat([fp - fp.mean(0), fp.new_zeros(r, m + 2)], dim=1)
-    dc = torch.cat([df - df.mean(0), zero, fq - fq.mean(0), zero], dim=1)
-    ac_s = ac @ sigma
-    gaa, gad, gdd = ac_s @ ac.T, ac_s @ dc.T, (dc @ sigma) @ dc.T
-
-    z, i = sets[:, :1], sets[:, 1:]
-    tp2 = gaa[i, i] + gaa[z, z] - 2 * gaa[i, z]
-    cad = gad[i, i] - gad[i, z] - gad[z, i] + gad[z, z]
-    vdd = gdd[i, i] + gdd[z, z] - 2 * gdd[i, z]
-    delta = 2 * cad + vdd
-    tq2 = tp2 + delta
-    eps = torch.finfo(torch.float64).eps * _ZERO_VAR_ULPS
-    valid = (tp2 > eps * (vx[i] + vx[z])) & (tq2 > eps * (vq[i] + vq[z])) & (tp2 > 0) & (tq2 > 0)
-    one_ = torch.ones_like(tp2)
-    tp, tq = torch.where(valid, tp2, one_).sqrt(), torch.where(valid, tq2, one_).sqrt()
-    gamma = delta / (tp * tq * (tp + tq))
-    beta = 1.0 / tq
-    b2 = gamma.square() * vx[i] - 2 * gamma * beta * cxe[i] + beta.square() * ve[i]
-    bp2 = gamma.square() * vx[z] - 2 * gamma * beta * cxe[z] + beta.square() * ve[z]
-    return b2.clamp_min(0).sqrt(), bp2.clamp_min(0).sqrt(), delta.abs() / (tp + tq), valid
+    inputs = input_part(lp, lq, sets, sets, opts.reduce)
+    return llv_result(labels, inputs, resolved, n, k, rep_dim, opts)

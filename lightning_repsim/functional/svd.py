@@ -21,6 +21,8 @@ from torch import Tensor
 
 from lightning_repsim.functional._moments import batch_moments, covariance_from_moments
 from lightning_repsim.functional._validation import as_matrix, check_finite, check_num_labels
+from lightning_repsim.functional.family import logits_from_parts, split_unembedding
+from lightning_repsim.functional.llv import draw_input_sets, llv_distance
 
 __all__ = [
     "SVDResult",
@@ -29,7 +31,6 @@ __all__ = [
     "m_svd_from_cov",
     "f_part_from_cov",
     "g_part",
-    "split_unembedding",
 ]
 
 #: Condition number above which a diversity matrix (L or N) is reported as near-singular.
@@ -83,20 +84,6 @@ class SVDResult:
         return {"d_svd": float(self.value), "d_svd_f": float(self.f_part), "d_svd_g": float(self.g_part)}
 
 
-def split_unembedding(unemb: Tensor, rep_dim: int, name: str) -> tuple[Tensor, Tensor | None]:
-    """Split an unembedding of width M (weights) or M+1 (weights, bias as last column)."""
-    u = as_matrix(unemb, name)
-    check_finite(u, name)
-    if u.shape[1] == rep_dim:
-        return u, None
-    if u.shape[1] == rep_dim + 1:
-        return u[:, :rep_dim], u[:, rep_dim]
-    raise ValueError(
-        f"`{name}` must have shape (K, M) or (K, M+1) (bias as last column) with M={rep_dim} "
-        f"(the embedding dimension), got {tuple(u.shape)}"
-    )
-
-
 def _correlation(c_pp: Tensor, c_qq: Tensor, c_pq: Tensor, what: str) -> Tensor:
     v_p, v_q = c_pp.diagonal(dim1=-2, dim2=-1), c_qq.diagonal(dim1=-2, dim2=-1)
     tiny = torch.finfo(torch.float64).tiny
@@ -122,8 +109,6 @@ def _label_subsets(n_kept: int, m: int, max_subsets: int, seed: int, device) -> 
         if m == 1:
             subsets = subsets.reshape(-1, 1)
         return subsets.to(device), True, total
-    from lightning_repsim.functional.llv import draw_input_sets
-
     # seeded M-subsets without an (S, K-2) matrix of random keys (K = 50,257 is fine)
     subsets = draw_input_sets(n_kept, m, max_subsets, seed).sort(dim=1).values
     subsets = torch.unique(subsets, dim=0)
@@ -214,14 +199,14 @@ def svd_dissimilarity(
     input_set: Tensor | None = None,
     max_label_subsets: int = DEFAULT_MAX_LABEL_SUBSETS,
     seed: int = 0,
-    **llv_kwargs,
+    **options,
 ) -> SVDResult:
     """d_SVD between two models given embeddings (N x M) and unembeddings (K x M, or K x (M+1)
     with the bias as last column).
 
     ``label_pivot``, ``leave_out`` and ``input_set`` are normally the sets chosen by d_LLV (as in
     :func:`compare`). Any of them left ``None`` is chosen by running :func:`llv_distance` on the
-    models' logits (``llv_kwargs`` are passed on).
+    models' logits (the other d_LLV ``options`` of :class:`LLVOptions` are passed on; ``seed`` serves both).
 
     ``d_SVD^f`` is a max over all ``C(K-2, M)`` label subsets: all are evaluated when there are at
     most ``max_label_subsets``, otherwise a seeded random sample (``result.exhaustive`` is then
@@ -251,8 +236,6 @@ def svd_dissimilarity(
         raise ValueError(f"`unemb_p` and `unemb_q` must have the same number of labels, got {w_p.shape[0]} and {w_q.shape[0]}")
     check_num_labels(w_p.shape[0], m, need_subsets=True)
     if label_pivot is None or leave_out is None or input_set is None:
-        from lightning_repsim.functional.llv import llv_distance
-
         llv = llv_distance(
             logits_from_parts(f_p, w_p, b_p),
             logits_from_parts(f_q, w_q, b_q),
@@ -260,7 +243,8 @@ def svd_dissimilarity(
             label_pivot=label_pivot,
             leave_out=leave_out,
             input_sets=None if input_set is None else torch.as_tensor(input_set)[None],
-            **llv_kwargs,
+            seed=seed,
+            **options,
         )
         label_pivot, leave_out, input_set = llv.label_pivot, llv.leave_out, llv.input_set
     input_set = torch.as_tensor(input_set, device=f_p.device).to(torch.long).flatten()
@@ -314,9 +298,3 @@ def svd_from_parts(
         leave_out=leave_out,
         input_set=input_set,
     )
-
-
-def logits_from_parts(emb: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """Logits ``f(x)^T g(y) (+ b_y)`` of the model family of SPEC §1, float64."""
-    logits = emb.to(torch.float64) @ weight.to(torch.float64).T
-    return logits if bias is None else logits + bias.to(torch.float64)

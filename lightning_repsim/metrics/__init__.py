@@ -3,9 +3,12 @@ batching and any number of processes, from float64 sufficient statistics (SPEC Â
 
 * :class:`LLVDistance` -- d_LLV from logits (state O(K^2)).
 * :class:`SVDDissimilarity` -- d_SVD on the sets d_LLV chooses, from embeddings and unembeddings; its
-  ``.llv`` is d_LLV by the representation route (state O(M^2)): the choice for large vocabularies.
+  ``compute_result().llv`` is d_LLV by the representation route (state O(M^2)): the choice for large
+  vocabularies.
 * :class:`MeanKLDivergence`, :class:`MeanCCA` -- the baselines.
 
+``compute()`` returns the headline value as a float64 scalar tensor (so ``self.log(name, metric)``,
+``MetricCollection``, ``MetricTracker`` work); ``compute_result()`` returns everything (terms, sets, parts).
 They compose in a :class:`torchmetrics.MetricCollection` (call ``update`` with keyword arguments; each
 metric takes the ones it needs):
 
@@ -24,14 +27,24 @@ metric takes the ones it needs):
 ...     f_p, f_q = pair.emb_p[i : i + 100], pair.emb_q[i : i + 100]
 ...     metrics.update(emb_p=f_p, emb_q=f_q, logits_p=logits_from_representations(f_p, pair.unemb_p),
 ...                    logits_q=logits_from_representations(f_q, pair.unemb_q))
->>> out = metrics.compute()
->>> sorted(out), out["svd"].llv.label_pivot == out["llv"].label_pivot
-(['kl', 'llv', 'mcca', 'svd'], True)
+>>> out = metrics.compute()  # a dict of scalar tensors
+>>> sorted(out), round(float(out["mcca"]), 3)
+(['kl', 'llv', 'mcca', 'svd'], 0.001)
+>>> metrics["svd"].compute_result().llv.label_pivot == metrics["llv"].compute_result().label_pivot
+True
 """
 
-from lightning_repsim.metrics.cca import MeanCCA
-from lightning_repsim.metrics.kl import MeanKLDivergence
+from lightning_repsim.metrics.cca import CCAResult, MeanCCA
+from lightning_repsim.metrics.kl import KLResult, MeanKLDivergence
 from lightning_repsim.metrics.llv import LLVDistance
 from lightning_repsim.metrics.svd import SVDDissimilarity, SVDDissimilarityResult
 
-__all__ = ["LLVDistance", "MeanCCA", "MeanKLDivergence", "SVDDissimilarity", "SVDDissimilarityResult"]
+__all__ = [
+    "CCAResult",
+    "KLResult",
+    "LLVDistance",
+    "MeanCCA",
+    "MeanKLDivergence",
+    "SVDDissimilarity",
+    "SVDDissimilarityResult",
+]

@@ -2,58 +2,90 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from lightning_repsim.functional.kl import kl_per_input
-from lightning_repsim.functional.llv import log_probabilities
-from lightning_repsim.metrics._state import StreamingMetric, logit_rows, moments_add
+from lightning_repsim.functional.kl import check_num_classes, kl_per_input
+from lightning_repsim.metrics.base import DEFAULT_MEMORY_BUDGET_GB, StreamingMetric
+from lightning_repsim.metrics.inputs import logit_rows
+from lightning_repsim.metrics.llv import log_probability_rows
+from lightning_repsim.metrics.moment_state import empty_moments
 
-__all__ = ["MeanKLDivergence"]
+__all__ = ["KLResult", "MeanKLDivergence"]
+
+
+@dataclass(frozen=True)
+class KLResult:
+    """What :class:`MeanKLDivergence` computed: ``value`` = mean KL(p || q) (float64 scalar), its unbiased
+    standard deviation over inputs ``std``, and ``num_inputs``."""
+
+    value: Tensor
+    std: Tensor
+    num_inputs: int
+
+    def as_dict(self) -> dict[str, float]:
+        return {"kl": float(self.value)}
 
 
 class MeanKLDivergence(StreamingMetric):
     r"""Streaming ``d_KL = mean_x KL(p(.|x) || q(.|x))`` (SPEC §2), equal to
     :func:`~lightning_repsim.functional.mean_kl_divergence` on the concatenated data.
 
+    As input to ``forward`` and ``update``: ``logits_p``, ``logits_q`` (B, K) or (B, T, K), any float dtype and
+    device; ``mask`` (optional, boolean or 0/1 integers, 1 = use the input).
+
+    As output of ``forward`` and ``compute``: the mean KL as a float64 scalar tensor (``forward``: of the batch,
+    at no extra cost). :meth:`compute_result` adds the standard deviation over inputs (:class:`KLResult`).
+
     State: a float64 Welford/Chan triple (count, mean, centred second moment) of the per-input KL,
-    3 numbers, merged exactly across processes.
+    3 numbers, merged exactly across processes, and K (which must not change until ``reset()``).
 
     Args:
         nan_strategy: ``"error"`` (default) or ``"ignore"`` (drop rows with a non-finite logit, counted in
             ``num_dropped``).
         kwargs: passed to :class:`torchmetrics.Metric`.
 
-    ``update(logits_p, logits_q, mask=None)``: logits (B, K) or (B, T, K), any float dtype and device;
-    ``mask`` (B,) or (B, T) boolean, True = use the input. ``forward`` returns the batch's mean KL.
-
     Example:
         >>> import torch
         >>> from lightning_repsim.functional import mean_kl_divergence
         >>> logits_p, logits_q = torch.randn(2, 100, 5).unbind(0)
         >>> metric = MeanKLDivergence()
-        >>> metric.update(logits_p[:30], logits_q[:30])
+        >>> batch_kl = metric(logits_p[:30], logits_q[:30])  # forward: the batch's mean KL
         >>> metric.update(logits_p[30:], logits_q[30:])
         >>> bool(torch.isclose(metric.compute(), mean_kl_divergence(logits_p, logits_q), rtol=1e-12))
         True
     """
 
-    _forward_computes = True
+    def __init__(self, nan_strategy: str = "error", memory_budget_gb: float | None = DEFAULT_MEMORY_BUDGET_GB,
+                 **kwargs: Any) -> None:
+        super().__init__(nan_strategy=nan_strategy, memory_budget_gb=memory_budget_gb, **kwargs)
+        self._add_state_kind("moments", "moments", empty_moments(1))
+        self._add_state_kind("dims", "dims", torch.zeros(1, dtype=torch.int64))
 
-    def __init__(self, nan_strategy: str = "error", **kwargs: Any) -> None:
-        super().__init__(nan_strategy=nan_strategy, **kwargs)
-        self._add_moments("moments", 1)
+    def _describe(self, name: str, shape: tuple[int, ...]) -> str:
+        return f"K={shape[0]} classes" if name == "dims" else super()._describe(name, shape)
 
     def update(self, logits_p: Tensor, logits_q: Tensor, mask: Tensor | None = None) -> None:
-        p, q, _ = logit_rows(self, logits_p, logits_q, mask)
+        """Accumulate a batch of both models' logits (see the class docstring)."""
+        p, q, _, dropped = logit_rows(logits_p, logits_q, mask, None, self.nan_strategy)
+        check_num_classes(p.shape[1])
+        contributions: dict[str, Any] = {"dims": torch.tensor([p.shape[1]], dtype=torch.int64)}
+        if dropped:
+            contributions["num_dropped"] = dropped
         if p.shape[0]:
-            kl = kl_per_input(log_probabilities(p), log_probabilities(q))
-            self.moments = moments_add(self.moments, kl[:, None])
+            contributions["moments"] = kl_per_input(*log_probability_rows(p, q))[:, None]
+        self._accumulate(contributions)
 
-    def compute(self) -> Tensor:
-        if int(self.moments[0]) == 0:
+    def _result_from(self, states: dict[str, Tensor]) -> KLResult:
+        n = int(states["moments"][0])
+        if n == 0:
             raise ValueError("mean_kl_divergence needs at least one input, got N=0")
-        return self.moments[1].clone()
+        std = (states["moments"][2] / (n - 1)).sqrt() if n > 1 else torch.zeros_like(states["moments"][2])
+        return KLResult(value=states["moments"][1].clone(), std=std, num_inputs=n)
 
-
+    def compute_result(self) -> KLResult:
+        """The :class:`KLResult` (``.value`` is what ``compute()`` returns)."""
+        return super().compute_result()

@@ -2,78 +2,58 @@
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_repsim.functional._validation import (
-    check_choice,
-    check_label_index,
-    check_num_inputs,
-    check_num_labels,
-    check_rep_dim,
-)
-from lightning_repsim.functional.llv import (
-    COMBINATIONS,
-    REDUCTIONS,
-    LLVResult,
-    input_part,
-    label_cov_from_full,
-    label_part,
-    llv_result,
-    log_probabilities,
-)
-from lightning_repsim.metrics._state import (
-    META,
-    CandidateMixin,
-    StreamingMetric,
-    logit_rows,
-    moments_add,
-    moments_covariance,
-    moments_size,
-)
+from lightning_repsim.functional._validation import check_num_inputs, check_num_labels, check_positive_int, check_rep_dim
+from lightning_repsim.functional.llv import LLVOptions, LLVResult, ResolvedLabels, choose_pivots, llv_result
+from lightning_repsim.functional.llv_terms import CHUNK_NUMBERS, input_part, label_cov_from_full, label_part
+from lightning_repsim.metrics.base import DEFAULT_MEMORY_BUDGET_GB
+from lightning_repsim.metrics.candidates import DEFAULT_BUFFER_SIZE, CandidateMixin
+from lightning_repsim.metrics.inputs import logit_rows
+from lightning_repsim.metrics.moment_state import empty_moments, moments_covariance, moments_dim
+from lightning_repsim.metrics.sketch import META
 
-__all__ = ["LLVDistance"]
-
-DEFAULT_BUFFER_SIZE = 1024
+__all__ = ["LLVDistance", "log_probability_rows"]
 
 
-def choose_pivots(
-    mean_lp: Tensor, mean_lq: Tensor, pivot_candidates: Tensor | None, max_pivot_candidates: int | None
-) -> Tensor | None:
-    """Pivots to search: the given ones, else (when K exceeds ``max_pivot_candidates``) the labels with the
-    largest mean log-probability averaged over both models (ties: smaller label), else all (None)."""
-    k = mean_lp.numel()
-    if pivot_candidates is not None:
-        piv = torch.as_tensor(pivot_candidates).to(device=mean_lp.device, dtype=torch.long).flatten()
-        if piv.numel() == 0 or bool((piv < 0).any()) or bool((piv >= k).any()):
-            raise ValueError(f"`pivot_candidates` must be non-empty label indices in [0, {k})")
-        return piv
-    if max_pivot_candidates is None or k <= max_pivot_candidates:
-        return None
-    score = mean_lp + mean_lq
-    return torch.argsort(-score, stable=True)[:max_pivot_candidates].sort().values
+def log_probability_rows(p: Tensor, q: Tensor, columns: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Float64 log-probabilities of both models' logit rows (N, K), normalised over all K labels, of the given
+    label ``columns`` (all by default); computed in blocks of rows, so no N x K float64 copy is ever formed."""
+    k = p.shape[1]
+    step = max(1, CHUNK_NUMBERS // k)
+    out_p, out_q = [], []
+    for start in range(0, p.shape[0], step):
+        for rows, out in ((p, out_p), (q, out_q)):
+            lp = torch.log_softmax(rows[start : start + step].to(torch.float64), dim=-1)
+            out.append(lp if columns is None else lp.index_select(1, columns))
+    return torch.cat(out_p), torch.cat(out_q)
 
 
-def check_llv_options(lam: float, reduce: str, combine: str, max_pivot_candidates: int | None) -> None:
-    check_choice(reduce, "reduce", REDUCTIONS)
-    check_choice(combine, "combine", COMBINATIONS)
-    if not float(lam) >= 0:
-        raise ValueError(f"`lam` must be >= 0, got {lam!r}")
-    if max_pivot_candidates is not None and (
-        isinstance(max_pivot_candidates, bool) or not isinstance(max_pivot_candidates, int) or max_pivot_candidates < 1
-    ):
-        raise ValueError(f"`max_pivot_candidates` must be a positive int or None, got {max_pivot_candidates!r}")
+class LLVDistance(CandidateMixin):
+    r"""Streaming d_LLV (SPEC §3) from two models' logits: the same value and
+    :class:`~lightning_repsim.functional.LLVResult` as :func:`~lightning_repsim.functional.llv_distance` on the
+    concatenated data, for any batch sizes, order and number of processes.
 
+    As input to ``forward`` and ``update``:
 
-class LLVDistance(CandidateMixin, StreamingMetric):
-    r"""Streaming d_LLV (SPEC §3) from two models' logits: the same :class:`~lightning_repsim.functional.LLVResult`
-    as :func:`~lightning_repsim.functional.llv_distance` on the concatenated data, for any batch sizes,
-    order and number of processes.
+    * ``logits_p``, ``logits_q``: the two models' logits on the same inputs, (B, K) or (B, T, K), any float
+      dtype and device (accumulated in float64 on the metric's device; move it there with ``.to``);
+    * ``mask`` (optional): (B,) or (B, T), boolean or 0/1 integers (an ``attention_mask``), 1 = use the input;
+    * ``ids`` (optional): integer ids of the inputs (mask's shape), hashed for the candidate buffer instead of
+      the logits: use them when one input's logits could differ in the last bits between runs (different
+      batch sizes on GPU), and always under DDP with a padding sampler.
 
-    State (float64, independent of the number of inputs N):
+    As output of ``forward`` and ``compute``: d_LLV as a float64 scalar tensor (``forward``: of the batch
+    alone, see :meth:`~lightning_repsim.metrics.base.StreamingMetric.forward`; its cost is a ``compute()`` on
+    a batch-sized state). :meth:`compute_result` returns the full :class:`~lightning_repsim.functional.LLVResult`
+    (terms T1..T4 and their entries, the chosen label and input sets, the candidates).
+
+    State (float64, independent of the number of inputs N; not persistent unless ``persistent(True)``):
 
     * the centred mean and co-moment of ``w(x) = [l_p(.|x); l_q(.|x) - l_p(.|x)]``: ``1 + 2K + 4K^2``
       numbers; they give T1, T3 and the (pivot, left-out) search exactly;
@@ -82,41 +62,31 @@ class LLVDistance(CandidateMixin, StreamingMetric):
       It keeps the inputs with the smallest seeded hash of their logits (or of ``ids``), so its content
       does not depend on batching or world size.
 
-    So ``8 (2 + 2K + 4K^2 + buffer_size (2K + 3))`` bytes (the extra 8:
-    the dropped-row counter): 32 MB + 16 MB for K = 1000. For vocabularies
-    where ``K^2`` is too large (K = 50,257) use the representation route,
-    :class:`~lightning_repsim.metrics.SVDDissimilarity` (its ``.llv`` is this result, from an O(M^2) state).
+    So about ``8 (4K^2 + buffer_size (2K + 3))`` bytes: 48 MB for K = 1000. Before allocating, the metric
+    estimates its states and ``compute()`` temporaries and refuses (``ValueError``) a configuration above
+    ``memory_budget_gb``: for language-model vocabularies (K = 50,257 would need about 160 GB) use
+    :class:`~lightning_repsim.metrics.SVDDissimilarity` (the representation route, exact, O(M^2) state), or
+    pass ``labels=`` to estimate d_LLV on a subset of labels (``result.labels`` says so).
 
     Args:
         rep_dim: the representation dimension M (input sets have M+1 inputs).
-        num_labels: K; if None, taken from the first ``update`` (the state is then sized lazily).
-        lam, reduce, combine, label_pivot, leave_out, num_input_sets, seed: as in
-            :func:`~lightning_repsim.functional.llv_distance` (``seed`` also seeds the buffer's hash).
-        input_sets: optional (S, M+1) candidate input sets given as input *ids* (pass ``ids`` to
-            ``update``); the buffer then keeps exactly those inputs and the sets are evaluated as given.
-        pivot_candidates: optional labels to search as pivots (all K by default).
-        max_pivot_candidates: if set and K is larger, search only the labels with the largest mean
-            log-probability (``result.label_search == "restricted"``). Default None: all K^2 pairs.
-        buffer_size: capacity of the candidate buffer (default 1024).
+        num_labels: K; if None, taken from the first ``update`` (the states are then sized lazily).
+        buffer_size: capacity of the candidate buffer (default 1024, at least M+1).
         nan_strategy: ``"error"`` (default, the functional layer's error) or ``"ignore"``: rows with a
             non-finite logit in either model are dropped and counted in ``num_dropped``.
-        kwargs: passed to :class:`torchmetrics.Metric` (``sync_on_compute``, ``process_group``, ...).
-
-    ``update(logits_p, logits_q, mask=None, ids=None)``: logits (B, K) or (B, T, K) in any float dtype on
-    any device (accumulated in float64 on that device; move the metric there with ``.to``); ``mask``
-    (B,) or (B, T) boolean, True = use the input (e.g. ``labels != ignore_index``); ``ids`` optional
-    integer ids of the inputs (same shape as ``mask``), hashed instead of the logits: use them when the
-    logits of one input could differ in the last bits between runs (different batch sizes on GPU).
-
-    The result's ``input_set``/``candidate_sets`` are input ids when every buffered input has one, else
-    positions in the hash-ordered buffer. ``forward`` only updates; call ``compute()`` at the end.
+        memory_budget_gb: the most the states plus ``compute()`` may need (default 8); None: no check.
+        kwargs: the d_LLV options of :class:`~lightning_repsim.functional.LLVOptions` (``lam``, ``reduce``,
+            ``combine``, ``label_pivot``, ``leave_out``, ``labels``, ``pivot_candidates``,
+            ``max_pivot_candidates``, ``input_sets`` (of input *ids*: the buffer then keeps exactly those
+            inputs), ``num_input_sets``, ``seed`` (also the buffer's hash)), and the keyword arguments of
+            :class:`torchmetrics.Metric` (``sync_on_compute``, ``process_group``, ...).
 
     Notes on the candidate buffer: inputs with identical content (or identical ids) are the same input
     to the sketch and are kept once, so duplicates added by a ``DistributedSampler`` to even out the
     shards do not change the buffer (they do add to the moments, as for every torchmetrics metric: use
     ``drop_last`` or an even split for exact equality with one process). Pass ``ids`` always or never
     within one accumulation. With 52-bit keys plus a second 52-bit key for ties, two different inputs
-    collide with probability about ``N^2 / 2^105``.
+    collide with probability about ``N^2 / 2^105``. With ``labels``, the hash reads only those columns.
 
     Example:
         >>> import torch
@@ -127,10 +97,11 @@ class LLVDistance(CandidateMixin, StreamingMetric):
         >>> metric = LLVDistance(rep_dim=2)
         >>> for i in range(0, 300, 64):
         ...     metric.update(logits_p[i : i + 64], logits_q[i : i + 64])
-        >>> res = metric.compute()
+        >>> d_llv = metric.compute()  # a scalar tensor: self.log("val/d_llv", metric) works
+        >>> res = metric.compute_result()  # the full LLVResult
         >>> ref = llv_distance(logits_p, logits_q, rep_dim=2)
-        >>> (res.label_pivot, res.leave_out) == (ref.label_pivot, ref.leave_out)
-        True
+        >>> (res.label_pivot, res.leave_out) == (ref.label_pivot, ref.leave_out), bool(d_llv == res.value)
+        (True, True)
         >>> bool(torch.isclose(res.t1, ref.t1, rtol=1e-12)), res.num_inputs
         (True, 300)
     """
@@ -139,68 +110,99 @@ class LLVDistance(CandidateMixin, StreamingMetric):
         self,
         rep_dim: int,
         num_labels: int | None = None,
-        lam: float = 1e-5,
-        reduce: str = "max",
-        combine: str = "max",
-        label_pivot: int | None = None,
-        leave_out: int | None = None,
-        input_sets: Tensor | None = None,
-        num_input_sets: int = 200,
-        seed: int = 0,
-        pivot_candidates: Tensor | None = None,
-        max_pivot_candidates: int | None = None,
         buffer_size: int = DEFAULT_BUFFER_SIZE,
         nan_strategy: str = "error",
+        memory_budget_gb: float | None = DEFAULT_MEMORY_BUDGET_GB,
         **kwargs: Any,
     ) -> None:
-        super().__init__(nan_strategy=nan_strategy, **kwargs)
+        options, kwargs = LLVOptions.split(kwargs)
+        super().__init__(nan_strategy=nan_strategy, memory_budget_gb=memory_budget_gb, **kwargs)
+        self.options = options
         self.rep_dim = check_rep_dim(rep_dim)
-        check_llv_options(lam, reduce, combine, max_pivot_candidates)
-        if num_labels is not None:
-            check_num_labels(int(num_labels))
-            num_labels = int(num_labels)
-            self.label_pivot = check_label_index(label_pivot, "label_pivot", num_labels)
-            self.leave_out = check_label_index(leave_out, "leave_out", num_labels)
-        else:
-            self.label_pivot, self.leave_out = label_pivot, leave_out
-        if self.label_pivot is not None and self.label_pivot == self.leave_out:
-            raise ValueError(f"`label_pivot` and `leave_out` must differ, both are {label_pivot}")
-        self.num_labels = num_labels
-        self.lam, self.reduce, self.combine = float(lam), reduce, combine
-        self.pivot_candidates = pivot_candidates
-        self.max_pivot_candidates = max_pivot_candidates
-        self._add_moments("moments", None if num_labels is None else 2 * num_labels)
-        self._init_candidates(
-            buffer_size, input_sets, self.rep_dim + 1, None if num_labels is None else 2 * num_labels, num_input_sets, seed
-        )
+        self.num_labels = None if num_labels is None else check_positive_int(num_labels, "num_labels", minimum=3)
+        self.buffer_size = buffer_size
+        width = None
+        if self.num_labels is not None:
+            width = 2 * self._resolve(self.num_labels, buffer_size).num_compared
+        self._add_state_kind("moments", "moments", empty_moments(width) if width else torch.zeros(0, dtype=torch.float64))
+        self._add_state_kind("dims", "dims", torch.tensor([self.num_labels or 0], dtype=torch.int64))
+        self._init_candidates(buffer_size, self.rep_dim + 1, width)
+        labels = -1 if options.labels is None else int(options.labels.sum() * 1_000_003 + options.labels.numel())
+        self._set_config(rep_dim=self.rep_dim, labels=labels, **self._candidate_config())
 
-    def update(self, logits_p: Tensor, logits_q: Tensor, mask: Tensor | None = None, ids: Tensor | None = None) -> None:
-        p, q, ids = logit_rows(self, logits_p, logits_q, mask, ids)
-        k = p.shape[1]
-        if self.num_labels is None:
-            check_num_labels(k)
-        elif k != self.num_labels:
+    # -- sizes -------------------------------------------------------------------------------------
+    def _resolve(self, k: int, buffer_size: int | None = None) -> _Labels:
+        """The label options for K labels, after the size and memory checks (before anything is allocated)."""
+        if self.num_labels is not None and k != self.num_labels:
             raise ValueError(f"LLVDistance was built for K={self.num_labels} labels, got logits with K={k}")
-        for name in ("label_pivot", "leave_out"):
-            check_label_index(getattr(self, name), name, k)
-        if p.shape[0] == 0:
-            return
-        lp, lq = log_probabilities(p), log_probabilities(q)
-        self.moments = moments_add(self._size_state("moments", (moments_size(2 * k),)), torch.cat([lp, lq - lp], dim=1))
-        self._insert_candidates(torch.cat([p, q], dim=1), torch.cat([lp, lq], dim=1), ids)
-
-    def compute(self) -> LLVResult:
-        if self.moments.numel() == 0:
-            raise ValueError(f"LLVDistance needs at least M + 2 = {self.rep_dim + 2} inputs, got N=0")
-        n, mean, cov = moments_covariance(self.moments)
-        k = cov.shape[0] // 2
-        check_num_inputs(n, self.rep_dim)
-        pivots = choose_pivots(mean[:k], mean[:k] + mean[k:], self.pivot_candidates, self.max_pivot_candidates)
-        labels = label_part(
-            partial(label_cov_from_full, cov), k, cov.device, self.reduce, self.label_pivot, self.leave_out, pivots
+        resolved = self.options.resolve(k)
+        kk = k if resolved.labels is None else resolved.labels.numel()
+        check_num_labels(kk)
+        buf = self.buffer_size if buffer_size is None else buffer_size
+        state = 8.0 * (1 + 2 * kk + 4 * kk * kk + buf * (2 * kk + 3))
+        compute = 8.0 * (4 * kk * kk + 20 * min(kk * kk, CHUNK_NUMBERS) + 12 * CHUNK_NUMBERS)
+        fit = int(math.sqrt(max(self.memory_budget_gb or 0, 0) * 1e9 / 8 / 8)) if self.memory_budget_gb else kk
+        self._check_memory(
+            state, compute, f"with K={kk:,} labels",
+            "d_LLV from logits keeps a 2K x 2K statistic. With embeddings and the unembedding, use SVDDissimilarity "
+            "(the representation route: the exact d_LLV from an O(M^2) state, for any K). From logits alone, estimate "
+            f"d_LLV on a subset of labels: LLVDistance(rep_dim=..., labels=<label indices>) with at most about {fit:,} "
+            "labels (e.g. the most frequent tokens); the result reports `labels`.",
         )
-        rows = self._candidate_rows()
-        pos, reported = self._candidate_sets(rows, self.rep_dim + 1)
-        lp_rows, lq_rows = rows[:, META : META + k], rows[:, META + k :]
-        inputs = input_part(lp_rows[pos], lq_rows[pos], reported, self.reduce)
-        return llv_result(labels, inputs, n, k, self.rep_dim, self.lam, self.reduce, self.combine)
+        return _Labels(resolved, kk)
+
+    def _describe(self, name: str, shape: tuple[int, ...]) -> str:
+        if name == "moments":
+            return f"K={moments_dim(shape[0]) // 2} labels"
+        if name == "candidates":
+            return f"a buffer of {shape[0]} inputs with K={(shape[1] - META) // 2} labels"
+        if name == "dims":
+            return f"K={shape[0]} labels"
+        return super()._describe(name, shape)
+
+    # -- update and compute ------------------------------------------------------------------------
+    def update(self, logits_p: Tensor, logits_q: Tensor, mask: Tensor | None = None, ids: Tensor | None = None) -> None:
+        """Accumulate a batch of both models' logits (see the class docstring)."""
+        p, q, ids, dropped = logit_rows(logits_p, logits_q, mask, ids, self.nan_strategy)
+        k = p.shape[1]
+        labels = self._resolve(k).resolved.labels
+        contributions: dict[str, Any] = {"dims": torch.tensor([k], dtype=torch.int64)}
+        if dropped:
+            contributions["num_dropped"] = dropped
+        if p.shape[0]:
+            columns = None if labels is None else labels.to(p.device)
+            lp, lq = log_probability_rows(p, q, columns)
+            contributions["moments"] = torch.cat([lp, lq - lp], dim=1)
+            content = torch.cat([p, q] if columns is None else [p.index_select(1, columns), q.index_select(1, columns)], 1)
+            contributions["candidates"] = self._candidate_rows(content, torch.cat([lp, lq], dim=1), ids)
+        self._accumulate(contributions)
+
+    def _result_from(self, states: dict[str, Tensor]) -> LLVResult:
+        moments = states["moments"]
+        if moments.numel() == 0 or int(moments[0]) == 0:
+            raise ValueError(f"LLVDistance needs at least M + 2 = {self.rep_dim + 2} inputs, got N=0")
+        n, mean, cov = moments_covariance(moments)
+        kk = cov.shape[0] // 2
+        check_num_inputs(n, self.rep_dim)
+        k = int(states["dims"][0]) or kk
+        resolved = self.options.resolve(k)
+        pivots = choose_pivots(mean[:kk], mean[:kk] + mean[kk:], resolved, self.options.max_pivot_candidates)
+        labels = label_part(
+            partial(label_cov_from_full, cov), kk, cov.device, self.options.reduce, resolved.label_pivot,
+            resolved.leave_out, pivots,
+        )
+        rows, pos, reported = self._candidate_sets(states["candidates"], self.rep_dim + 1)
+        inputs = input_part(rows[:, META : META + kk], rows[:, META + kk :], pos, reported, self.options.reduce)
+        return llv_result(labels, inputs, resolved, n, k, self.rep_dim, self.options)
+
+    def compute_result(self) -> LLVResult:
+        """The full :class:`~lightning_repsim.functional.LLVResult` (``.value`` is what ``compute()`` returns)."""
+        return super().compute_result()
+
+
+class _Labels:
+    """The resolved label options and the number of compared labels."""
+
+    def __init__(self, resolved: ResolvedLabels, num_compared: int) -> None:
+        self.resolved = resolved
+        self.num_compared = num_compared

@@ -1,0 +1,81 @@
+"""The model family of SPEC §1, ``p(y|x) = softmax_y(f(x)^T g(y) + b_y)``: unembeddings with an optional bias
+column, and logits and log-partition functions computed from representations, in float64.
+
+An unembedding is ``(K, M)`` (weights ``g(y)``) or ``(K, M+1)`` with the bias ``b_y`` as last column, which is
+what ``torch.cat([head.weight, head.bias[:, None]], 1)`` gives for a final ``nn.Linear`` (the embedding is then
+the layer's input). Every layer that needs logits or ``logZ`` from representations calls these functions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_repsim.functional._validation import as_matrix, check_finite
+
+__all__ = ["log_partition", "logits_from_parts", "logits_from_representations", "split_unembedding"]
+
+#: Labels per block when ``logZ`` is computed for large vocabularies (never a B x K float64 block).
+LABEL_BLOCK = 8192
+
+
+def split_unembedding(unemb: Tensor, rep_dim: int, name: str = "unemb") -> tuple[Tensor, Tensor | None]:
+    """Float64 weights (K, M) and bias (K,) or None of an unembedding of width M or M+1 (bias last), on its device.
+
+    Example:
+        >>> import torch
+        >>> w, b = split_unembedding(torch.ones(5, 3), rep_dim=2)
+        >>> w.shape, b.shape, w.dtype
+        (torch.Size([5, 2]), torch.Size([5]), torch.float64)
+    """
+    u = as_matrix(unemb, name)
+    check_finite(u, name)
+    if u.ndim != 2 or unemb.ndim != 2:
+        raise ValueError(f"`{name}` must be a (K, M) or (K, M+1) matrix, got shape {tuple(unemb.shape)}")
+    if u.shape[1] == rep_dim:
+        return u, None
+    if u.shape[1] == rep_dim + 1:
+        return u[:, :rep_dim], u[:, rep_dim]
+    raise ValueError(
+        f"`{name}` must have shape (K, M) or (K, M+1) (bias as last column) with M={rep_dim} "
+        f"(the embedding dimension), got {tuple(u.shape)}"
+    )
+
+
+def logits_from_parts(emb: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Logits ``f(x)^T g(y) (+ b_y)`` in float64 from embeddings (N, M), weights (K, M) and an optional bias (K,)."""
+    logits = emb.to(torch.float64) @ weight.to(device=emb.device, dtype=torch.float64).T
+    return logits if bias is None else logits + bias.to(device=emb.device, dtype=torch.float64)
+
+
+def logits_from_representations(emb: Tensor, unemb: Tensor, names: tuple[str, str] = ("emb", "unemb")) -> Tensor:
+    """Logits ``f(x)^T g(y) (+ b_y)`` from an embedding (N x M) and an unembedding (K x M, or
+    K x (M+1) with the bias as last column), in float64.
+
+    Example:
+        >>> import torch
+        >>> lin = torch.nn.Linear(4, 3).double()
+        >>> f = torch.randn(5, 4, dtype=torch.float64)
+        >>> unemb = torch.cat([lin.weight, lin.bias[:, None]], dim=1)
+        >>> torch.allclose(logits_from_representations(f, unemb), lin(f))
+        True
+    """
+    f = as_matrix(emb, names[0])
+    w, b = split_unembedding(unemb, f.shape[1], names[1])
+    return logits_from_parts(f, w, b)
+
+
+def log_partition(emb: Tensor, weight: Tensor, bias: Tensor | None, block: int = LABEL_BLOCK) -> Tensor:
+    """``logZ(x) = logsumexp_y (f(x)^T g(y) + b_y)`` in float64, over blocks of labels (memory O(N block)).
+
+    Example:
+        >>> import torch
+        >>> f, w = torch.randn(4, 3, dtype=torch.float64), torch.randn(10, 3, dtype=torch.float64)
+        >>> bool(torch.allclose(log_partition(f, w, None, block=3), torch.logsumexp(f @ w.T, dim=1)))
+        True
+    """
+    parts = []
+    for start in range(0, weight.shape[0], block):
+        b = None if bias is None else bias[start : start + block]
+        parts.append(torch.logsumexp(logits_from_parts(emb, weight[start : start + block], b), dim=1))
+    return parts[0] if len(parts) == 1 else torch.logsumexp(torch.stack(parts, dim=1), dim=1)

@@ -1,0 +1,142 @@
+"""The representation route of d_LLV (SPEC §6): every term from embeddings and unembeddings, never K x K.
+
+For a model of the family ``p(y|x) = softmax(W f(x) + b)``, each log-probability is a linear function of the
+streamed vector ``u(x)`` (layout :data:`REPRESENTATION_LAYOUT`), so the label terms need only the
+``(2M+2) x (2M+2)`` covariance of ``u`` and the unembeddings (``Cov(w) = B Cov(u) B^T``, never formed), and the
+input terms only the candidate inputs' embeddings: O(M^2) state and O(K M^2 + P K M) compute for any vocabulary
+size K. The entries then follow the shared formula of :mod:`~lightning_repsim.functional.llv_terms`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_repsim.functional._moments import batch_moments, covariance_from_moments, merge_moments
+from lightning_repsim.functional.llv_terms import LabelCov, entries, normalisers
+
+__all__ = [
+    "REPRESENTATION_LAYOUT",
+    "input_terms_from_representation",
+    "RepresentationLabelCov",
+    "label_means_from_representation",
+]
+
+#: Layout of the streamed representation vector ``u(x)`` (length ``2M + 2``). It is an invertible
+#: linear map of ``[f_p, logZ_p, f_q, logZ_q]`` (SPEC §6); storing the *differences* keeps nearly
+#: identical models accurate, exactly as ``[l_p; l_q - l_p]`` does for the logits route.
+REPRESENTATION_LAYOUT = "[f_p, logZ_p, f_q - f_p, logZ_q - logZ_p]"
+_LABEL_CHUNK = 4096
+
+
+def _label_coefficients(w_p: Tensor, w_q: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows ``alpha_y``, ``delta_y`` of the linear maps ``u -> X_y = l_p(y|x)`` and
+    ``u -> D_y = l_q(y|x) - l_p(y|x)`` (up to constants, which covariances ignore):
+    ``X_y = W_p[y] f_p - logZ_p + b``, ``D_y = (W_q - W_p)[y] f_p + W_q[y] (f_q - f_p) - (logZ_q - logZ_p) + b'``."""
+    wp, wq = w_p[rows], w_q[rows]
+    c, m = wp.shape
+    zero, one = wp.new_zeros(c, 1), wp.new_ones(c, 1)
+    alpha = torch.cat([wp, -one, wp.new_zeros(c, m + 1)], dim=1)
+    delta = torch.cat([wq - wp, zero, wq, -one], dim=1)
+    return alpha, delta
+
+
+class RepresentationLabelCov:
+    """``pivots -> LabelCov`` from the ``(2M+2) x (2M+2)`` covariance of ``u(x)`` (layout
+    :data:`REPRESENTATION_LAYOUT`) and the unembedding weights ``w_p``, ``w_q`` (K x M; biases shift
+    log-probabilities by constants and do not enter). ``Cov(w) = B Cov(u) B^T`` is never formed: the K
+    diagonals cost O(K M^2) once, each call O(P K M) for its P pivots; memory O(P K + chunk_size M), so
+    K = 50,257 is fine. Pass it as the ``label_cov`` of :func:`~lightning_repsim.functional.llv_terms.label_part`,
+    which calls it once per chunk of pivots.
+    """
+
+    def __init__(self, cov_u: Tensor, w_p: Tensor, w_q: Tensor, chunk_size: int = _LABEL_CHUNK) -> None:
+        self.cov_u, self.w_p, self.w_q, self.chunk_size = cov_u, w_p, w_q, chunk_size
+        k, m = w_p.shape
+        self.vx, self.vxd, self.vd = (cov_u.new_empty(k) for _ in range(3))
+        for sl, a, d in self._label_chunks():
+            a_s, d_s = a[:, : m + 1] @ cov_u[: m + 1], d @ cov_u
+            self.vx[sl], self.vxd[sl], self.vd[sl] = (a_s * a).sum(1), (a_s * d).sum(1), (d_s * d).sum(1)
+
+    def _label_chunks(self):
+        k = self.w_p.shape[0]
+        for start in range(0, k, self.chunk_size):
+            sl = slice(start, min(k, start + self.chunk_size))
+            yield (sl, *_label_coefficients(self.w_p, self.w_q, torch.arange(sl.start, sl.stop, device=self.w_p.device)))
+
+    def __call__(self, pivots: Tensor) -> LabelCov:
+        cov_u, m, k = self.cov_u, self.w_p.shape[1], self.w_p.shape[0]
+        a_piv, d_piv = _label_coefficients(self.w_p, self.w_q, pivots)
+        a_piv_s, d_piv_s = a_piv[:, : m + 1] @ cov_u[: m + 1], d_piv @ cov_u
+        sxx, sxd_py, sxd_yp, sdd = (cov_u.new_empty(pivots.numel(), k) for _ in range(4))
+        for sl, a, d in self._label_chunks():
+            sxx[:, sl], sxd_py[:, sl] = a_piv_s @ a.T, a_piv_s @ d.T
+            sxd_yp[:, sl], sdd[:, sl] = d_piv_s @ a.T, d_piv_s @ d.T
+        return LabelCov(pivots=pivots, vx=self.vx, vxd=self.vxd, vd=self.vd, sxx=sxx, sxd_py=sxd_py, sxd_yp=sxd_yp, sdd=sdd)
+
+
+def label_means_from_representation(
+    mean_u: Tensor, w_p: Tensor, b_p: Tensor | None, w_q: Tensor, b_q: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Mean log-probability of every label under each model, ``E_x l_p(y|x)`` and ``E_x l_q(y|x)``."""
+    m = w_p.shape[1]
+    f_p, lz_p, df, dlz = mean_u[:m], mean_u[m], mean_u[m + 1 : 2 * m + 1], mean_u[2 * m + 1]
+    mean_p = w_p @ f_p - lz_p
+    mean_q = w_q @ (f_p + df) - (lz_p + dlz)
+    return (mean_p if b_p is None else mean_p + b_p), (mean_q if b_q is None else mean_q + b_q)
+
+
+def input_terms_from_representation(
+    f_p_rows: Tensor,
+    f_q_rows: Tensor,
+    w_p: Tensor,
+    b_p: Tensor | None,
+    w_q: Tensor,
+    b_q: Tensor | None,
+    sets: Tensor,
+    chunk_size: int = _LABEL_CHUNK,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Term-2/term-4 entries ``(b, b_piv, |tau_p - tau_q|, valid)``, each (S, M), for candidate sets
+    (S, M+1) of row indices into the embeddings ``f_p_rows``/``f_q_rows`` (R x M), without forming any
+    (M+1) x K matrix of log-probabilities.
+
+    Over labels, ``l_p(y|x) = h_y . [f_p(x), 1, 0, 0] + const`` and ``l_q(y|x) - l_p(y|x) =
+    h_y . [f_q - f_p, 0, f_q, 1] + const`` with ``h_y = [W_p[y], b_p[y], (W_q - W_p)[y], (b_q - b_p)[y]]``,
+    so every standard deviation over labels is a quadratic form in the ``(2M+2)^2`` label covariance
+    of ``h`` (cost O(K M^2)); pairwise differences of inputs come from Gram matrices of the centred
+    rows (O(R^2 M)). Same algebra as :func:`label_table`: ``tau_q^2 = tau_p^2 + Delta`` and
+    ``l_p/tau_p - l_q/tau_q = gamma l_p - beta (l_q - l_p)``.
+    """
+    k, m = w_p.shape
+    b_p = w_p.new_zeros(k) if b_p is None else b_p
+    b_q = w_q.new_zeros(k) if b_q is None else b_q
+    count = mean = m2 = None
+    for start in range(0, k, chunk_size):
+        sl = slice(start, min(k, start + chunk_size))
+        h = torch.cat([w_p[sl], b_p[sl, None], w_q[sl] - w_p[sl], (b_q[sl] - b_p[sl])[:, None]], dim=1)
+        part = batch_moments(h)
+        count, mean, m2 = part if count is None else merge_moments(count, mean, m2, *part)
+    sigma = covariance_from_moments(count, m2)
+
+    fp, fq = f_p_rows, f_q_rows
+    df = fq - fp
+    r = fp.shape[0]
+    zero, one = fp.new_zeros(r, 1), fp.new_ones(r, 1)
+    x = torch.cat([fp, one, fp.new_zeros(r, m + 1)], dim=1)
+    e = torch.cat([df, zero, fq, one], dim=1)
+    x_s, e_s = x @ sigma, e @ sigma
+    vx, cxe, ve = (x_s * x).sum(1), (x_s * e).sum(1), (e_s * e).sum(1)
+    vq = vx + 2 * cxe + ve
+    ac = torch.cat([fp - fp.mean(0), fp.new_zeros(r, m + 2)], dim=1)
+    dc = torch.cat([df - df.mean(0), zero, fq - fq.mean(0), zero], dim=1)
+    ac_s = ac @ sigma
+    gaa, gad, gdd = ac_s @ ac.T, ac_s @ dc.T, (dc @ sigma) @ dc.T
+
+    z, i = sets[:, :1], sets[:, 1:]
+    tp2 = gaa[i, i] + gaa[z, z] - 2 * gaa[i, z]
+    cad = gad[i, i] - gad[i, z] - gad[z, i] + gad[z, z]
+    vdd = gdd[i, i] + gdd[z, z] - 2 * gdd[i, z]
+    delta = 2 * cad + vdd
+    valid, tp, tq = normalisers(tp2, delta, vx[i] + vx[z], vq[i] + vq[z])
+    b, b_piv, t4 = entries(valid, tp, tq, delta, (vx[i], cxe[i], ve[i]), (vx[z], cxe[z], ve[z]))
+    return b, b_piv, t4, valid

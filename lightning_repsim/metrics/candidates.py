@@ -1,0 +1,89 @@
+"""Candidate inputs for the input-set search of d_LLV (T2, T4) and the g-part of d_SVD, shared by
+:class:`~lightning_repsim.metrics.LLVDistance` and :class:`~lightning_repsim.metrics.SVDDissimilarity`.
+
+Two modes: *sketch* (default) keeps the ``buffer_size`` inputs with the smallest seeded hash of their content,
+or of their ``ids`` when given (:mod:`~lightning_repsim.metrics.sketch`); *pinned* (``input_sets`` of ids given)
+keeps exactly the inputs whose ids occur in ``input_sets``, so explicit candidate sets can be evaluated.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_repsim.functional._validation import check_positive_int
+from lightning_repsim.functional.llv import LLVOptions, draw_input_sets
+from lightning_repsim.metrics.base import StreamingMetric
+from lightning_repsim.metrics.sketch import META, buffer_content, empty_buffer, hash_keys
+
+__all__ = ["DEFAULT_BUFFER_SIZE", "CandidateMixin"]
+
+DEFAULT_BUFFER_SIZE = 1024
+
+
+class CandidateMixin(StreamingMetric):
+    """The bounded candidate buffer of a metric and the candidate sets drawn from it."""
+
+    options: LLVOptions
+
+    def _init_candidates(self, buffer_size: int, set_size: int | None, width: int | None) -> None:
+        check_positive_int(buffer_size, "buffer_size")
+        self._pinned = None
+        sets = self.options.input_sets
+        if sets is not None:
+            if set_size is not None and sets.shape[1] != set_size:
+                raise ValueError(f"`input_sets` must have shape (S, M+1) = (S, {set_size}), got {tuple(sets.shape)}")
+            self._pinned = torch.unique(sets)
+            buffer_size = self._pinned.numel()
+        elif set_size is not None and buffer_size < set_size:
+            raise ValueError(
+                f"`buffer_size`={buffer_size} cannot hold an input set of M+1 = {set_size} inputs: use buffer_size >= {set_size} "
+                f"(default {DEFAULT_BUFFER_SIZE})"
+            )
+        self.buffer_size = buffer_size
+        default = empty_buffer(buffer_size, width) if width is not None else torch.zeros(0, 0, dtype=torch.float64)
+        self._add_state_kind("candidates", "buffer", default, capacity=buffer_size)
+
+    def _candidate_config(self) -> dict[str, int]:
+        """The part of the configuration that decides which inputs the buffer keeps."""
+        pinned = -1 if self._pinned is None else int(hash_keys(self.options.input_sets.reshape(1, -1), 0)[0])
+        return {"seed": self.options.seed, "buffer_size": self.buffer_size, "input_sets": pinned}
+
+    def _candidate_rows(self, content: Tensor, data: Tensor, ids: Tensor | None) -> Tensor:
+        """Keyed buffer rows ``[key, key2, id, data...]`` for the inputs: ``content`` is hashed (unless ``ids``),
+        ``data`` is stored; in pinned mode only the inputs whose ids occur in ``input_sets``."""
+        if self._pinned is not None:
+            if ids is None:
+                raise ValueError("`input_sets` hold input ids: pass the inputs' `ids` to update()")
+            sel = torch.isin(ids, self._pinned.to(ids.device)).nonzero().flatten()
+            ids, data = ids.index_select(0, sel), data.index_select(0, sel)
+            key = key2 = ids.to(torch.float64)
+        else:
+            key, key2 = hash_keys(ids if ids is not None else content, self.options.seed)
+        id_col = ids.to(torch.float64) if ids is not None else torch.full_like(key, -1.0)
+        return torch.cat([key[:, None], key2[:, None], id_col[:, None], data], dim=1)
+
+    def _candidate_sets(self, buffer: Tensor, set_size: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``(rows, positions, reported)``: the filled buffer rows, the candidate sets as row positions in them, and
+        as reported in the result (input ids when every buffered input has one, else buffer positions)."""
+        rows = buffer_content(buffer) if buffer.numel() else buffer.new_zeros(0, META)
+        ids = rows[:, 2].to(torch.long)
+        if self.options.input_sets is not None:
+            sets = self.options.input_sets.to(rows.device)
+            pos = torch.searchsorted(ids, sets.reshape(-1)).clamp_max(max(ids.numel() - 1, 0))
+            found = ids.numel() > 0 and bool((ids[pos] == sets.reshape(-1)).all())
+            if not found:
+                missing = sorted({int(i) for i in sets.reshape(-1).tolist()} - set(ids.tolist()))
+                raise ValueError(
+                    f"`input_sets` refer to input ids never passed to update(): {missing[:10]}"
+                    + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else "")
+                )
+            return rows, pos.reshape(sets.shape), sets.clone()
+        if rows.shape[0] < set_size:
+            raise ValueError(
+                f"the candidate buffer holds {rows.shape[0]} distinct inputs, fewer than the M+1 = {set_size} of an "
+                "input set: update() with more (distinct) inputs"
+            )
+        pos = draw_input_sets(rows.shape[0], set_size, self.options.num_input_sets, self.options.seed).to(rows.device)
+        reported = ids[pos] if bool((ids >= 0).all()) else pos
+        return rows, pos, reported
