@@ -343,12 +343,12 @@ def test_moment_fold_is_exact_chan_merge():
     for idx in torch.arange(300).split([1, 120, 179]):
         part = MeanCCA()
         part.update(x[idx, :2], x[idx, 2:])
-        parts.append(part.moments)
+        parts.append(part.cca_moments)
     metric.update(x[:, :2], x[:, 2:])
     folded = fold_moments(torch.stack(parts))
     assert folded[0] == 300
-    assert_rel(folded[1:5], metric.moments[1:5], 1e-15)
-    m2_a, m2_b = folded[5:].view(4, 4), metric.moments[5:].view(4, 4)
+    assert_rel(folded[1:5], metric.cca_moments[1:5], 1e-15)
+    m2_a, m2_b = folded[5:].view(4, 4), metric.cca_moments[5:].view(4, 4)
     scale = m2_b.diagonal().sqrt()
     assert float(((m2_a - m2_b).abs() / (scale[:, None] * scale[None, :])).max()) < 1e-11  # offset/sd = 1e4
 

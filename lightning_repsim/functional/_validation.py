@@ -27,6 +27,8 @@ def as_rows(x: Tensor, name: str) -> Tensor:
         raise ValueError(f"`{name}` must have shape (N, K) or (..., K), got shape {tuple(x.shape)}")
     if not (x.is_floating_point()):
         raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {x.dtype}")
+    if x.shape[-1] == 0:
+        raise ValueError(f"`{name}` must have at least one class (coordinate) in its last dimension, got shape {tuple(x.shape)}")
     return x.reshape(-1, x.shape[-1])
 
 

@@ -91,7 +91,7 @@ class StreamingMetric(Metric):
     plot_upper_bound: float | None = None
 
     def __init__(self, nan_strategy: str = "error", memory_budget_gb: float | None = DEFAULT_MEMORY_BUDGET_GB,
-                 **kwargs: Any) -> None:
+                 config: dict[str, int] | None = None, **kwargs: Any) -> None:
         if kwargs.get("dist_sync_on_step"):
             raise ValueError(
                 f"{type(self).__name__} does not support `dist_sync_on_step=True`: forward returns the process's own "
@@ -113,6 +113,11 @@ class StreamingMetric(Metric):
         self._capture = False
         self._batch: dict[str, Any] | None = None
         self._warned: set[str] = set()
+        if config:
+            # the configuration is the first state: torchmetrics < 1.9 compares only the first state of two metrics
+            # with the same state names when it forms a MetricCollection's compute groups
+            self._config_names = tuple(config)
+            self._add_state_kind("config", "config", torch.tensor([int(v) for v in config.values()], dtype=torch.int64))
         self._add_state_kind("num_dropped", "count", torch.zeros((), dtype=torch.int64))
 
     # -- states ---------------------------------------------------------------------------------
@@ -124,12 +129,6 @@ class StreamingMetric(Metric):
         self._empty[name] = default.detach().clone()
         if capacity is not None:
             self._capacity[name] = capacity
-
-    def _set_config(self, **values: int) -> None:
-        """The configuration that must agree for two accumulations to be merged (seed, buffer size, ...), kept
-        as a small ``config`` state so that merges, loads and DDP sync can check it."""
-        self._config_names = tuple(values)
-        self._add_state_kind("config", "config", torch.tensor([int(v) for v in values.values()], dtype=torch.int64))
 
     def _identity(self, name: str, shape: tuple[int, ...]) -> Tensor:
         """The empty (merge-identity) value of a lazily sized state of the given shape."""

@@ -44,10 +44,15 @@ class CandidateMixin(StreamingMetric):
         default = empty_buffer(buffer_size, width) if width is not None else torch.zeros(0, 0, dtype=torch.float64)
         self._add_state_kind("candidates", "buffer", default, capacity=buffer_size)
 
-    def _candidate_config(self) -> dict[str, int]:
-        """The part of the configuration that decides which inputs the buffer keeps."""
-        pinned = -1 if self._pinned is None else int(hash_keys(self.options.input_sets.reshape(1, -1), 0)[0])
-        return {"seed": self.options.seed, "buffer_size": self.buffer_size, "input_sets": pinned}
+    @staticmethod
+    def candidate_config(options: LLVOptions, buffer_size: int) -> dict[str, int]:
+        """The part of the configuration that decides which inputs the buffer keeps (checked on merges)."""
+        sets = options.input_sets
+        return {
+            "seed": options.seed,
+            "buffer_size": buffer_size if sets is None else int(torch.unique(sets).numel()),
+            "input_sets": -1 if sets is None else int(hash_keys(sets.reshape(1, -1), 0)[0]),
+        }
 
     def _candidate_rows(self, content: Tensor, data: Tensor, ids: Tensor | None) -> Tensor:
         """Keyed buffer rows ``[key, key2, id, data...]`` for the inputs: ``content`` is hashed (unless ``ids``),

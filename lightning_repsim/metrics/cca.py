@@ -65,16 +65,18 @@ class MeanCCA(StreamingMetric):
     higher_is_better = True
     plot_upper_bound = 1.0
 
+    _count_state = "cca_moments"
+
     def __init__(self, nan_strategy: str = "error", memory_budget_gb: float | None = DEFAULT_MEMORY_BUDGET_GB,
                  **kwargs: Any) -> None:
         super().__init__(nan_strategy=nan_strategy, memory_budget_gb=memory_budget_gb, **kwargs)
-        self._add_state_kind("moments", "moments", torch.zeros(0, dtype=torch.float64))
+        self._add_state_kind("cca_moments", "moments", torch.zeros(0, dtype=torch.float64))
         self._add_state_kind("dims", "dims", torch.zeros(2, dtype=torch.int64))
 
     def _describe(self, name: str, shape: tuple[int, ...]) -> str:
         if name == "dims":
             return f"embedding dimensions {list(shape)}"
-        if name == "moments":
+        if name == "cca_moments":
             return f"embedding dimensions summing to {moments_dim(shape[0])}"
         return super()._describe(name, shape)
 
@@ -88,11 +90,11 @@ class MeanCCA(StreamingMetric):
         if dropped:
             contributions["num_dropped"] = dropped
         if p.shape[0]:
-            contributions["moments"] = torch.cat([p, q], dim=1)
+            contributions["cca_moments"] = torch.cat([p, q], dim=1)
         self._accumulate(contributions)
 
     def _result_from(self, states: dict[str, Tensor]) -> CCAResult:
-        moments = states["moments"]
+        moments = states["cca_moments"]
         n = int(moments[0]) if moments.numel() else 0
         dim_p, dim_q = (int(v) for v in states["dims"])
         check_cca_inputs(n, dim_p, dim_q)

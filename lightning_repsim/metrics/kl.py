@@ -59,32 +59,35 @@ class MeanKLDivergence(StreamingMetric):
         True
     """
 
+    _count_state = "kl_moments"
+
     def __init__(self, nan_strategy: str = "error", memory_budget_gb: float | None = DEFAULT_MEMORY_BUDGET_GB,
                  **kwargs: Any) -> None:
         super().__init__(nan_strategy=nan_strategy, memory_budget_gb=memory_budget_gb, **kwargs)
-        self._add_state_kind("moments", "moments", empty_moments(1))
-        self._add_state_kind("dims", "dims", torch.zeros(1, dtype=torch.int64))
+        self._add_state_kind("kl_moments", "moments", empty_moments(1))
+        self._add_state_kind("num_classes", "dims", torch.zeros(1, dtype=torch.int64))
 
     def _describe(self, name: str, shape: tuple[int, ...]) -> str:
-        return f"K={shape[0]} classes" if name == "dims" else super()._describe(name, shape)
+        return f"K={shape[0]} classes" if name == "num_classes" else super()._describe(name, shape)
 
     def update(self, logits_p: Tensor, logits_q: Tensor, mask: Tensor | None = None) -> None:
         """Accumulate a batch of both models' logits (see the class docstring)."""
         p, q, _, dropped = logit_rows(logits_p, logits_q, mask, None, self.nan_strategy)
         check_num_classes(p.shape[1])
-        contributions: dict[str, Any] = {"dims": torch.tensor([p.shape[1]], dtype=torch.int64)}
+        contributions: dict[str, Any] = {"num_classes": torch.tensor([p.shape[1]], dtype=torch.int64)}
         if dropped:
             contributions["num_dropped"] = dropped
         if p.shape[0]:
-            contributions["moments"] = kl_per_input(*log_probability_rows(p, q))[:, None]
+            contributions["kl_moments"] = kl_per_input(*log_probability_rows(p, q))[:, None]
         self._accumulate(contributions)
 
     def _result_from(self, states: dict[str, Tensor]) -> KLResult:
-        n = int(states["moments"][0])
+        moments = states["kl_moments"]
+        n = int(moments[0])
         if n == 0:
             raise ValueError("mean_kl_divergence needs at least one input, got N=0")
-        std = (states["moments"][2] / (n - 1)).sqrt() if n > 1 else torch.zeros_like(states["moments"][2])
-        return KLResult(value=states["moments"][1].clone(), std=std, num_inputs=n)
+        std = (moments[2] / (n - 1)).sqrt() if n > 1 else torch.zeros_like(moments[2])
+        return KLResult(value=moments[1].clone(), std=std, num_inputs=n)
 
     def compute_result(self) -> KLResult:
         """The :class:`KLResult` (``.value`` is what ``compute()`` returns)."""

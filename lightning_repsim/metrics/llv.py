@@ -16,7 +16,7 @@ from lightning_repsim.metrics.base import DEFAULT_MEMORY_BUDGET_GB
 from lightning_repsim.metrics.candidates import DEFAULT_BUFFER_SIZE, CandidateMixin
 from lightning_repsim.metrics.inputs import logit_rows
 from lightning_repsim.metrics.moment_state import empty_moments, moments_covariance, moments_dim
-from lightning_repsim.metrics.sketch import META
+from lightning_repsim.metrics.sketch import META, hash_keys
 
 __all__ = ["LLVDistance", "log_probability_rows"]
 
@@ -116,9 +116,11 @@ class LLVDistance(CandidateMixin):
         **kwargs: Any,
     ) -> None:
         options, kwargs = LLVOptions.split(kwargs)
-        super().__init__(nan_strategy=nan_strategy, memory_budget_gb=memory_budget_gb, **kwargs)
+        labels = -1 if options.labels is None else int(hash_keys(options.labels.reshape(1, -1), 0)[0])
+        config = {"rep_dim": check_rep_dim(rep_dim), "labels": labels, **self.candidate_config(options, buffer_size)}
+        super().__init__(nan_strategy=nan_strategy, memory_budget_gb=memory_budget_gb, config=config, **kwargs)
         self.options = options
-        self.rep_dim = check_rep_dim(rep_dim)
+        self.rep_dim = rep_dim
         self.num_labels = None if num_labels is None else check_positive_int(num_labels, "num_labels", minimum=3)
         self.buffer_size = buffer_size
         width = None
@@ -127,8 +129,6 @@ class LLVDistance(CandidateMixin):
         self._add_state_kind("moments", "moments", empty_moments(width) if width else torch.zeros(0, dtype=torch.float64))
         self._add_state_kind("dims", "dims", torch.tensor([self.num_labels or 0], dtype=torch.int64))
         self._init_candidates(buffer_size, self.rep_dim + 1, width)
-        labels = -1 if options.labels is None else int(options.labels.sum() * 1_000_003 + options.labels.numel())
-        self._set_config(rep_dim=self.rep_dim, labels=labels, **self._candidate_config())
 
     # -- sizes -------------------------------------------------------------------------------------
     def _resolve(self, k: int, buffer_size: int | None = None) -> _Labels:

@@ -148,13 +148,15 @@ class SVDDissimilarity(CandidateMixin):
         **kwargs: Any,
     ) -> None:
         options, kwargs = LLVOptions.split(kwargs)
-        super().__init__(nan_strategy=nan_strategy, memory_budget_gb=memory_budget_gb, **kwargs)
+        rep_dim = None if rep_dim is None else check_rep_dim(rep_dim)
+        config = {"rep_dim": -1 if rep_dim is None else rep_dim, **self.candidate_config(options, buffer_size)}
+        super().__init__(nan_strategy=nan_strategy, memory_budget_gb=memory_budget_gb, config=config, **kwargs)
         if options.max_pivot_candidates is None and options.pivot_candidates is None:
             options = options.replace(max_pivot_candidates=DEFAULT_MAX_PIVOT_CANDIDATES_REPRESENTATION)
         if options.labels is not None:
             raise ValueError("`labels` (a label subset) is for LLVDistance: the representation route is exact for any K")
         self.options = options
-        self.rep_dim = None if rep_dim is None else check_rep_dim(rep_dim)
+        self.rep_dim = rep_dim
         if max_label_subsets is not None and (isinstance(max_label_subsets, bool) or int(max_label_subsets) < 1):
             raise ValueError(f"`max_label_subsets` must be a positive int or None, got {max_label_subsets!r}")
         self.max_label_subsets = max_label_subsets
@@ -165,7 +167,6 @@ class SVDDissimilarity(CandidateMixin):
         self._add_state_kind("moments", "moments", empty_moments(2 * m + 2) if m else torch.zeros(0, dtype=torch.float64))
         self.buffer_size = buffer_size
         self._init_candidates(buffer_size, None if m is None else m + 1, None if m is None else 2 * m)
-        self._set_config(rep_dim=-1 if m is None else m, **self._candidate_config())
         if m is not None and self.unemb_p is not None:
             self._check_sizes(m, self.unemb_p.shape[0])
 
