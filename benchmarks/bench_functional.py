@@ -2,19 +2,44 @@
 
 Usage::
 
-    python benchmarks/bench_functional.py            # the four sizes of the issue, plus the naive baseline
-    python benchmarks/bench_functional.py --quick    # a smoke run (small N)
+    python benchmarks/bench_functional.py                       # the four sizes of the issue, plus the naive baseline
+    python benchmarks/bench_functional.py --json results.json   # also write every measured number as JSON
+    python benchmarks/bench_functional.py --quick               # a smoke run (small N)
 
-Each configuration runs in a fresh subprocess so that its peak resident memory (ru_maxrss) is its
-own. The "naive" column is a straightforward in-memory implementation written for this benchmark
+Timing: every timed call is measured twice, as wall time (``time.perf_counter``) and as CPU time of
+the process (``time.process_time``), with ONE torch intra-op thread by default (``--threads``): the
+child processes get ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` set and call ``torch.set_num_threads``.
+On a noisy shared machine the CPU time is the reproducible figure; a wall time well above the CPU
+time means the process waited for a core. ``compare`` and ``llv_distance`` are run once untimed
+(warm-up) and then ``--repeats`` times; the table shows the median of the repeats (all samples are in
+the JSON).
+
+Each size runs in two fresh subprocesses so that peak resident memory (ru_maxrss) is their own:
+
+* ``compare`` (its peak memory above the inputs, warm-up call included, is reported);
+* ``llv_distance`` and then the naive baseline in the SAME process, so that the ratio
+  naive / ``llv_distance`` (from CPU times) compares two measurements taken under the same conditions.
+
+The "naive" baseline is a straightforward in-memory implementation written for this benchmark
 (Python loops over pivots, left-out labels and candidate sets, as the authors' reference code is
-structured); it is skipped where it would take more than ``--naive-budget`` seconds.
+structured); the script asserts that it agrees with ``llv_distance`` to 1e-9 (relative). It is
+timed once (repeated like the others when one run takes under ``NAIVE_REPEAT_BELOW_S`` CPU seconds).
+Time limit: the naive loop stops once it has used ``--naive-budget`` CPU seconds (checked after each
+pivot label, so it can overrun by one pivot); it is then reported as "> budget" together with the
+fraction of pivots done, and a linear extrapolation of its total CPU time (pivots cost about the same)
+is given in the JSON and in parentheses in the table, clearly as an estimate. No agreement check is
+possible for a stopped run.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
+import platform
+import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -24,6 +49,18 @@ from _machine import current_rss_mb, peak_rss_mb
 
 SIZES = [(10, 2), (100, 5), (300, 8), (1000, 16)]
 AUTHORS_SECONDS = {10: "1.7", 100: "22", 300: "113", 1000: "> 600"}
+NAIVE_REPEAT_BELOW_S = 2.0
+AGREEMENT_RTOL = 1e-9
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+class NaiveBudgetExceeded(Exception):
+    """The naive loop used more CPU time than allowed; ``pivots_done`` of ``pivots`` were evaluated."""
+
+    def __init__(self, pivots_done: int, pivots: int):
+        super().__init__(f"stopped after {pivots_done}/{pivots} pivots")
+        self.pivots_done = pivots_done
+        self.pivots = pivots
 
 
 def make_pair(n: int, k: int, m: int, seed: int = 0):
@@ -35,11 +72,16 @@ def make_pair(n: int, k: int, m: int, seed: int = 0):
     return f1, g1, f2, g2
 
 
-def naive_llv(lp: torch.Tensor, lq: torch.Tensor, sets: torch.Tensor) -> float:
-    """Straightforward d_LLV (max/max): loops over pivots, left-out labels and candidate sets."""
+def naive_llv(lp: torch.Tensor, lq: torch.Tensor, sets: torch.Tensor, cpu_deadline: float = float("inf")) -> float:
+    """Straightforward d_LLV (max/max): loops over pivots, left-out labels and candidate sets.
+
+    Raises :class:`NaiveBudgetExceeded` when ``time.process_time()`` passes ``cpu_deadline`` (checked
+    after each pivot label)."""
     k = lp.shape[1]
     best = (float("inf"), None, None)
     for y0 in range(k):
+        if time.process_time() > cpu_deadline:
+            raise NaiveBudgetExceeded(y0, k)
         rest = [y for y in range(k) if y != y0]
         s1 = (lp[:, rest] - lp[:, [y0]]).std(0)
         s2 = (lq[:, rest] - lq[:, [y0]]).std(0)
@@ -62,34 +104,106 @@ def naive_llv(lp: torch.Tensor, lq: torch.Tensor, sets: torch.Tensor) -> float:
     return max(t1, t2)
 
 
-def run_one(n: int, k: int, m: int, what: str, sets: int) -> dict:
+def timed(fn):
+    """``(result, wall seconds, CPU seconds)`` of one call."""
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    out = fn()
+    cpu1, wall1 = time.process_time(), time.perf_counter()
+    return out, wall1 - wall0, cpu1 - cpu0
+
+
+def summary(samples: list[dict]) -> dict:
+    return {
+        "wall_s": statistics.median(s["wall_s"] for s in samples),
+        "cpu_s": statistics.median(s["cpu_s"] for s in samples),
+        "wall_min_s": min(s["wall_s"] for s in samples),
+        "cpu_min_s": min(s["cpu_s"] for s in samples),
+        "samples": samples,
+    }
+
+
+def run_repeated(fn, repeats: int) -> tuple[float, dict]:
+    """Warm-up call (untimed), then ``repeats`` timed calls; ``(value, summary)``."""
+    value = fn()
+    samples = []
+    for _ in range(repeats):
+        value, wall, cpu = timed(fn)
+        samples.append({"wall_s": wall, "cpu_s": cpu})
+    return value, summary(samples)
+
+
+def run_child(n: int, k: int, m: int, what: str, sets: int, repeats: int, threads: int, naive_budget: float) -> dict:
+    torch.set_num_threads(threads)
     from lightning_repsim.functional import compare, draw_input_sets, llv_distance, logits_from_representations
 
     f1, g1, f2, g2 = make_pair(n, k, m)
     l1, l2 = logits_from_representations(f1, g1), logits_from_representations(f2, g2)
+    out: dict = {"torch_threads": torch.get_num_threads(), "env": {v: os.environ.get(v) for v in THREAD_ENV}}
     base_mb = current_rss_mb()
-    start = time.perf_counter()
     if what == "compare":
-        rep = compare(f1, g1, f2, g2, num_input_sets=sets)
-        value = float(rep.llv.value)
-    elif what == "llv":
-        value = float(llv_distance(l1, l2, rep_dim=m, num_input_sets=sets).value)
+        value, out["compare"] = run_repeated(lambda: float(compare(f1, g1, f2, g2, num_input_sets=sets).llv.value), repeats)
+        out["compare"]["peak_mb_above_inputs"] = peak_rss_mb() - base_mb
+        out["compare"]["value"] = value
+        return out
+    # llv_distance, then the naive loops, in this same process
+    value, out["llv"] = run_repeated(lambda: float(llv_distance(l1, l2, rep_dim=m, num_input_sets=sets).value), repeats)
+    out["llv"]["peak_mb_above_inputs"] = peak_rss_mb() - base_mb
+    out["llv"]["value"] = value
+    cand = draw_input_sets(n, m + 1, sets, seed=0)
+    lp, lq = torch.log_softmax(l1, -1), torch.log_softmax(l2, -1)
+    samples: list[dict] = []
+    naive: dict = {"budget_cpu_s": naive_budget, "completed": True}
+    while True:
+        cpu_start = time.process_time()
+        wall_start = time.perf_counter()
+        try:
+            naive_value = naive_llv(lp, lq, cand, cpu_deadline=cpu_start + naive_budget)
+            cpu, wall = time.process_time() - cpu_start, time.perf_counter() - wall_start
+        except NaiveBudgetExceeded as stop:
+            cpu, wall = time.process_time() - cpu_start, time.perf_counter() - wall_start
+            naive.update(
+                completed=False, pivots_done=stop.pivots_done, pivots=stop.pivots, stopped_after_cpu_s=cpu,
+                stopped_after_wall_s=wall, estimated_total_cpu_s=cpu * stop.pivots / max(stop.pivots_done, 1),
+            )
+            break
+        samples.append({"wall_s": wall, "cpu_s": cpu})
+        if cpu >= NAIVE_REPEAT_BELOW_S or len(samples) >= repeats:
+            break
+    if naive["completed"]:
+        naive.update(summary(samples))
+        naive["value"] = naive_value
+        naive["abs_diff_vs_llv"] = abs(naive_value - value)
+        naive["agrees_to_1e-9"] = naive["abs_diff_vs_llv"] <= AGREEMENT_RTOL * max(1.0, abs(value))
+        naive["ratio_cpu_vs_llv"] = naive["cpu_s"] / out["llv"]["cpu_s"]
+        naive["ratio_wall_vs_llv"] = naive["wall_s"] / out["llv"]["wall_s"]
     else:
-        cand = draw_input_sets(n, m + 1, sets, seed=0)
-        lp, lq = torch.log_softmax(l1, -1), torch.log_softmax(l2, -1)
-        value = naive_llv(lp, lq, cand)
-    seconds = time.perf_counter() - start
-    peak_mb = peak_rss_mb()
-    return {"seconds": seconds, "peak_mb": peak_mb - base_mb, "value": value}
+        naive["ratio_cpu_vs_llv_lower_bound"] = naive["stopped_after_cpu_s"] / out["llv"]["cpu_s"]
+        naive["ratio_cpu_vs_llv_estimated"] = naive["estimated_total_cpu_s"] / out["llv"]["cpu_s"]
+    out["naive"] = naive
+    return out
 
 
-def subprocess_run(n, k, m, what, sets, timeout):
-    cmd = [sys.executable, __file__, "--child", json.dumps([n, k, m, what, sets])]
+def subprocess_run(config: list, threads: int, timeout: float) -> dict:
+    env = dict(os.environ)
+    for var in THREAD_ENV:
+        env[var] = str(threads)
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(config)]
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
-    except subprocess.TimeoutExpired:
-        return None
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True, env=env)
+    except subprocess.CalledProcessError as err:
+        print(err.stderr, file=sys.stderr)
+        raise
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def git_commit() -> str | None:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, check=True).stdout
+        return sha + (" (working tree modified)" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def main() -> None:
@@ -97,36 +211,97 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small N smoke run")
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--sets", type=int, default=200, help="candidate input sets")
-    parser.add_argument("--naive-budget", type=float, default=300.0, help="seconds allowed for the naive baseline")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (and OMP/MKL_NUM_THREADS) in the children")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls of compare / llv_distance after one warm-up call")
+    parser.add_argument(
+        "--naive-budget", type=float, default=180.0, help="CPU seconds after which the naive loop is stopped (checked per pivot)"
+    )
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per child process")
+    parser.add_argument("--json", metavar="PATH", help="also write all measured numbers, machine, date and command as JSON")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_one(*json.loads(args.child))))
+        print(json.dumps(run_child(*json.loads(args.child))))
         return
+    torch.set_num_threads(args.threads)
     from _machine import machine_info
 
+    started = datetime.datetime.now(datetime.timezone.utc)
+    t0_wall, t0_cpu = time.perf_counter(), time.process_time()
+    command = shlex.join(["python", *sys.argv])
     n = 1000 if args.quick else args.n
     sizes = SIZES[:2] if args.quick else SIZES
-    print(f"machine: {machine_info()}")
-    print(f"N = {n}, {args.sets} candidate input sets, float64\n")
+    machine = machine_info()
+    load_before = os.getloadavg()
+    print(f"command: `{command}`  ")
+    print(f"date: {started.isoformat(timespec='seconds')}  ")
+    print(f"machine: {machine}  ")
+    print(f"load average (1/5/15 min) at start: {load_before[0]:.2f} / {load_before[1]:.2f} / {load_before[2]:.2f}  ")
     print(
-        "| K | M | compare (s) | compare peak memory (MB above inputs) | llv_distance (s) | naive loops (s) "
-        "| speed-up vs naive | authors' code (s, issue) |"
+        f"N = {n}, {args.sets} candidate input sets, float64, {args.threads} torch thread(s); compare / llv_distance: "
+        f"median of {args.repeats} calls after a warm-up call; naive: CPU budget {args.naive_budget:.0f} s\n"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| K | M | compare wall (s) | compare CPU (s) | compare peak memory (MB above inputs) | llv_distance wall (s) "
+        "| llv_distance CPU (s) | naive loops wall (s) | naive loops CPU (s) | naive / llv_distance (CPU) "
+        "| authors' code (s, issue) |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
     for k, m in sizes:
-        cmp = subprocess_run(n, k, m, "compare", args.sets, 900)
-        llv = subprocess_run(n, k, m, "llv", args.sets, 900)
-        naive = subprocess_run(n, k, m, "naive", args.sets, args.naive_budget)
-        if naive is not None:
-            assert abs(naive["value"] - llv["value"]) <= 1e-9 * max(1.0, abs(llv["value"])), (naive, llv)
-        naive_s = f"{naive['seconds']:.2f}" if naive else f"> {args.naive_budget:.0f}"
-        speedup = f"{naive['seconds'] / llv['seconds']:.0f}x" if naive else f"> {args.naive_budget / llv['seconds']:.0f}x"
+        config = [args.sets, args.repeats, args.threads, args.naive_budget]
+        cmp = subprocess_run([n, k, m, "compare", *config], args.threads, args.timeout)
+        both = subprocess_run([n, k, m, "llv", *config], args.threads, args.timeout)
+        llv, naive = both["llv"], both["naive"]
+        assert abs(cmp["compare"]["value"] - llv["value"]) <= AGREEMENT_RTOL * max(1.0, abs(llv["value"])), (cmp, llv)
+        if naive["completed"]:
+            assert naive["agrees_to_1e-9"], (naive, llv)
+            naive_wall, naive_cpu = f"{naive['wall_s']:.3f}", f"{naive['cpu_s']:.3f}"
+            ratio = f"{naive['ratio_cpu_vs_llv']:,.0f}x"
+        else:
+            done = f"stopped after {naive['pivots_done']}/{naive['pivots']} pivots"
+            naive_wall = f"> {naive['stopped_after_wall_s']:.0f} ({done})"
+            naive_cpu = f"> {naive['stopped_after_cpu_s']:.0f} (est. {naive['estimated_total_cpu_s']:,.0f})"
+            ratio = f"> {naive['ratio_cpu_vs_llv_lower_bound']:,.0f}x (est. {naive['ratio_cpu_vs_llv_estimated']:,.0f}x)"
+        c = cmp["compare"]
         print(
-            f"| {k} | {m} | {cmp['seconds']:.3f} | {cmp['peak_mb']:.0f} | {llv['seconds']:.3f} | {naive_s} | {speedup} "
-            f"| {AUTHORS_SECONDS[k]} |",
+            f"| {k} | {m} | {c['wall_s']:.3f} | {c['cpu_s']:.3f} | {c['peak_mb_above_inputs']:.0f} | {llv['wall_s']:.3f} "
+            f"| {llv['cpu_s']:.3f} | {naive_wall} | {naive_cpu} | {ratio} | {AUTHORS_SECONDS[k]} |",
             flush=True,
         )
+        rows.append({"K": k, "M": m, "compare": c, "llv_distance": llv, "naive": naive,
+                     "child_threads": {"compare": cmp["torch_threads"], "llv_and_naive": both["torch_threads"]},
+                     "child_env": both["env"]})
+    total_wall, total_cpu = time.perf_counter() - t0_wall, time.process_time() - t0_cpu
+    load_after = os.getloadavg()
+    print(f"\nload average at end: {load_after[0]:.2f} / {load_after[1]:.2f} / {load_after[2]:.2f}; "
+          f"total wall time {total_wall:.0f} s")
+    if args.json:
+        record = {
+            "benchmark": "bench_functional",
+            "command": command,
+            "python_executable": sys.executable,
+            "date_utc": started.isoformat(timespec="seconds"),
+            "git_commit": git_commit(),
+            "machine": machine,
+            "machine_details": {
+                "platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                "python": platform.python_version(), "load_average_start": load_before, "load_average_end": load_after,
+            },
+            "config": {"n": n, "sets": args.sets, "threads": args.threads, "repeats": args.repeats,
+                       "naive_budget_cpu_s": args.naive_budget, "naive_repeat_below_cpu_s": NAIVE_REPEAT_BELOW_S,
+                       "agreement_rtol": AGREEMENT_RTOL, "dtype": "float64", "quick": args.quick},
+            "notes": "wall = time.perf_counter, cpu = time.process_time around each call; wall_s/cpu_s are medians of the "
+                     "samples; ratio = naive / llv_distance from CPU medians measured in the same child process.",
+            "rows": rows,
+            "total_wall_s": total_wall,
+            "parent_cpu_s": total_cpu,
+            "authors_seconds_issue": AUTHORS_SECONDS,
+        }
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as fh:
+            json.dump(record, fh, indent=2)
+            fh.write("\n")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 >>> from lightning_repsim.callbacks import ReferenceComparison, FinalLinear, LogitsOnly
 """
 
-from lightning_repsim.callbacks._extract import FinalLinear, LogitsOnly, Representations
-from lightning_repsim.callbacks._suite import METRIC_KEYS
+from lightning_repsim.callbacks.extraction import FinalLinear, LogitsOnly, Representations
+from lightning_repsim.callbacks.metric_suite import METRIC_KEYS
 from lightning_repsim.callbacks.plotting import plot_embeddings
 from lightning_repsim.callbacks.reference_comparison import ReferenceComparison, weights_fingerprint
 

@@ -24,7 +24,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lightning_repsim.callbacks._extract import (
+from lightning_repsim.callbacks.extraction import (
     FinalLinear,
     Representations,
     default_input_fn,
@@ -32,7 +32,7 @@ from lightning_repsim.callbacks._extract import (
     default_mask_fn,
     unembedding_of,
 )
-from lightning_repsim.callbacks._suite import METRIC_KEYS, MetricSuite
+from lightning_repsim.callbacks.metric_suite import METRIC_KEYS, MetricSuite
 
 __all__ = ["ReferenceComparison", "weights_fingerprint", "METRIC_KEYS"]
 

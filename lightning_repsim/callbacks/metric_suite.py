@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_repsim.callbacks._extract import Representations
+from lightning_repsim.callbacks.extraction import Representations
 from lightning_repsim.functional import LLVOptions, logits_from_representations
 
 __all__ = ["METRIC_KEYS", "MetricSuite"]
