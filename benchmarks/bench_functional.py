@@ -239,7 +239,7 @@ def main() -> None:
     print(f"load average (1/5/15 min) at start: {load_before[0]:.2f} / {load_before[1]:.2f} / {load_before[2]:.2f}  ")
     print(
         f"N = {n}, {args.sets} candidate input sets, float64, {args.threads} torch thread(s); compare / llv_distance: "
-        f"median of {args.repeats} calls after a warm-up call; naive: CPU budget {args.naive_budget:.0f} s\n"
+        f"median of {args.repeats} calls after a warm-up call; naive: CPU budget {args.naive_budget:g} s\n"
     )
     print(
         "| K | M | compare wall (s) | compare CPU (s) | compare peak memory (MB above inputs) | llv_distance wall (s) "
@@ -260,8 +260,8 @@ def main() -> None:
             ratio = f"{naive['ratio_cpu_vs_llv']:,.0f}x"
         else:
             done = f"stopped after {naive['pivots_done']}/{naive['pivots']} pivots"
-            naive_wall = f"> {naive['stopped_after_wall_s']:.0f} ({done})"
-            naive_cpu = f"> {naive['stopped_after_cpu_s']:.0f} (est. {naive['estimated_total_cpu_s']:,.0f})"
+            naive_wall = f"> {naive['stopped_after_wall_s']:.3g} ({done})"
+            naive_cpu = f"> {naive['stopped_after_cpu_s']:.3g} (est. {naive['estimated_total_cpu_s']:,.0f})"
             ratio = f"> {naive['ratio_cpu_vs_llv_lower_bound']:,.0f}x (est. {naive['ratio_cpu_vs_llv_estimated']:,.0f}x)"
         c = cmp["compare"]
         print(

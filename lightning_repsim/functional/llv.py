@@ -36,7 +36,6 @@ from lightning_repsim.functional._validation import (
 from lightning_repsim.functional.llv_terms import TIE_RTOL, InputPart, LabelPart, input_part, label_cov_from_blocks, label_part
 
 __all__ = [
-    "DEFAULT_MAX_PIVOT_CANDIDATES_REPRESENTATION",
     "LLVOptions",
     "LLVResult",
     "TIE_RTOL",
@@ -48,9 +47,6 @@ __all__ = [
 
 REDUCTIONS = ("max", "mean")
 COMBINATIONS = ("max", "sum")
-#: Pivots searched on the representation route when ``max_pivot_candidates`` is None and K is larger:
-#: its (pivot, label) table costs O(P K M) time and O(P K) memory.
-DEFAULT_MAX_PIVOT_CANDIDATES_REPRESENTATION = 128
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,10 +68,11 @@ class LLVOptions:
         max_pivot_candidates: search at most this many pivots, the labels with the largest mean
             log-probability over both models (ties: smaller label); the left-out label is still searched
             over all labels. None (default) is the route's default: all K pivots on the logits route
-            (:func:`llv_distance`, :class:`~lightning_repsim.metrics.LLVDistance`; O(K^2) time, in chunks),
-            at most 128 on the representation route (:class:`~lightning_repsim.metrics.SVDDissimilarity`,
-            O(P K M) time). A restricted search is reported as ``label_search == "restricted"`` with
-            ``num_pivots_searched``.
+            (:func:`llv_distance`, :class:`~lightning_repsim.metrics.LLVDistance`; O(K^2) time, in chunks);
+            on the representation route (:class:`~lightning_repsim.metrics.SVDDissimilarity`, ``compare`` at
+            large K; O(P K M) time) all K while that costs under about 2^31 flops, else as many as that
+            allows but at least 128 (K = 8,192, M = 128: 128). A restricted search is reported as
+            ``label_search == "restricted"`` with ``num_pivots_searched``.
         input_sets: optional (S, M+1) candidate input sets, first column the pivot input ``x0``: row
             indices for the functional core, input ids (``update(..., ids=...)``) for the metrics. The
             chosen set is the true argmin of T2 over them.

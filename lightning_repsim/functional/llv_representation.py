@@ -13,10 +13,14 @@ import torch
 from torch import Tensor
 
 from lightning_repsim.functional._moments import batch_moments, covariance_from_moments, merge_moments
-from lightning_repsim.functional.llv_terms import LabelCov, entries, normalisers
+from lightning_repsim.functional.llv import LLVOptions, LLVResult, choose_pivots, llv_result
+from lightning_repsim.functional.llv_terms import CHUNK_NUMBERS, LabelCov, entries, label_part, normalisers, select_input_set
 
 __all__ = [
     "REPRESENTATION_LAYOUT",
+    "embedding_covariance",
+    "representation_llv",
+    "representation_pivot_budget",
     "input_terms_from_representation",
     "RepresentationLabelCov",
     "label_means_from_representation",
@@ -86,6 +90,20 @@ def label_means_from_representation(
     return (mean_p if b_p is None else mean_p + b_p), (mean_q if b_q is None else mean_q + b_q)
 
 
+def _label_covariance_of_h(w_p: Tensor, b_p: Tensor | None, w_q: Tensor, b_q: Tensor | None, chunk_size: int) -> Tensor:
+    """Covariance over labels of ``h_y = [W_p[y], b_p[y], (W_q - W_p)[y], (b_q - b_p)[y]]``, ``(2M+2)^2``, O(K M^2)."""
+    k = w_p.shape[0]
+    b_p = w_p.new_zeros(k) if b_p is None else b_p
+    b_q = w_q.new_zeros(k) if b_q is None else b_q
+    count = mean = m2 = None
+    for start in range(0, k, chunk_size):
+        sl = slice(start, min(k, start + chunk_size))
+        h = torch.cat([w_p[sl], b_p[sl, None], w_q[sl] - w_p[sl], (b_q[sl] - b_p[sl])[:, None]], dim=1)
+        part = batch_moments(h)
+        count, mean, m2 = part if count is None else merge_moments(count, mean, m2, *part)
+    return covariance_from_moments(count, m2)
+
+
 def input_terms_from_representation(
     f_p_rows: Tensor,
     f_q_rows: Tensor,
@@ -102,22 +120,14 @@ def input_terms_from_representation(
 
     Over labels, ``l_p(y|x) = h_y . [f_p(x), 1, 0, 0] + const`` and ``l_q(y|x) - l_p(y|x) =
     h_y . [f_q - f_p, 0, f_q, 1] + const`` with ``h_y = [W_p[y], b_p[y], (W_q - W_p)[y], (b_q - b_p)[y]]``,
-    so every standard deviation over labels is a quadratic form in the ``(2M+2)^2`` label covariance
-    of ``h`` (cost O(K M^2)); pairwise differences of inputs come from Gram matrices of the centred
-    rows (O(R^2 M)). Same algebra as :func:`label_table`: ``tau_q^2 = tau_p^2 + Delta`` and
-    ``l_p/tau_p - l_q/tau_q = gamma l_p - beta (l_q - l_p)``.
+    so every variance over labels is a quadratic form in the ``(2M+2)^2`` label covariance ``Sigma`` of
+    ``h`` (cost O(K M^2) once): per row ``Var l_p``, ``Cov(l_p, l_q - l_p)``, ``Var(l_q - l_p)``, and per
+    (set, input) the displacement against the set's pivot, ``(f(x_i) - f(x0))`` in ``Sigma``'s quadratic
+    form (O(S M^3) in chunks of sets). The entries follow the shared formula of
+    :mod:`~lightning_repsim.functional.llv_terms`.
     """
-    k, m = w_p.shape
-    b_p = w_p.new_zeros(k) if b_p is None else b_p
-    b_q = w_q.new_zeros(k) if b_q is None else b_q
-    count = mean = m2 = None
-    for start in range(0, k, chunk_size):
-        sl = slice(start, min(k, start + chunk_size))
-        h = torch.cat([w_p[sl], b_p[sl, None], w_q[sl] - w_p[sl], (b_q[sl] - b_p[sl])[:, None]], dim=1)
-        part = batch_moments(h)
-        count, mean, m2 = part if count is None else merge_moments(count, mean, m2, *part)
-    sigma = covariance_from_moments(count, m2)
-
+    m = w_p.shape[1]
+    sigma = _label_covariance_of_h(w_p, b_p, w_q, b_q, chunk_size)
     fp, fq = f_p_rows, f_q_rows
     df = fq - fp
     r = fp.shape[0]
@@ -127,16 +137,52 @@ def input_terms_from_representation(
     x_s, e_s = x @ sigma, e @ sigma
     vx, cxe, ve = (x_s * x).sum(1), (x_s * e).sum(1), (e_s * e).sum(1)
     vq = vx + 2 * cxe + ve
-    ac = torch.cat([fp - fp.mean(0), fp.new_zeros(r, m + 2)], dim=1)
-    dc = torch.cat([df - df.mean(0), zero, fq - fq.mean(0), zero], dim=1)
-    ac_s = ac @ sigma
-    gaa, gad, gdd = ac_s @ ac.T, ac_s @ dc.T, (dc @ sigma) @ dc.T
-
-    z, i = sets[:, :1], sets[:, 1:]
-    tp2 = gaa[i, i] + gaa[z, z] - 2 * gaa[i, z]
-    cad = gad[i, i] - gad[i, z] - gad[z, i] + gad[z, z]
-    vdd = gdd[i, i] + gdd[z, z] - 2 * gdd[i, z]
-    delta = 2 * cad + vdd
-    valid, tp, tq = normalisers(tp2, delta, vx[i] + vx[z], vq[i] + vq[z])
-    b, b_piv, t4 = entries(valid, tp, tq, delta, (vx[i], cxe[i], ve[i]), (vx[z], cxe[z], ve[z]))
+    step = max(1, CHUNK_NUMBERS // (sets.shape[1] * (2 * m + 2)))
+    parts = []
+    for chunk in sets.split(step):
+        z, i = chunk[:, :1], chunk[:, 1:]
+        d_a = fp[i] - fp[z]  # (S, M, M): only the f_p block of the X-displacement is non-zero
+        d_d = torch.cat([df[i] - df[z], torch.zeros_like(d_a[..., :1]), fq[i] - fq[z], torch.zeros_like(d_a[..., :1])], -1)
+        a_s = d_a @ sigma[:m]
+        tp2 = (d_a @ sigma[:m, :m] * d_a).sum(-1)
+        delta = 2 * (a_s * d_d).sum(-1) + (d_d @ sigma * d_d).sum(-1)
+        valid, tp, tq = normalisers(tp2, delta, vx[i] + vx[z], vq[i] + vq[z])
+        parts.append((*entries(valid, tp, tq, delta, (vx[i], cxe[i], ve[i]), (vx[z], cxe[z], ve[z])), valid))
+    b, b_piv, t4, valid = (torch.cat(t) for t in zip(*parts))
     return b, b_piv, t4, valid
+
+
+def embedding_covariance(cov_u: Tensor, m: int) -> Tensor:
+    """Covariance of ``[f_p; f_q]`` (2M x 2M) from that of ``u`` (:data:`REPRESENTATION_LAYOUT`, ``f_q = f_p + (f_q - f_p)``)."""
+    s_pp, s_pd, s_dd = cov_u[:m, :m], cov_u[:m, m + 1 : 2 * m + 1], cov_u[m + 1 : 2 * m + 1, m + 1 : 2 * m + 1]
+    s_pq = s_pp + s_pd
+    return torch.cat([torch.cat([s_pp, s_pq], 1), torch.cat([s_pq.T, s_pp + s_pd + s_pd.T + s_dd], 1)], 0)
+
+
+def representation_pivot_budget(k: int, m: int) -> int:
+    """Pivots the representation route searches by default: all K when the (pivot, label) covariance rows cost
+    under about 2^31 flops (``8 P K (2M+2)``), else as many as that budget allows, never fewer than 128."""
+    return int(min(k, max(128, 2**31 // (8 * k * (2 * m + 2)))))
+
+
+def representation_llv(
+    n: int, mean_u: Tensor, cov_u: Tensor, w_p: Tensor, b_p: Tensor | None, w_q: Tensor, b_q: Tensor | None,
+    f_p_rows: Tensor, f_q_rows: Tensor, positions: Tensor, reported: Tensor, options: LLVOptions,
+) -> LLVResult:
+    """d_LLV by the representation route from the moments of ``u`` over ``n`` inputs (mean, unbiased covariance),
+    the unembedding weights/biases and the candidate inputs' embeddings (``positions``: candidate sets as rows of
+    ``f_*_rows``; ``reported``: the same sets as the result reports them). Shared by
+    :func:`~lightning_repsim.functional.compare` and :class:`~lightning_repsim.metrics.SVDDissimilarity`."""
+    k, m = w_p.shape
+    resolved = options.resolve(k)
+    budget = options.max_pivot_candidates
+    if budget is None:
+        budget = representation_pivot_budget(k, m)
+    pivots = choose_pivots(*label_means_from_representation(mean_u, w_p, b_p, w_q, b_q), resolved, budget)
+    labels = label_part(
+        RepresentationLabelCov(cov_u, w_p, w_q), k, cov_u.device, options.reduce, resolved.label_pivot,
+        resolved.leave_out, pivots,
+    )
+    b, b_piv, t4, valid = input_terms_from_representation(f_p_rows, f_q_rows, w_p, b_p, w_q, b_q, positions)
+    inputs = select_input_set(b, b_piv, t4, valid, reported, options.reduce)
+    return llv_result(labels, inputs, resolved, n, k, m, options)

@@ -38,6 +38,13 @@ DIVERSITY_COND_WARN = 1e8
 DEFAULT_MAX_LABEL_SUBSETS = 4096
 
 
+def default_max_label_subsets(rep_dim: int) -> int:
+    """Label subsets evaluated for the f-part when ``max_label_subsets`` is None: 4096 up to M = 64, then
+    fewer so that the subsets' M x M products and SVDs stay bounded (``S M^3 <= 2^30``: M = 128 gives 512,
+    M = 256 gives 64), never fewer than 8. ``result.exhaustive`` says whether every subset was evaluated."""
+    return int(min(DEFAULT_MAX_LABEL_SUBSETS, max(8, 2**30 // rep_dim**3)))
+
+
 class DiversityWarning(UserWarning):
     """A diversity matrix (displaced unembeddings L or displaced embeddings N) is near-singular."""
 
@@ -197,7 +204,7 @@ def svd_dissimilarity(
     label_pivot: int | None = None,
     leave_out: int | None = None,
     input_set: Tensor | None = None,
-    max_label_subsets: int = DEFAULT_MAX_LABEL_SUBSETS,
+    max_label_subsets: int | None = None,
     seed: int = 0,
     **options,
 ) -> SVDResult:
@@ -209,8 +216,8 @@ def svd_dissimilarity(
     models' logits (the other d_LLV ``options`` of :class:`LLVOptions` are passed on; ``seed`` serves both).
 
     ``d_SVD^f`` is a max over all ``C(K-2, M)`` label subsets: all are evaluated when there are at
-    most ``max_label_subsets``, otherwise a seeded random sample (``result.exhaustive`` is then
-    False and ``f_part`` a lower estimate).
+    most ``max_label_subsets`` (default :func:`default_max_label_subsets`: 4096 up to M = 64), otherwise a
+    seeded random sample (``result.exhaustive`` is then False and ``f_part`` a lower estimate).
 
     Example:
         >>> import torch
@@ -250,9 +257,9 @@ def svd_dissimilarity(
     input_set = torch.as_tensor(input_set, device=f_p.device).to(torch.long).flatten()
     if input_set.numel() != m + 1:
         raise ValueError(f"`input_set` must hold M+1 = {m + 1} input indices, got {input_set.numel()}")
+    subsets = default_max_label_subsets(m) if max_label_subsets is None else max_label_subsets
     return svd_from_parts(
-        f_p, w_p, f_q, w_q, int(label_pivot), int(leave_out), input_set, f_p[input_set], f_q[input_set],
-        max_label_subsets, seed,
+        f_p, w_p, f_q, w_q, int(label_pivot), int(leave_out), input_set, f_p[input_set], f_q[input_set], subsets, seed,
     )
 
 

@@ -380,6 +380,8 @@ class StreamingMetric(Metric):
         for key in self._kinds:  # states are updated in place: never share the caller's tensors
             setattr(self, key, getattr(self, key).to(self.device).clone())
         self._computed = None  # a loaded state invalidates torchmetrics' cached compute() value
+        if present:
+            self._update_count = max(self._update_count, 1)  # no public setter: loaded statistics count as updated
         self._version += 1
 
     def reset(self) -> None:

@@ -11,34 +11,17 @@ from torch import Tensor
 
 from lightning_repsim.functional._validation import check_num_inputs, check_num_labels, check_rep_dim, check_tensor
 from lightning_repsim.functional.family import log_partition, split_unembedding
-from lightning_repsim.functional.llv import (
-    DEFAULT_MAX_PIVOT_CANDIDATES_REPRESENTATION,
-    LLVOptions,
-    LLVResult,
-    choose_pivots,
-    llv_result,
-)
-from lightning_repsim.functional.llv_representation import (
-    RepresentationLabelCov,
-    input_terms_from_representation,
-    label_means_from_representation,
-)
-from lightning_repsim.functional.llv_terms import CHUNK_NUMBERS, label_part, select_input_set
-from lightning_repsim.functional.svd import DEFAULT_MAX_LABEL_SUBSETS, SVDResult, svd_from_parts
+from lightning_repsim.functional.llv import LLVOptions, LLVResult
+from lightning_repsim.functional.llv_representation import embedding_covariance, representation_llv
+from lightning_repsim.functional.llv_terms import CHUNK_NUMBERS
+from lightning_repsim.functional.svd import SVDResult, default_max_label_subsets, svd_from_parts
 from lightning_repsim.metrics.base import DEFAULT_MEMORY_BUDGET_GB
 from lightning_repsim.metrics.candidates import DEFAULT_BUFFER_SIZE, CandidateMixin
 from lightning_repsim.metrics.inputs import embedding_rows
 from lightning_repsim.metrics.moment_state import empty_moments, moments_covariance, moments_dim
 from lightning_repsim.metrics.sketch import META
 
-__all__ = ["SVDDissimilarity", "SVDDissimilarityResult", "default_max_label_subsets"]
-
-
-def default_max_label_subsets(rep_dim: int) -> int:
-    """Label subsets evaluated for the f-part when ``max_label_subsets`` is None: the functional
-    default (4096) up to M = 128, then fewer so that their M x M products and SVDs stay about 2^33
-    flops (M = 256: 512, M = 768: 18); never fewer than 8."""
-    return int(min(DEFAULT_MAX_LABEL_SUBSETS, max(8, 2**33 // rep_dim**3)))
+__all__ = ["SVDDissimilarity", "SVDDissimilarityResult"]
 
 
 @dataclass(frozen=True)
@@ -114,7 +97,8 @@ class SVDDissimilarity(CandidateMixin):
             ``torch.cat([head.weight, head.bias[:, None]], 1)``); may instead be given to ``update``.
         max_label_subsets: label subsets evaluated for the f-part (see
             :func:`~lightning_repsim.functional.svd_dissimilarity`); None picks
-            :func:`default_max_label_subsets` (4096 up to M = 128, fewer above).
+            :func:`~lightning_repsim.functional.svd.default_max_label_subsets` (4096 up to M = 64, 512 at
+            M = 128, fewer above).
         buffer_size, nan_strategy, memory_budget_gb: as in :class:`LLVDistance`.
         kwargs: the d_LLV options of :class:`~lightning_repsim.functional.LLVOptions` (``max_pivot_candidates``
             None means at most 128 pivots here) and the keyword arguments of :class:`torchmetrics.Metric`.
@@ -151,8 +135,6 @@ class SVDDissimilarity(CandidateMixin):
         rep_dim = None if rep_dim is None else check_rep_dim(rep_dim)
         config = {"rep_dim": -1 if rep_dim is None else rep_dim, **self.candidate_config(options, buffer_size)}
         super().__init__(nan_strategy=nan_strategy, memory_budget_gb=memory_budget_gb, config=config, **kwargs)
-        if options.max_pivot_candidates is None and options.pivot_candidates is None:
-            options = options.replace(max_pivot_candidates=DEFAULT_MAX_PIVOT_CANDIDATES_REPRESENTATION)
         if options.labels is not None:
             raise ValueError("`labels` (a label subset) is for LLVDistance: the representation route is exact for any K")
         self.options = options
@@ -262,30 +244,14 @@ class SVDDissimilarity(CandidateMixin):
         check_num_inputs(n, m)
         device = cov_u.device
         w_p, b_p, w_q, b_q = self._unembeddings(m, device)
-        k = w_p.shape[0]
-        resolved = self.options.resolve(k)
-        pivots = choose_pivots(
-            *label_means_from_representation(mean_u, w_p, b_p, w_q, b_q), resolved, self.options.max_pivot_candidates
-        )
-        labels = label_part(
-            RepresentationLabelCov(cov_u, w_p, w_q), k, device, self.options.reduce, resolved.label_pivot,
-            resolved.leave_out, pivots,
-        )
         rows, pos, reported = self._candidate_sets(states["candidates"], m + 1)
         fp_rows, fq_rows = rows[:, META : META + m], rows[:, META + m :]
-        b, b_piv, t4, valid = input_terms_from_representation(fp_rows, fq_rows, w_p, b_p, w_q, b_q, pos)
-        inputs = select_input_set(b, b_piv, t4, valid, reported, self.options.reduce)
-        llv = llv_result(labels, inputs, resolved, n, k, m, self.options)
-
-        # covariance of [f_p; f_q] from that of u (f_q = f_p + (f_q - f_p))
-        s_pp, s_pd, s_dd = cov_u[:m, :m], cov_u[:m, m + 1 : 2 * m + 1], cov_u[m + 1 : 2 * m + 1, m + 1 : 2 * m + 1]
-        s_pq = s_pp + s_pd
-        cov_f = torch.cat([torch.cat([s_pp, s_pq], 1), torch.cat([s_pq.T, s_pp + s_pd + s_pd.T + s_dd], 1)], 0)
-        chosen = pos[inputs.chosen_candidate]
+        llv = representation_llv(n, mean_u, cov_u, w_p, b_p, w_q, b_q, fp_rows, fq_rows, pos, reported, self.options)
+        chosen = pos[llv.chosen_candidate]
         subsets = self.max_label_subsets if self.max_label_subsets is not None else default_max_label_subsets(m)
         svd = svd_from_parts(
             None, w_p, None, w_q, llv.label_pivot, llv.leave_out, llv.input_set, fp_rows[chosen], fq_rows[chosen],
-            int(subsets), self.options.seed, cov_f=cov_f,
+            int(subsets), self.options.seed, cov_f=embedding_covariance(cov_u, m),
         )
         return SVDDissimilarityResult(value=svd.value, f_part=svd.f_part, g_part=svd.g_part, llv=llv, svd=svd)
 
