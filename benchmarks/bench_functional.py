@@ -138,7 +138,9 @@ def run_child(n: int, k: int, m: int, what: str, sets: int, repeats: int, thread
 
     f1, g1, f2, g2 = make_pair(n, k, m)
     l1, l2 = logits_from_representations(f1, g1), logits_from_representations(f2, g2)
-    out: dict = {"torch_threads": torch.get_num_threads(), "env": {v: os.environ.get(v) for v in THREAD_ENV}}
+    out: dict = {
+        "torch_threads": torch.get_num_threads(), "env": {v: os.environ.get(v) for v in THREAD_ENV}, "package": package_id(),
+    }
     base_mb = current_rss_mb()
     if what == "compare":
         value, out["compare"] = run_repeated(lambda: float(compare(f1, g1, f2, g2, num_input_sets=sets).llv.value), repeats)
@@ -196,6 +198,25 @@ def subprocess_run(config: list, threads: int, timeout: float) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def package_id() -> dict:
+    """Where ``lightning_repsim`` was imported from and a SHA-256 of its ``.py`` sources (relative path and
+    content, sorted): identifies the code each child measured, also when run against an exported snapshot."""
+    import hashlib
+
+    import lightning_repsim
+
+    root = os.path.dirname(os.path.abspath(lightning_repsim.__file__))
+    digest = hashlib.sha256()
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = os.path.join(folder, name)
+            digest.update(os.path.relpath(path, root).encode() + b"\0")
+            with open(path, "rb") as fh:
+                digest.update(fh.read() + b"\0")
+    return {"path": root, "sources_sha256": digest.hexdigest()}
+
+
 def git_commit() -> str | None:
     try:
         here = os.path.dirname(os.path.abspath(__file__))
@@ -229,6 +250,8 @@ def main() -> None:
     started = datetime.datetime.now(datetime.timezone.utc)
     t0_wall, t0_cpu = time.perf_counter(), time.process_time()
     command = shlex.join(["python", *sys.argv])
+    if os.environ.get("PYTHONPATH"):
+        command = f"PYTHONPATH={shlex.quote(os.environ['PYTHONPATH'])} {command}"
     n = 1000 if args.quick else args.n
     sizes = SIZES[:2] if args.quick else SIZES
     machine = machine_info()
@@ -271,10 +294,19 @@ def main() -> None:
         )
         rows.append({"K": k, "M": m, "compare": c, "llv_distance": llv, "naive": naive,
                      "child_threads": {"compare": cmp["torch_threads"], "llv_and_naive": both["torch_threads"]},
-                     "child_env": both["env"]})
+                     "child_env": both["env"], "package": both["package"]})
+        if cmp["package"] != both["package"]:
+            rows[-1]["package_compare_child"] = cmp["package"]
     total_wall, total_cpu = time.perf_counter() - t0_wall, time.process_time() - t0_cpu
     load_after = os.getloadavg()
-    print(f"\nload average at end: {load_after[0]:.2f} / {load_after[1]:.2f} / {load_after[2]:.2f}; "
+    children = ("package", "package_compare_child")
+    packages = {json.dumps(r.get(key, r["package"]), sort_keys=True) for r in rows for key in children}
+    if len(packages) > 1:
+        print("\nWARNING: the package sources changed during the run (children imported different code):", *packages, sep="\n")
+    else:
+        pkg = rows[0]["package"]
+        print(f"\nlightning_repsim imported from {pkg['path']}, sources SHA-256 {pkg['sources_sha256'][:16]}...  ")
+    print(f"load average at end: {load_after[0]:.2f} / {load_after[1]:.2f} / {load_after[2]:.2f}; "
           f"total wall time {total_wall:.0f} s")
     if args.json:
         record = {

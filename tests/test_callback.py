@@ -93,6 +93,13 @@ def radial_representations(model: RadialNet, loader: DataLoader) -> torch.Tensor
     return torch.cat([model.body(x).double() for x, _ in loader])
 
 
+@torch.no_grad()
+def radial_logits(model: RadialNet, loader: DataLoader) -> torch.Tensor:
+    """The model's own logits batch by batch: the callback takes the KL and each input's logZ from them."""
+    model.eval()
+    return torch.cat([model(x) for x, _ in loader])
+
+
 def candidate_sets(cb: ReferenceComparison, id_to_row=None) -> torch.Tensor:
     """The candidate input sets the streaming metric drew (as input ids = global sample positions), mapped
     to row indices of the data given to ``compare``: the streaming metric draws them among the inputs of
@@ -105,9 +112,12 @@ def candidate_sets(cb: ReferenceComparison, id_to_row=None) -> torch.Tensor:
 
 
 def expected_report(ref: RadialNet, student: RadialNet, loader: DataLoader, cb: ReferenceComparison) -> dict[str, float]:
+    """What the callback computes: the representation route (as SVDDissimilarity), with the KL and logZ from the
+    models' own logits, on the candidate sets the streaming metric drew."""
     return compare(
         radial_representations(ref, loader), unembedding(ref.head),
         radial_representations(student, loader), unembedding(student.head), input_sets=candidate_sets(cb),
+        logits_p=radial_logits(ref, loader), logits_q=radial_logits(student, loader), route="representation",
     ).as_dict()
 
 
@@ -136,10 +146,10 @@ def test_logged_values_equal_functional_compare(reuse):
         assert logged.dtype == torch.float64
         assert_close(float(logged), expected[key], f"logged {key}")
     assert {"repsim/kl", "repsim/d_llv", "repsim/d_svd"} <= set(tr.progress_bar_metrics)
-    if reuse:  # the student's own validation forward was reused: one probing forward only
-        assert cb.stats["own_student_forward"] == 1 and cb.stats["reused_student_forward"] == 2 * 4 - 1
+    if reuse:  # the student's own validation forward was reused: one probing forward (the sanity check) only
+        assert cb.stats["own_student_forward"] == 1 and cb.stats["reused_student_forward"] == 2 * 4
     else:
-        assert cb.stats["reused_student_forward"] == 0 and cb.stats["own_student_forward"] == 8
+        assert cb.stats["reused_student_forward"] == 0 and cb.stats["own_student_forward"] == 8 + 1  # + sanity check
     # the values change between epochs (the student trains), and the first epoch is right too
     assert cb.history[0]["d_llv"] != cb.history[1]["d_llv"]
 
@@ -182,7 +192,9 @@ def test_custom_dataloader_and_student_untouched():
     assert [h["num_inputs"] for h in cb.history] == [120, 120]
     loader = DataLoader(TensorDataset(extra_x, extra_y), batch_size=40)
     x = radial_representations(ref, loader)
-    expected = compare(x, unembedding(ref.head), radial_representations(student, loader), unembedding(student.head)).as_dict()
+    expected = compare(x, unembedding(ref.head), radial_representations(student, loader), unembedding(student.head),
+                       logits_p=radial_logits(ref, loader), logits_q=radial_logits(student, loader),
+                       route="representation").as_dict()
     # the loader shuffles, so the inputs' ids (positions in the loader's order) are not dataset indices:
     # only the quantities that do not depend on the input set are compared here
     for key in ("kl", "llv_t1", "llv_t3", "d_svd_f", "mcca"):
@@ -290,7 +302,7 @@ def test_resnet_fc_found_and_undefined_values_skipped():
     with torch.no_grad():
         ref.eval(), student.eval()
         expected_kl = mean_kl_divergence(torch.cat([ref(b) for b, _ in val]), torch.cat([student(b) for b, _ in val]))
-    assert_close(h["kl"], float(expected_kl), "kl", rtol=1e-6)  # float64 logits from f and [W, b] vs float32 fc
+    assert_close(h["kl"], float(expected_kl), "kl")  # the models' own logits
     # M = 512 > N: d_LLV, mCCA and d_SVD (K = 10 < M + 2) are undefined, reported as NaN and not logged
     for key in KEYS[1:]:
         assert math.isnan(h[key])
@@ -335,13 +347,15 @@ def test_lm_head_with_padding_mask():
     with torch.no_grad():
         f_p = torch.cat([ref(b["input_ids"]).hidden[b["attention_mask"].bool()] for b in batches]).double()
         f_q = torch.cat([student(b["input_ids"]).hidden[b["attention_mask"].bool()] for b in batches]).double()
+        z_p = torch.cat([ref(b["input_ids"]).logits[b["attention_mask"].bool()] for b in batches])
+        z_q = torch.cat([student(b["input_ids"]).logits[b["attention_mask"].bool()] for b in batches])
     # token ids: global sequence position * 2**20 + token position; rows: the masked tokens in order
     ids = torch.cat([(i * 4 + torch.arange(4))[:, None] * 2**20 + torch.arange(11) for i in range(3)])
     masks = torch.cat([b["attention_mask"].bool() for b in batches])
     row_of = {int(t): r for r, t in enumerate(ids[masks].tolist())}
     sets = candidate_sets(cb, lambda i: row_of[i])
     w_p, w_q = ref.lm_head.weight.detach().double(), student.lm_head.weight.detach().double()
-    expected = compare(f_p, w_p, f_q, w_q, input_sets=sets).as_dict()
+    expected = compare(f_p, w_p, f_q, w_q, input_sets=sets, logits_p=z_p, logits_q=z_q, route="representation").as_dict()
     assert cb.history[-1]["num_inputs"] == f_p.shape[0] == int(sum(b["attention_mask"].sum() for b in batches))
     for key in KEYS:
         assert_close(cb.history[-1][key], expected[key], key)
@@ -363,9 +377,7 @@ def test_logits_only_models_get_llv_and_kl():
     with torch.no_grad():
         ref.eval(), student.eval()
         z_p = torch.cat([ref(x) for x, _ in val])
-        # the student has a final nn.Linear: the callback reads its embedding and forms the logits in
-        # float64 from (embedding, [W, b]), so the expected values do the same
-        z_q = radial_representations(student, val) @ unembedding(student.head)[:, :-1].T + student.head.bias.detach().double()
+        z_q = torch.cat([student(x) for x, _ in val])  # the models' own logits, for both
     llv = llv_distance(z_p, z_q, rep_dim=2, input_sets=candidate_sets(cb))
     h = cb.history[-1]
     assert_close(h["d_llv"], float(llv.value), "d_llv")
@@ -375,12 +387,7 @@ def test_logits_only_models_get_llv_and_kl():
     # explicit LogitsOnly on both sides gives the same d_LLV
     cb2 = ReferenceComparison(ref, rep_dim=2, reference_extractor=LogitsOnly(), student_extractor=LogitsOnly())
     trainer(callbacks=[cb2]).validate(student, val, verbose=False)
-    # LogitsOnly uses the models' own (float32) logits for the student too
-    with torch.no_grad():
-        z_q_model = torch.cat([student(x) for x, _ in val])
-    llv_model = llv_distance(z_p, z_q_model, rep_dim=2, input_sets=candidate_sets(cb2))
-    assert_close(cb2.history[-1]["d_llv"], float(llv_model.value), "d_llv LogitsOnly")
-    assert abs(float(llv_model.value) - float(llv.value)) < 1e-6  # float32 rounding of the logits only
+    assert_close(cb2.history[-1]["d_llv"], float(llv.value), "d_llv LogitsOnly")
     assert cb2.last_results["llv"].candidate_sets.equal(cb.last_results["llv"].candidate_sets)
 
 
@@ -401,7 +408,8 @@ def test_distributed_sampler_padding_is_not_counted():
     sets = candidate_sets(cb, lambda i: (i - 1) // 2)
     expected = compare(
         radial_representations(ref, rows), unembedding(ref.head), radial_representations(student, rows),
-        unembedding(student.head), input_sets=sets,
+        unembedding(student.head), input_sets=sets, logits_p=radial_logits(ref, rows), logits_q=radial_logits(student, rows),
+        route="representation",
     ).as_dict()
     for key in KEYS:
         assert_close(cb.history[-1][key], expected[key], key)
@@ -431,23 +439,76 @@ def test_plot_embeddings_and_extractor():
 
 
 # ----------------------------------------------------------------------------------------------
-# precision plugins never touch the reference
+# precision: the reference runs at the student's precision
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("precision", ["64-true", "bf16-mixed"])
-def test_precision_plugins_do_not_cast_the_reference(precision):
+@pytest.mark.parametrize("precision", ["64-true", "bf16-mixed", "bf16-true"])
+def test_reference_runs_at_the_students_precision(precision):
     ref, student = make_pair()
     train, val = radial_loaders()
     cb = ReferenceComparison(ref)
+    before = weights_fingerprint(ref)
     trainer(max_epochs=1, callbacks=[cb], precision=precision).fit(student, train, val)
-    assert all(p.dtype == torch.float32 for p in ref.parameters())
+    assert cb.reference_fingerprint == before  # taken before the conversion
+    dtype = {"64-true": torch.float64, "bf16-mixed": torch.float32, "bf16-true": torch.bfloat16}[precision]
+    assert all(p.dtype == dtype for p in ref.parameters()) and all(p.dtype == dtype for p in student.parameters())
     assert all(math.isfinite(cb.history[-1][key]) for key in KEYS)
-    if precision == "64-true":  # the student ran in float64 on float64 batches; the reference got float32 inputs
-        assert all(p.dtype == torch.float64 for p in student.parameters())
+    if precision == "64-true":  # both models ran in float64 on float64 batches: compare on float64 data
         x = torch.cat([b for b, _ in val]).double()
         with torch.no_grad():
-            f_q = student.body(x)
-            f_p = ref.body(x.float()).double()
-        sets = candidate_sets(cb)
-        expected = compare(f_p, unembedding(ref.head), f_q, unembedding(student.head), input_sets=sets).as_dict()
+            f_p, f_q, z_p, z_q = ref.body(x), student.body(x), ref(x), student(x)
+        expected = compare(f_p, unembedding(ref.head), f_q, unembedding(student.head), input_sets=candidate_sets(cb),
+                           logits_p=z_p, logits_q=z_q, route="representation").as_dict()
         for key in KEYS:
-            assert_close(cb.history[-1][key], expected[key], key, rtol=1e-7)  # float32 reference: batch-size rounding
+            assert_close(cb.history[-1][key], expected[key], key, rtol=1e-7)  # float64 batches of 50 vs all at once
+
+
+@pytest.mark.parametrize("precision", ["32-true", "64-true", "bf16-mixed", "bf16-true"])
+def test_identical_models_are_identical_under_every_precision(precision):
+    """A reference that is a copy of the student: KL and d_LLV are 0, d_SVD 0 and mCCA 1 (to rounding), whatever the
+    precision plugin (the reference is converted like the student and runs in its autocast context)."""
+    _, student = make_pair(lr=0.0)  # fit leaves the weights as they are
+    train, val = radial_loaders()
+    cb = ReferenceComparison(copy.deepcopy(student))
+    trainer(max_epochs=1, callbacks=[cb], precision=precision, limit_train_batches=1).fit(student, train, val)
+    cb2 = ReferenceComparison(copy.deepcopy(student))
+    trainer(callbacks=[cb2], precision=precision).validate(student, val, verbose=False)
+    for h in (cb.history[-1], cb2.history[-1]):
+        assert h["kl"] <= 1e-6 and h["d_llv"] <= 1e-6, (precision, h)
+        assert h["d_svd"] <= 1e-6 and h["mcca"] >= 1 - 1e-6, (precision, h)
+
+
+# ----------------------------------------------------------------------------------------------
+# reporting: dropped rows, incompatible models, validate() results
+# ----------------------------------------------------------------------------------------------
+class NaNStudent(RadialNet):
+    """Its logits are NaN for every third input (a diverging student)."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        bad = (torch.arange(x.shape[0], device=x.device) % 3 == 0)[:, None]
+        return torch.where(bad, torch.full_like(out, float("nan")), out)
+
+
+def test_non_finite_rows_are_skipped_and_reported_and_validate_returns_the_values():
+    ref, _ = make_pair()
+    pl.seed_everything(0, verbose=False)
+    student = NaNStudent()
+    _, val = radial_loaders()
+    cb = ReferenceComparison(ref, reference_extractor=LogitsOnly(), student_extractor=LogitsOnly(), rep_dim=2)
+    with pytest.warns(UserWarning, match="had non-finite outputs and were skipped"):
+        (results,) = trainer(callbacks=[cb]).validate(student, val, verbose=False)
+    h = cb.history[-1]
+    nan_rows = sum(int((torch.arange(len(b)) % 3 == 0).sum()) for b, _ in val)
+    assert h["num_dropped"] == nan_rows and h["num_inputs"] == 200 - nan_rows
+    assert math.isfinite(h["kl"]) and math.isfinite(h["d_llv"])
+    assert {"repsim/kl", "repsim/d_llv"} <= set(results)  # validate() without a logger returns them too
+
+
+def test_models_with_different_label_sets_fail_before_training():
+    pl.seed_everything(0, verbose=False)
+    ref, student = RadialNet(k=7), RadialNet(k=6)
+    train, val = radial_loaders()
+    tr = trainer(callbacks=[ReferenceComparison(ref)], num_sanity_val_steps=1)
+    with pytest.raises(ValueError, match="the reference predicts K=7 classes but the student K=6"):
+        tr.fit(student, train, val)
+    assert tr.global_step == 0  # refused in the sanity check, before any training step

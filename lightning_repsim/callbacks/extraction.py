@@ -24,7 +24,6 @@ __all__ = [
     "FinalLinear",
     "LogitsOnly",
     "default_logits_fn",
-    "default_input_fn",
     "default_label_fn",
     "default_mask_fn",
     "unembedding_of",
@@ -49,6 +48,16 @@ class Representations:
     def has_representations(self) -> bool:
         return self.embeddings is not None and self.unembedding is not None
 
+    @property
+    def num_labels(self) -> int:
+        """K: the unembedding's rows, else the logits' last dimension."""
+        return int(self.unembedding.shape[0] if self.unembedding is not None else self.logits.shape[-1])
+
+    @property
+    def leading_shape(self) -> tuple[int, ...]:
+        """The leading shape of the outputs (the inputs, or (B, T) tokens)."""
+        return tuple((self.logits if self.logits is not None else self.embeddings).shape[:-1])
+
 
 def default_logits_fn(output: Any) -> Tensor:
     """The logits in a model's output: the tensor itself, ``output["logits"]``, ``output.logits``
@@ -66,19 +75,6 @@ def default_logits_fn(output: Any) -> Tensor:
         f"cannot find the logits in a model output of type {type(output).__name__}; pass `logits_fn` to the "
         "extractor (e.g. FinalLinear(logits_fn=lambda out: out['scores']))"
     )
-
-
-def default_input_fn(batch: Any) -> Any:
-    """The model input of a batch: ``batch[0]`` of a tuple/list, ``batch["input_ids"]`` / ``batch["x"]`` /
-    ``batch["input"]`` of a mapping, or the batch itself."""
-    if isinstance(batch, (tuple, list)):
-        return batch[0]
-    if isinstance(batch, Mapping):
-        for key in ("input_ids", "x", "input", "inputs", "pixel_values"):
-            if key in batch:
-                return batch[key]
-        raise KeyError(f"cannot find the model input in a batch with keys {sorted(batch)}; pass `input_fn`")
-    return batch
 
 
 def default_label_fn(batch: Any) -> Tensor | None:
@@ -102,7 +98,10 @@ def default_mask_fn(batch: Any) -> Tensor | None:
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:
-    """``model(inputs)`` (a module-level function, so extractors stay picklable for ``ddp_spawn``)."""
+    """``model(**inputs)`` for a mapping of keyword arguments (e.g. ``input_ids`` and ``attention_mask``), else
+    ``model(inputs)`` (a module-level function, so extractors stay picklable for ``ddp_spawn``)."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
     return model(inputs)
 
 

@@ -1,8 +1,13 @@
 """The streaming metrics one comparison needs, fed from two models' :class:`Representations`.
 
 All accumulation happens in :mod:`lightning_repsim.metrics` (exact, bounded memory, synced across
-processes); this module only decides which metrics apply (representations or logits only, K vs M)
-and turns their results into the flat keys that the callback logs.
+processes); this module decides which metrics apply (representations or logits only, K vs M), feeds
+them from what the models already computed, and turns their results into the flat keys the callback logs.
+
+Cost per batch: the models' own logits give the KL and each input's log-partition ``logZ`` (float64, in
+blocks of rows: O(B K)); nothing is recomputed from ``f g^T`` unless the logits are missing or were
+computed in half precision (mixed precision), in which case they are recomputed once in float32 from the
+head's input, so that the statistics describe the model family ``softmax(f g^T)`` to float32 precision.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import torch
 from torch import Tensor
 
 from lightning_repsim.callbacks.extraction import Representations
-from lightning_repsim.functional import LLVOptions, logits_from_representations
+from lightning_repsim.functional import LLVOptions
+from lightning_repsim.functional.family import logits_from_parts, split_unembedding
+from lightning_repsim.functional.llv_terms import CHUNK_NUMBERS
 
 __all__ = ["METRIC_KEYS", "MetricSuite"]
 
@@ -34,27 +41,16 @@ METRIC_KEYS = (
     "bound_sharp",
 )
 
-
 #: torchmetrics.Metric keyword arguments passed on to every metric.
 _TORCHMETRICS_KWARGS = frozenset(
     {"compute_on_cpu", "dist_sync_on_step", "process_group", "dist_sync_fn", "distributed_available_fn", "sync_on_compute"}
 )
-#: Largest K for d_LLV from logits (the 2K x 2K co-moment of LLVDistance); beyond, embeddings are required.
-MAX_LABELS_LOGITS_ROUTE = 4096
-#: The float64 logits rebuilt from representations for the KL are fed in row chunks of at most this many numbers.
-_KL_CHUNK = 2**22
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _own_params(cls: Any) -> set[str]:
     params = inspect.signature(cls.__init__).parameters
     return {n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-
-
-def _accepts(fn: Any, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return False
 
 
 def _rows(t: Tensor, keep: Tensor | None) -> Tensor:
@@ -64,11 +60,23 @@ def _rows(t: Tensor, keep: Tensor | None) -> Tensor:
     return rows
 
 
-def _logit_rows(reps: Representations, keep: Tensor | None) -> Tensor:
-    if reps.logits is not None:
+def logits_for_statistics(reps: Representations, keep: Tensor | None) -> Tensor:
+    """The model's logit rows as the statistics use them: its own logits when they are float32 or float64, else
+    (missing, or float16/bfloat16 from mixed precision) recomputed in float32 from the embedding and the
+    unembedding, in blocks of rows."""
+    if reps.logits is not None and reps.logits.dtype not in _LOW_PRECISION:
         return _rows(reps.logits, keep)
     f = _rows(reps.embeddings, keep)
-    return logits_from_representations(f, reps.unembedding.to(f.device))
+    w, b = split_unembedding(reps.unembedding.to(f.device), f.shape[1], "unembedding")
+    step = max(1, CHUNK_NUMBERS // w.shape[0])
+    w32, b32 = w.float(), None if b is None else b.float()
+    return torch.cat([logits_from_parts(f[i : i + step].float(), w32, b32).float() for i in range(0, f.shape[0], step)])
+
+
+def log_partition_of_logits(z: Tensor) -> Tensor:
+    """``logsumexp`` of each row of ``z`` in float64, in blocks of rows (never an N x K float64 copy)."""
+    step = max(1, CHUNK_NUMBERS // max(z.shape[1], 1))
+    return torch.cat([torch.logsumexp(z[i : i + step].double(), dim=1) for i in range(0, z.shape[0], step)])
 
 
 class MetricSuite:
@@ -76,12 +84,12 @@ class MetricSuite:
 
     The metrics are created at the first :meth:`update`, once the shapes are known:
 
-    * both models give embeddings of the same width M: ``MeanKLDivergence`` on the float64 logits
-      ``f g~^T`` rebuilt from the representations (exactly what ``functional.compare`` does);
-      ``SVDDissimilarity`` when K >= M + 2 (its ``.llv`` is d_LLV by the representation route, O(M^2)
-      state, any K), else ``LLVDistance`` on those logits; ``MeanCCA`` on the embeddings;
-    * otherwise (logits only, or different widths): ``MeanKLDivergence`` and ``LLVDistance`` on the
-      models' logits with ``rep_dim`` (default ``K - 1``), plus ``MeanCCA`` when both have embeddings.
+    * both models give embeddings of the same width M and K >= M + 2: ``MeanKLDivergence`` on the logits,
+      ``SVDDissimilarity`` (its ``.llv`` is d_LLV by the representation route, O(M^2) state, any K) fed with
+      the embeddings and each input's ``logZ`` from the logits, ``MeanCCA`` on the embeddings;
+    * otherwise (logits only, different widths, or K < M + 2): ``MeanKLDivergence`` and ``LLVDistance`` on the
+      logits with ``rep_dim`` (default: M, or ``K - 1`` for logits only), plus ``MeanCCA`` when both have
+      embeddings.
 
     ``ids`` (global sample positions from the callback) are given to the metrics with a candidate buffer,
     so the candidate inputs, hence every value, do not depend on the number of processes.
@@ -117,31 +125,34 @@ class MetricSuite:
             accepted -= {"labels"}
         return {k: v for k, v in self.metric_kwargs.items() if k in accepted}
 
+    @staticmethod
+    def check_compatible(ref: Representations, stu: Representations) -> None:
+        """Both models must predict over the same labels (and come with the same leading shape)."""
+        k_ref, k_stu = ref.num_labels, stu.num_labels
+        if k_ref != k_stu:
+            raise ValueError(
+                f"ReferenceComparison: the reference predicts K={k_ref} classes but the student K={k_stu}: they must "
+                "share the label set (same classes, same vocabulary) to be compared"
+            )
+
     def _build(self, ref: Representations, stu: Representations) -> None:
         from lightning_repsim import metrics as M
 
+        self.check_compatible(ref, stu)
         both = ref.has_representations and stu.has_representations
-        k = ref.unembedding.shape[0] if ref.unembedding is not None else ref.logits.shape[-1]
-        self.k = int(k)
-        if both and ref.embeddings.shape[-1] == stu.embeddings.shape[-1]:
-            self.mode = "representations"
+        self.k = int(ref.num_labels)
+        same_width = both and ref.embeddings.shape[-1] == stu.embeddings.shape[-1]
+        if same_width:
             self.m = int(ref.embeddings.shape[-1])
+        elif self.rep_dim is not None:
+            self.m = self.rep_dim
+        elif both:
+            self.m = int(min(ref.embeddings.shape[-1], stu.embeddings.shape[-1]))
         else:
-            self.mode = "logits"
-            if self.rep_dim is not None:
-                self.m = self.rep_dim
-            elif both:
-                self.m = int(min(ref.embeddings.shape[-1], stu.embeddings.shape[-1]))
-            else:
-                self.m = self.k - 1
-            if self.k > MAX_LABELS_LOGITS_ROUTE:
-                raise ValueError(
-                    f"d_LLV from logits keeps a 2K x 2K statistic, too large for K={self.k} labels. Give both models "
-                    "embedding access (the default FinalLinear extractor or a custom one returning embeddings and "
-                    "the unembedding): the representation route needs only O(M^2)."
-                )
+            self.m = self.k - 1
+        self.mode = "representations" if same_width and self.k >= self.m + 2 else "logits"
         metrics: dict[str, Any] = {"kl": M.MeanKLDivergence(**self._kwargs_for(M.MeanKLDivergence))}
-        if self.mode == "representations" and self.k >= self.m + 2:
+        if self.mode == "representations":
             # d_SVD on the sets d_LLV chooses; its .llv is d_LLV by the representation route (O(M^2) state)
             metrics["svd"] = M.SVDDissimilarity(rep_dim=self.m, **self._kwargs_for(M.SVDDissimilarity))
         else:
@@ -166,51 +177,31 @@ class MetricSuite:
         integer ids of the inputs for the candidate buffers. Returns the number of rows added."""
         if not self.metrics:
             self._build(ref, stu)
+        else:
+            self.check_compatible(ref, stu)
         if ids is not None and keep is not None:
             ids = ids[keep.to(ids.device)]
-        f_p = f_q = u_p = u_q = None
-        if ref.has_representations and stu.has_representations:
-            f_p = _rows(ref.embeddings, keep).to(torch.float64)
-            f_q = _rows(stu.embeddings, keep).to(device=f_p.device, dtype=torch.float64)
-            u_p = ref.unembedding.to(device=f_p.device, dtype=torch.float64)
-            u_q = stu.unembedding.to(device=f_p.device, dtype=torch.float64)
-        z_p = z_q = None
-        if self.mode == "logits":
-            z_p = _logit_rows(ref, keep)
-            z_q = _logit_rows(stu, keep).to(z_p.device)
-        n = int(f_p.shape[0]) if f_p is not None else int(z_p.shape[0])
+        z_p = logits_for_statistics(ref, keep)
+        z_q = logits_for_statistics(stu, keep).to(z_p.device)
+        n = int(z_p.shape[0])
         if n == 0:
             return 0
         if ids is not None:
-            ids = ids.to(f_p.device if f_p is not None else z_p.device)
-        if self.mode == "representations":
-            # the logits f g~^T in float64, exactly as functional.compare builds them; in row chunks for large K
-            step = max(1, _KL_CHUNK // self.k)
-            if "svd" in self.metrics:
-                for i in range(0, n, step):
-                    self.metrics["kl"].update(
-                        logits_from_representations(f_p[i : i + step], u_p),
-                        logits_from_representations(f_q[i : i + step], u_q),
-                    )
-                self._update_with_ids("svd", ids, f_p, f_q, u_p, u_q)
-            else:  # K < M + 2: small K, the logits route of d_LLV
-                z_p, z_q = logits_from_representations(f_p, u_p), logits_from_representations(f_q, u_q)
-                self.metrics["kl"].update(z_p, z_q)
-                self._update_with_ids("llv", ids, z_p, z_q)
+            ids = ids.to(z_p.device)
+        self.metrics["kl"].update(z_p, z_q)
+        if "svd" in self.metrics:
+            f_p, f_q = _rows(ref.embeddings, keep), _rows(stu.embeddings, keep).to(z_p.device)
+            unemb_p, unemb_q = ref.unembedding.to(z_p.device), stu.unembedding.to(z_p.device)
+            self.metrics["svd"].update(
+                f_p, f_q, unemb_p=unemb_p, unemb_q=unemb_q, ids=ids,
+                logz_p=log_partition_of_logits(z_p), logz_q=log_partition_of_logits(z_q),
+            )
         else:
-            self.metrics["kl"].update(z_p, z_q)
-            self._update_with_ids("llv", ids, z_p, z_q)
+            self.metrics["llv"].update(z_p, z_q, ids=ids)
         if "cca" in self.metrics:
-            self.metrics["cca"].update(f_p, f_q)
+            self.metrics["cca"].update(_rows(ref.embeddings, keep), _rows(stu.embeddings, keep).to(z_p.device))
         self.num_rows += n
         return n
-
-    def _update_with_ids(self, name: str, ids: Tensor | None, *args: Tensor) -> None:
-        metric = self.metrics[name]
-        if ids is not None and _accepts(metric.update, "ids"):
-            metric.update(*args, ids=ids)
-        else:
-            metric.update(*args)
 
     def _global_rows(self) -> int:
         """Rows added on all processes (a collective under DDP: every process calls compute)."""
@@ -223,9 +214,11 @@ class MetricSuite:
         return self.num_rows
 
     def compute(self) -> tuple[dict[str, float], dict[str, Any], dict[str, str]]:
-        """``(values, info, problems)``: logged values, set information, and why missing values are missing."""
+        """``(values, info, problems)``: logged values, set information (``num_inputs`` the values were computed on,
+        ``num_dropped`` rows skipped as non-finite), and why missing values are missing."""
         values: dict[str, float] = {}
-        info: dict[str, Any] = {"num_inputs": self._global_rows(), "mode": self.mode, "rep_dim": self.m, "num_labels": self.k}
+        rows = self._global_rows()
+        info: dict[str, Any] = {"num_inputs": 0, "num_dropped": 0, "mode": self.mode, "rep_dim": self.m, "num_labels": self.k}
         problems: dict[str, str] = {}
         if not self.metrics:
             problems["all"] = "no validation rows were seen"
@@ -241,6 +234,8 @@ class MetricSuite:
             problems["d_llv"] = problems["d_svd"]  # d_LLV comes from the same metric
         if "kl" in results:
             values["kl"] = float(results["kl"].value)
+            info["num_inputs"] = int(results["kl"].num_inputs)
+        info["num_dropped"] = rows - info["num_inputs"] if "kl" in results else rows
         llv = results.get("llv")
         if llv is None and "svd" in results:
             llv = results["svd"].llv
@@ -257,7 +252,7 @@ class MetricSuite:
         svd = results.get("svd")
         if svd is not None:
             values.update(d_svd=float(svd.value), d_svd_f=float(svd.f_part), d_svd_g=float(svd.g_part))
-        elif "svd" not in self.metrics and self.mode == "representations":
+        elif self.mode == "logits" and self.k is not None and self.m is not None and self.k < self.m + 2:
             problems["d_svd"] = f"d_SVD needs K >= M + 2 labels, got K={self.k}, M={self.m}"
         if "cca" in results:
             values["mcca"] = float(results["cca"].value)

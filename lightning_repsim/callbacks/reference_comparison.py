@@ -1,15 +1,18 @@
 """``ReferenceComparison``: compare the model in training with a frozen reference on every validation epoch.
 
 Direction: ``p`` is the **reference** (model 1), ``q`` the **student** (model 2); the KL is
-``KL(reference || student)``, the distillation reading.
+``KL(reference || student)``, the distillation reading. The concerns live in their own modules:
+:mod:`.reference` (loading, freezing, precision, inputs), :mod:`.positions` (global sample ids, DDP padding),
+:mod:`.capture` (reusing the student's forward), :mod:`.metric_suite` (feeding the metrics), :mod:`.media`
+(the picture and wandb media).
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -20,70 +23,28 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler
+from typing_extensions import override
 
-from lightning_repsim.callbacks.extraction import (
-    FinalLinear,
-    Representations,
-    default_input_fn,
-    default_label_fn,
-    default_mask_fn,
-    unembedding_of,
-)
+from lightning_repsim.callbacks.capture import HeadCapture, reused_representations
+from lightning_repsim.callbacks.extraction import FinalLinear, Representations, default_label_fn, default_mask_fn
+from lightning_repsim.callbacks.media import EmbeddingPoints, log_wandb_media
 from lightning_repsim.callbacks.metric_suite import METRIC_KEYS, MetricSuite
+from lightning_repsim.callbacks.positions import SamplePositions, rows_and_ids
+from lightning_repsim.callbacks.reference import (
+    batch_size_of,
+    check_separate,
+    load_reference,
+    model_inputs,
+    move_inputs,
+    prepare_reference,
+    weights_fingerprint,
+)
 
 __all__ = ["ReferenceComparison", "weights_fingerprint", "METRIC_KEYS"]
 
 _STATE_VERSION = 1
 _DEFAULT_PROG_BAR = ("kl", "d_llv", "d_svd")
-
-
-def weights_fingerprint(module: nn.Module) -> str:
-    """SHA-256 of a module's ``state_dict`` (names, dtypes, shapes and raw bytes, in name order).
-
-    Two modules have the same fingerprint iff their parameters and buffers are bit-identical.
-
-    Example:
-        >>> import torch
-        >>> a = torch.nn.Linear(3, 2)
-        >>> weights_fingerprint(a) == weights_fingerprint(a), len(weights_fingerprint(a))
-        (True, 64)
-    """
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        if not isinstance(tensor, Tensor):
-            h.update(repr(tensor).encode())
-            continue
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _cast_floats(data: Any, dtype: torch.dtype) -> Any:
-    return apply_to_collection(data, Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t)
-
-
-def _leading(t: Tensor) -> tuple[int, ...]:
-    return tuple(t.shape[:-1])
-
-
-def _batch_size(inputs: Any) -> int:
-    """Leading size of the first tensor in a model input."""
-    if isinstance(inputs, Tensor):
-        return int(inputs.shape[0])
-    found: list[int] = []
-    apply_to_collection(inputs, Tensor, lambda t: found.append(int(t.shape[0])) if t.ndim else None)
-    if not found:
-        raise TypeError("cannot find the batch size of the model input (no tensor in it); pass `input_fn`")
-    return found[0]
-
-
-#: ids of token rows of (B, T) outputs: global sample position * 2**20 + token position.
-_TOKEN_STRIDE = 2**20
 
 
 class ReferenceComparison(Callback):
@@ -102,21 +63,25 @@ class ReferenceComparison(Callback):
         reference: an ``nn.Module`` / ``LightningModule``, or a checkpoint path loaded with the
             student's class (``type(student).load_from_checkpoint(path, **reference_load_kwargs)``).
             It is frozen (``eval()``, ``requires_grad_(False)``), kept on the callback (never a
-            submodule of the student, so never in its optimizer, checkpoint, DDP wrapper or precision
-            casts) and moved to the student's device when fit/validate starts. Its weights are not
-            saved, only a fingerprint (SHA-256) that resuming checks.
+            submodule of the student, so never in its optimizer, checkpoint or DDP wrapper), moved to the
+            student's device and converted by the trainer's precision plugin like the student (e.g. to
+            float64 under ``"64-true"``); its forward runs in the student's precision context (autocast under
+            ``"bf16-mixed"``), so identical models compare as identical. Its weights are not saved, only a
+            fingerprint (SHA-256, taken before any conversion) that resuming checks.
         every_n_epochs: compare on validation runs of epochs ``e`` with ``(e + 1) % every_n_epochs == 0``
             (Lightning's ``check_val_every_n_epoch`` convention). ``trainer.validate()`` always compares.
-            The sanity check never does.
+            The sanity check never does (it only checks that both models' outputs can be compared).
         dataloader: compare on this dataloader (iterated at the end of the validation epoch; under DDP
             each process takes every ``world_size``-th batch) instead of the validation batches.
         dataloader_idx: which validation dataloader to use when ``dataloader`` is None.
         prefix: logged keys are ``f"{prefix}/{key}"``.
         prog_bar: show ``kl``, ``d_llv``, ``d_svd`` in the progress bar (True), none (False) or the
             listed keys.
-        input_fn: ``batch -> model input`` (default: ``batch[0]``, ``batch["input_ids"]``, ...).
+        input_fn: ``batch -> model input`` for both models (a dict is passed as keyword arguments). Default:
+            ``batch[0]`` of a tuple; for a mapping batch (a tokenizer's output) the keys each model's ``forward``
+            accepts, except ``labels`` (so the ``attention_mask`` reaches both models).
         label_fn: ``batch -> class labels`` for colouring the embedding plot (default ``batch[1]``).
-        mask_fn: ``batch -> bool mask`` over the leading dimensions of the logits (e.g. ``(B, T)``
+        mask_fn: ``batch -> mask`` (bool or 0/1) over the leading dimensions of the logits (e.g. ``(B, T)``
             padding mask of an LM; default ``batch["attention_mask"]`` of a mapping, else all rows).
         reference_extractor, student_extractor: ``(model, inputs) -> Representations``. Default
             :class:`FinalLinear` (embedding = input of the ``nn.Linear`` that produces the logits,
@@ -124,27 +89,30 @@ class ReferenceComparison(Callback):
             :class:`~lightning_repsim.callbacks.LogitsOnly` for models without embedding access (then
             only d_LLV and KL are reported) or any callable returning ``Representations``.
         reuse_student_outputs: avoid a second student forward when possible: use ``"embeddings"`` (and
-            ``"logits"``) of a dict returned by ``validation_step``, or the input of the student's head
-            captured by a forward hook while ``validation_step`` ran (accepted only when the head ran
+            ``"logits"``) of a dict returned by ``validation_step``, or the input and output of the student's
+            head captured by a forward hook while ``validation_step`` ran (accepted only when the head ran
             exactly once with the batch's shape). Otherwise (or when False) the student is run under
-            ``no_grad`` in eval mode on ``input_fn(batch)``.
+            ``no_grad`` in eval mode on the batch.
         rep_dim: M for d_LLV when the models give logits only (default ``K - 1``). Ignored when
             embeddings are available (M is their width).
-        metric_kwargs: passed to the streaming metrics (e.g. ``lam``, ``reduce``, ``combine``,
-            ``num_input_sets``, ``seed``; see :mod:`lightning_repsim.metrics`).
+        metric_kwargs: passed to the streaming metrics (the d_LLV options ``lam``, ``reduce``, ``combine``,
+            ``num_input_sets``, ``seed``, ... of :class:`~lightning_repsim.functional.LLVOptions`, and
+            ``nan_strategy``: by default ``"ignore"`` here, so rows with non-finite outputs (a diverging
+            student) are skipped, counted in ``history[i]["num_dropped"]`` and warned about, and values that
+            cannot be computed are skipped with a warning instead of stopping the fit).
         log_media: with a ``WandbLogger``: log the table, the line plots and the embedding image.
         plot_max_points: at most this many points (of process 0) in the embedding image.
         reference_load_kwargs: keyword arguments of ``load_from_checkpoint`` for a path ``reference``.
 
     Attributes:
         history: one dict per comparison: ``epoch``, ``global_step``, ``stage`` (``"fit"``/``"validate"``),
-            ``num_inputs``, every key of :data:`METRIC_KEYS` (``nan`` when undefined) and the chosen sets
-            ``label_pivot``, ``leave_out``, ``input_set``.
+            ``num_inputs`` (the inputs the values were computed on, over all processes), ``num_dropped``
+            (inputs skipped for non-finite outputs), every key of :data:`METRIC_KEYS` (``nan`` when undefined)
+            and the chosen sets ``label_pivot``, ``leave_out``, ``input_set``.
         last_embeddings: ``(reference, student, labels)`` plotted last (M = 2 only), or None.
         last_results: the metrics' full results of the last comparison (``"kl"``; ``"svd"``, an
             ``SVDDissimilarityResult`` whose ``.llv`` is the ``LLVResult``, or ``"llv"``; ``"cca"``: their
-            ``compute_result()``), with the
-            candidate input sets, kept label sets, etc. Not saved in checkpoints.
+            ``compute_result()``). Not saved in checkpoints.
         stats: counters: student forwards reused / run by the callback, padded duplicate rows dropped.
 
     Example:
@@ -196,48 +164,40 @@ class ReferenceComparison(Callback):
             unknown = set(self.prog_bar_keys) - set(METRIC_KEYS)
             if unknown:
                 raise ValueError(f"`prog_bar` keys must be among {METRIC_KEYS}, got unknown {sorted(unknown)}")
-        self.input_fn = input_fn or default_input_fn
+        self.input_fn = input_fn
         self.label_fn = label_fn or default_label_fn
         self.mask_fn = mask_fn or default_mask_fn
         self.reference_extractor = reference_extractor or FinalLinear()
         self.student_extractor = student_extractor or FinalLinear()
         self.reuse_student_outputs = bool(reuse_student_outputs)
         self.rep_dim = rep_dim
-        self.metric_kwargs = dict(metric_kwargs or {})
+        self.metric_kwargs = {"nan_strategy": "ignore", **dict(metric_kwargs or {})}
+        MetricSuite(rep_dim=rep_dim, **self.metric_kwargs)  # unknown keys fail here, not at the first validation
         self.log_media = bool(log_media)
-        self.plot_max_points = int(plot_max_points)
         self.reference_load_kwargs = dict(reference_load_kwargs or {})
 
         self.history: list[dict[str, Any]] = []
-        self.last_embeddings: tuple[Tensor, Tensor, Tensor | None] | None = None
         self.last_results: dict[str, Any] = {}
         self.reference_fingerprint: str | None = None
         self._pending_fingerprint: str | None = None
         self._suite: MetricSuite | None = None
         self._active = False
+        self._checked = False
         self._warned: set[str] = set()
-        self._capture_handle = None
-        self._captured: list[Tensor] = []
-        self._sample_cursor = 0  # samples seen on this process (validation loader) / in the whole custom loader
-        self._stride: tuple[int, int] | None = (0, 1)  # position of local sample k = offset + k * stride; None: no ids
-        self._length: int | None = None  # dataset length when a padding DistributedSampler is used
-        self._plot_ref: list[Tensor] = []
-        self._plot_stu: list[Tensor] = []
-        self._plot_lab: list[Tensor | None] = []
-        self._plot_count = 0
+        self._capture = HeadCapture()
+        self._positions = SamplePositions()
+        self._points = EmbeddingPoints(int(plot_max_points))
         self.stats = {"reused_student_forward": 0, "own_student_forward": 0, "padded_rows_dropped": 0}
+
+    @property
+    def last_embeddings(self) -> tuple[Tensor, Tensor, Tensor | None] | None:
+        return self._points.last
 
     # ------------------------------------------------------------------------------------------
     # identity, config, state
     # ------------------------------------------------------------------------------------------
-    def __getstate__(self) -> dict[str, Any]:
-        # hooks and per-epoch buffers are not picklable / not meaningful in another process (ddp_spawn)
-        state = self.__dict__.copy()
-        state["_capture_handle"] = None
-        state["_captured"] = []
-        return state
-
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(prefix=self.prefix)
 
@@ -258,7 +218,9 @@ class ReferenceComparison(Callback):
             else type(self._reference_source).__name__,
         }
 
+    @override
     def state_dict(self) -> dict[str, Any]:
+        """History, configuration and the reference's fingerprint (never its weights)."""
         return {
             "version": _STATE_VERSION,
             "config": self.config(),
@@ -266,7 +228,9 @@ class ReferenceComparison(Callback):
             "reference_fingerprint": self.reference_fingerprint,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the saved history; the reference's fingerprint is checked once the reference is loaded."""
         saved = state_dict.get("reference_fingerprint")
         if saved is not None:
             if self.reference_fingerprint is None:
@@ -294,42 +258,36 @@ class ReferenceComparison(Callback):
         self._pending_fingerprint = None
 
     # ------------------------------------------------------------------------------------------
-    # reference handling
+    # the reference
     # ------------------------------------------------------------------------------------------
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Load the reference (from a checkpoint path if given one), check it is separate, fingerprint it."""
         if self.reference is None:
-            path = os.fspath(self._reference_source)
-            kwargs = {"map_location": "cpu", **self.reference_load_kwargs}
-            self.reference = type(pl_module).load_from_checkpoint(path, **kwargs)
-        ref = self.reference
-        if ref is pl_module:
-            raise ValueError("ReferenceComparison: the reference is the student itself; pass a separate (copied) model")
-        student_params = {id(p) for p in pl_module.parameters()}
-        shared = [n for n, p in ref.named_parameters() if id(p) in student_params]
-        if shared:
-            raise ValueError(
-                f"ReferenceComparison: the reference shares {len(shared)} parameter(s) with the student (e.g. "
-                f"{shared[:3]}); freezing it would freeze the student. Pass a deep copy (copy.deepcopy(model))."
-            )
-        ref.eval()
-        ref.requires_grad_(False)
+            self.reference = load_reference(self._reference_source, pl_module, self.reference_load_kwargs)
+        check_separate(self.reference, pl_module)
+        self.reference.eval()
+        self.reference.requires_grad_(False)
         if self.reference_fingerprint is None:
-            self.reference_fingerprint = weights_fingerprint(ref)
+            self.reference_fingerprint = weights_fingerprint(self.reference)
         if self._pending_fingerprint is not None:
             self._check_fingerprint(self._pending_fingerprint)
 
-    def _prepare(self, pl_module: pl.LightningModule) -> None:
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._pending_fingerprint is not None:
             self._check_fingerprint(self._pending_fingerprint)
         assert self.reference is not None
-        self.reference.to(pl_module.device)
-        self.reference.eval()
+        self.reference = prepare_reference(self.reference, trainer, pl_module.device)
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._prepare(pl_module)
+        """Move the reference to the student's device and precision."""
+        self._prepare(trainer, pl_module)
 
+    @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._prepare(pl_module)
+        """Move the reference to the student's device and precision (``trainer.validate`` has no fit start)."""
+        self._prepare(trainer, pl_module)
 
     # ------------------------------------------------------------------------------------------
     # when to compare
@@ -343,7 +301,9 @@ class ReferenceComparison(Callback):
             return (trainer.current_epoch + 1) % self.every_n_epochs == 0
         return False
 
+    @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Decide whether this validation compares; reset the metrics, positions and the head capture."""
         self._active = self._should_compare(trainer)
         if not self._active:
             return
@@ -352,95 +312,44 @@ class ReferenceComparison(Callback):
             self._suite = MetricSuite(rep_dim=self.rep_dim, **self.metric_kwargs)
         self._suite.reset()
         self._suite.to(pl_module.device)
-        self._sample_cursor = 0
-        self._plot_ref, self._plot_stu, self._plot_lab, self._plot_count = [], [], [], 0
-        self._stride, self._length = (0, 1), None
+        self._points.start()
+        self._positions.reset()
         if self.dataloader is None:
-            self._configure_positions(trainer)
+            warning = self._positions.configure(trainer, self.dataloader_idx)
+            if warning:
+                self._warn_once("no-distributed-sampler", warning)
         self._install_capture(pl_module)
 
-    def _configure_positions(self, trainer: pl.Trainer) -> None:
-        """Global sample positions (the ids given to the metrics) and DistributedSampler padding.
-
-        Lightning's ``DistributedSampler`` (``drop_last=False``) pads the index list to a multiple of the
-        world size with copies of its first indices and gives rank ``r`` the positions ``r, r + W, r + 2W, ...``
-        of that list. So the ``k``-th sample of rank ``r`` has global position ``r + k W``, and it is a padded
-        duplicate exactly when that position is ``>= len(dataset)``: those rows are dropped, nothing is counted
-        twice. The position is the same for 1 or W processes (without shuffling it is the dataset index), which
-        makes the candidate inputs of d_LLV, and thus every value, independent of the number of processes.
-        """
-        loader = trainer.val_dataloaders
-        if isinstance(loader, Sequence) and not isinstance(loader, DataLoader):
-            loader = loader[self.dataloader_idx] if self.dataloader_idx < len(loader) else None
-        sampler = None
-        if isinstance(loader, DataLoader):
-            sampler = loader.sampler
-            if not isinstance(sampler, DistributedSampler) and loader.batch_sampler is not None:
-                sampler = getattr(loader.batch_sampler, "sampler", sampler)
-        if isinstance(sampler, DistributedSampler):
-            self._stride = (int(sampler.rank), int(sampler.num_replicas))
-            try:
-                length = len(sampler.dataset)  # type: ignore[arg-type]
-            except TypeError:
-                length = None
-            if length is not None and not sampler.drop_last and sampler.total_size > length:
-                self._length = length
-        elif trainer.world_size > 1:
-            self._stride = None  # local positions would collide across processes: the metrics hash the content
-            self._warn_once(
-                "no-distributed-sampler",
-                "ReferenceComparison: running on several processes but the validation dataloader has no "
-                "DistributedSampler; if every process sees the same batches, every input is counted once per "
-                "process. Use Lightning's default `use_distributed_sampler=True` or pass `dataloader=`.",
-            )
-
-    # ------------------------------------------------------------------------------------------
-    # student forward reuse: a hook on the student's head while validation_step runs
-    # ------------------------------------------------------------------------------------------
     def _install_capture(self, pl_module: pl.LightningModule) -> None:
-        self._remove_capture()
+        self._capture.remove()
         if not self.reuse_student_outputs or self.dataloader is not None:
             return
         _, head = self._student_head(pl_module)
-        if head is None:
-            return
-        self._captured = []
+        if head is not None:
+            self._capture.install(head)
 
-        def capture(module: nn.Module, args: tuple, output: Any) -> None:
-            if args and isinstance(args[0], Tensor):
-                self._captured.append(args[0].detach())
-
-        self._capture_handle = head.register_forward_hook(capture)
-
-    def _remove_capture(self) -> None:
-        if self._capture_handle is not None:
-            self._capture_handle.remove()
-            self._capture_handle = None
-        self._captured = []
-
+    @override
     def on_validation_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        self._captured = []
+        """Forget the head calls of the previous batch."""
+        self._capture.clear()
+
+    @override
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Feed the batch to the metrics (or, in the sanity check, check once that both models can be compared)."""
+        if dataloader_idx == self.dataloader_idx and not self._checked and trainer.sanity_checking and self.dataloader is None:
+            self._check_outputs(trainer, pl_module, batch)
+        if self._active and self.dataloader is None and dataloader_idx == self.dataloader_idx:
+            self._process_batch(trainer, pl_module, batch, outputs, reuse=True)
+        self._capture.clear()
 
     # ------------------------------------------------------------------------------------------
     # per batch
     # ------------------------------------------------------------------------------------------
-    def on_validation_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if not self._active or self.dataloader is not None or dataloader_idx != self.dataloader_idx:
-            self._captured = []
-            return
-        self._process_batch(trainer, pl_module, batch, outputs, reuse=True)
-        self._captured = []
-
     @contextmanager
     def _isolated_rng(self, device: torch.device):
         """The callback must not change the training's random stream (same gradients with and without it)."""
@@ -448,46 +357,37 @@ class ReferenceComparison(Callback):
         with torch.random.fork_rng(devices=devices):
             yield
 
-    def _process_batch(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, outputs: Any, reuse: bool,
-        positions: Tensor | None = None,
-    ) -> None:
-        device = pl_module.device
-        with self._isolated_rng(device), torch.no_grad():
-            inputs = self.input_fn(batch)
-            ref_reps = self._reference_reps(inputs)
-            stu_reps = self._student_reps(trainer, pl_module, inputs, outputs, ref_reps, reuse)
-        self._update(batch, ref_reps, stu_reps, positions)
+    def _representations(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, outputs: Any,
+                         reuse: bool) -> tuple[Representations, Representations]:
+        with self._isolated_rng(pl_module.device), torch.no_grad(), trainer.precision_plugin.val_step_context():
+            ref = self.reference
+            ref_reps = self.reference_extractor(ref, move_inputs(model_inputs(batch, ref, self.input_fn), ref))
+            stu_reps = self._student_reps(pl_module, batch, outputs, ref_reps.leading_shape, reuse)
+        return ref_reps, stu_reps
 
-    def _reference_reps(self, inputs: Any) -> Representations:
-        ref = self.reference
-        assert ref is not None
-        param = next(iter(ref.parameters()), None)
-        if param is not None:
-            inputs = _cast_floats(move_data_to_device(inputs, param.device), param.dtype)
-        return self.reference_extractor(ref, inputs)
+    def _check_outputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        """Run both models on one sanity-check batch: different label sets fail here, before any training."""
+        self._checked = True
+        ref_reps, stu_reps = self._representations(trainer, pl_module, batch, None, reuse=False)
+        MetricSuite.check_compatible(ref_reps, stu_reps)
 
-    def _student_reps(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        inputs: Any,
-        outputs: Any,
-        ref_reps: Representations,
-        reuse: bool,
-    ) -> Representations:
-        lead = _leading(ref_reps.logits if ref_reps.logits is not None else ref_reps.embeddings)
-        if reuse and self.reuse_student_outputs:
-            reps = self._reused(pl_module, outputs, lead)
-            if reps is not None:
-                self.stats["reused_student_forward"] += 1
-                return reps
-        self.stats["own_student_forward"] += 1
-        with trainer.precision_plugin.val_step_context():
-            reps = self.student_extractor(pl_module, inputs)
-        if self.reuse_student_outputs and self._capture_handle is None and self.dataloader is None:
-            self._install_capture(pl_module)  # the head is known now: reuse from the next batch on
-        return reps
+    def _process_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, outputs: Any, reuse: bool,
+                       positions: Tensor | None = None) -> None:
+        ref_reps, stu_reps = self._representations(trainer, pl_module, batch, outputs, reuse)
+        self._checked = True
+        lead, lead_s = ref_reps.leading_shape, stu_reps.leading_shape
+        if lead != lead_s:
+            raise ValueError(f"reference and student outputs have different leading shapes {lead} and {lead_s}")
+        if not lead:
+            raise ValueError("the logits must have a batch dimension, got a single vector")
+        if positions is None:
+            positions = self._positions.next(lead[0])
+        keep, ids, padded = rows_and_ids(self.mask_fn(batch), lead, positions, self._positions.length)
+        self.stats["padded_rows_dropped"] += padded
+        assert self._suite is not None
+        added = self._suite.update(ref_reps, stu_reps, keep, ids)
+        if self.log_media and added:
+            self._points.add(ref_reps, stu_reps, self.label_fn(batch), keep, lead)
 
     def _student_head(self, pl_module: pl.LightningModule) -> tuple[bool, nn.Linear | None]:
         """(whether the student's head is known, the head or None for a logits-only student)."""
@@ -498,113 +398,44 @@ class ReferenceComparison(Callback):
             return False, None
         return True, head_of(pl_module)
 
-    def _reused(self, pl_module: pl.LightningModule, outputs: Any, lead: tuple[int, ...]) -> Representations | None:
-        """The student's representations from its own ``validation_step``, or None when they are not available."""
-        known, head = self._student_head(pl_module)
-        if isinstance(outputs, Mapping) and isinstance(outputs.get("embeddings"), Tensor):
-            emb = outputs["embeddings"]
-            unemb = outputs.get("unembedding")
-            if unemb is None and head is not None:
-                unemb = unembedding_of(head)
-            if isinstance(unemb, Tensor) and _leading(emb) == lead:
-                logits = outputs.get("logits")
-                return Representations(logits.detach() if isinstance(logits, Tensor) else None, emb.detach(), unemb.detach())
-        if head is not None and len(self._captured) == 1 and _leading(self._captured[0]) == lead:
-            return Representations(None, self._captured[0], unembedding_of(head))
-        logits = outputs.get("logits") if isinstance(outputs, Mapping) else None
-        if known and head is None and isinstance(logits, Tensor) and _leading(logits) == lead:
-            return Representations(logits.detach())  # logits-only student
-        return None
+    def _student_reps(self, pl_module: pl.LightningModule, batch: Any, outputs: Any, lead: tuple[int, ...],
+                      reuse: bool) -> Representations:
+        if reuse and self.reuse_student_outputs:
+            known, head = self._student_head(pl_module)
+            reps = reused_representations(outputs, known, head, self._capture, lead)
+            if reps is not None:
+                self.stats["reused_student_forward"] += 1
+                return reps
+        self.stats["own_student_forward"] += 1
+        self._capture.remove()  # the callback's own forward must not be captured as the student's
+        reps = self.student_extractor(pl_module, move_inputs(model_inputs(batch, pl_module, self.input_fn), pl_module))
+        if self.reuse_student_outputs and self.dataloader is None and self._active:
+            self._install_capture(pl_module)  # the head is known now: reuse from the next batch on
+        return reps
 
-    def _rows_and_ids(self, batch: Any, lead: tuple[int, ...], positions: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
-        """``(keep, ids)`` over the flattened leading positions: the padding mask of ``mask_fn`` and the
-        DistributedSampler duplicates; ids = global sample position (x 2**20 + token position for (B, T))."""
-        keep = None
-        mask = self.mask_fn(batch)
-        if mask is not None:
-            if tuple(mask.shape) != lead:
-                raise ValueError(f"the mask from `mask_fn` has shape {tuple(mask.shape)}, the logits' leading shape is {lead}")
-            keep = mask.to(torch.bool).reshape(-1).cpu()
-        if self._length is not None and positions is not None:
-            sample_keep = positions < self._length  # padded duplicates sit after the dataset's end
-            dropped = int((~sample_keep).sum())
-            if dropped:
-                self.stats["padded_rows_dropped"] += dropped
-                per_row = sample_keep.reshape((-1,) + (1,) * (len(lead) - 1)).expand(lead).reshape(-1)
-                keep = per_row if keep is None else keep & per_row
-        if positions is None:
-            ids = None
-        elif len(lead) == 1:
-            ids = positions
-        else:
-            inner = math.prod(lead[1:])
-            ids = positions[:, None] * _TOKEN_STRIDE + torch.arange(inner)[None, :] if inner <= _TOKEN_STRIDE else None
-            ids = None if ids is None else ids.reshape(-1)
-        return keep, ids
-
-    def _update(self, batch: Any, ref: Representations, stu: Representations, positions: Tensor | None = None) -> None:
-        lead = _leading(ref.logits if ref.logits is not None else ref.embeddings)
-        lead_s = _leading(stu.logits if stu.logits is not None else stu.embeddings)
-        if lead != lead_s:
-            raise ValueError(f"reference and student outputs have different leading shapes {lead} and {lead_s}")
-        if not lead:
-            raise ValueError("the logits must have a batch dimension, got a single vector")
-        if positions is None and self._stride is not None:
-            offset, stride = self._stride  # validation batches: the k-th local sample has position offset + k * stride
-            positions = offset + (self._sample_cursor + torch.arange(lead[0])) * stride
-        self._sample_cursor += lead[0]
-        keep, ids = self._rows_and_ids(batch, lead, positions)
-        assert self._suite is not None
-        n_rows = self._suite.update(ref, stu, keep, ids)
-        if self.log_media and self._plot_count < self.plot_max_points and n_rows > 0:
-            self._collect_plot_points(batch, ref, stu, keep, lead)
-
-    def _collect_plot_points(self, batch: Any, ref: Representations, stu: Representations, keep: Tensor | None, lead) -> None:
-        if not (ref.has_representations and stu.has_representations):
-            return
-        if ref.embeddings.shape[-1] != 2 or stu.embeddings.shape[-1] != 2:
-            return
-        take = self.plot_max_points - self._plot_count
-        e_r = ref.embeddings.reshape(-1, 2)
-        e_s = stu.embeddings.reshape(-1, 2)
-        labels = self.label_fn(batch)
-        if labels is not None and tuple(labels.shape) == lead:
-            labels = labels.reshape(-1)
-        else:
-            logits = ref.logits if ref.logits is not None else None
-            labels = logits.reshape(-1, logits.shape[-1]).argmax(-1) if logits is not None else None
-        if keep is not None:
-            k = keep.to(e_r.device)
-            e_r, e_s = e_r[k], e_s[k]
-            labels = labels[keep.to(labels.device)] if labels is not None else None
-        self._plot_ref.append(e_r[:take].detach().to("cpu", torch.float64))
-        self._plot_stu.append(e_s[:take].detach().to("cpu", torch.float64))
-        self._plot_lab.append(None if labels is None else labels[:take].detach().cpu())
-        self._plot_count += min(take, e_r.shape[0])
-
-    # ------------------------------------------------------------------------------------------
-    # end of the validation epoch: custom dataloader, compute, log
-    # ------------------------------------------------------------------------------------------
     def _run_custom_dataloader(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         rank, world = trainer.global_rank, trainer.world_size
-        device = pl_module.device
-        with self._isolated_rng(device):
-            cursor = 0
+        cursor = 0
+        with self._isolated_rng(pl_module.device):  # a shuffling loader draws from the global RNG
             for i, batch in enumerate(self.dataloader):  # type: ignore[union-attr]
-                size = _batch_size(self.input_fn(batch))
+                size = batch_size_of(model_inputs(batch, pl_module, self.input_fn))
                 positions = cursor + torch.arange(size)
                 cursor += size
                 if i % world != rank:  # batch i belongs to process i mod world_size: no input is seen twice
                     continue
-                batch = move_data_to_device(batch, device)
-                batch = trainer.precision_plugin.convert_input(batch)
+                batch = trainer.precision_plugin.convert_input(move_data_to_device(batch, pl_module.device))
                 self._process_batch(trainer, pl_module, batch, None, reuse=False, positions=positions)
 
+    # ------------------------------------------------------------------------------------------
+    # end of the validation epoch: compute, log, record
+    # ------------------------------------------------------------------------------------------
+    @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Compute every value over the whole epoch (synced across processes), log and record it."""
         if not self._active:
             return
         self._active = False
-        self._remove_capture()
+        self._capture.remove()
         if self.dataloader is not None:
             with torch.no_grad():
                 self._run_custom_dataloader(trainer, pl_module)
@@ -614,6 +445,9 @@ class ReferenceComparison(Callback):
         self._suite.reset()
         for key, message in problems.items():
             self._warn_once(f"{key}:{message}", f"ReferenceComparison: `{key}` is not defined here and is not logged: {message}")
+        if info.get("num_dropped"):
+            self._warn_once("dropped", f"ReferenceComparison: {info['num_dropped']} validation input(s) had non-finite outputs "
+                            "and were skipped (history: `num_dropped`); the values use the other inputs.")
         entry: dict[str, Any] = {
             "epoch": int(trainer.current_epoch),
             "global_step": int(trainer.global_step),
@@ -622,24 +456,22 @@ class ReferenceComparison(Callback):
             **{k: values.get(k, float("nan")) for k in METRIC_KEYS},
         }
         self._record(entry)
-        for key in METRIC_KEYS:
-            value = values.get(key)
-            if value is None or not math.isfinite(value):
-                continue
-            pl_module.log(
-                f"{self.prefix}/{key}",
-                torch.tensor(value, dtype=torch.float64, device=pl_module.device),
-                on_step=False,
-                on_epoch=True,
-                prog_bar=key in self.prog_bar_keys,
-                logger=bool(trainer.loggers),
-                # the value is already reduced over all processes (synced metrics): "max" keeps it exact
-                sync_dist=True,
-                reduce_fx="max",
-                batch_size=1,
-                add_dataloader_idx=False,
-            )
-        self._log_media(trainer, entry)
+        with warnings.catch_warnings():
+            # logger=True even without a logger, so that trainer.validate() returns the values too
+            warnings.filterwarnings("ignore", message=".*but have no logger configured.*")
+            for key in METRIC_KEYS:
+                value = values.get(key)
+                if value is None or not math.isfinite(value):
+                    continue
+                pl_module.log(
+                    f"{self.prefix}/{key}", torch.tensor(value, dtype=torch.float64, device=pl_module.device),
+                    on_step=False, on_epoch=True, prog_bar=key in self.prog_bar_keys, logger=True,
+                    # the value is already reduced over all processes (synced metrics): "max" keeps it exact
+                    sync_dist=True, reduce_fx="max", batch_size=1, add_dataloader_idx=False,
+                )
+        self._points.finish()
+        if self.log_media and trainer.global_rank == 0:
+            log_wandb_media(trainer, self.prefix, self.history, METRIC_KEYS, entry, lambda: self.embedding_figure(entry))
 
     def _record(self, entry: dict[str, Any]) -> None:
         if entry["stage"] == "fit":  # a resumed run that validates an epoch again replaces its entry
@@ -651,16 +483,6 @@ class ReferenceComparison(Callback):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message)
-
-    # ------------------------------------------------------------------------------------------
-    # wandb: table, line plots, embedding image
-    # ------------------------------------------------------------------------------------------
-    def _wandb_loggers(self, trainer: pl.Trainer) -> list[Any]:
-        try:
-            from lightning.pytorch.loggers import WandbLogger
-        except ImportError:  # pragma: no cover
-            return []
-        return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
 
     def embedding_figure(self, entry: Mapping[str, Any] | None = None) -> Any | None:
         """The figure of the last compared embeddings (M = 2 only), or None."""
@@ -674,56 +496,14 @@ class ReferenceComparison(Callback):
         shown = {k: entry[k] for k in ("kl", "d_llv", "d_svd", "mcca") if k in entry}
         return plot_embeddings(ref, stu, labels, title=title, metrics=shown)
 
-    def _finish_plot_points(self) -> None:
-        if not self._plot_ref:
-            return
-        ref = torch.cat(self._plot_ref)
-        stu = torch.cat(self._plot_stu)
-        labels = None
-        if all(lab is not None for lab in self._plot_lab):
-            labels = torch.cat([lab for lab in self._plot_lab if lab is not None])
-        self.last_embeddings = (ref, stu, labels)
-        self._plot_ref, self._plot_stu, self._plot_lab = [], [], []
-
-    def _log_media(self, trainer: pl.Trainer, entry: dict[str, Any]) -> None:
-        self._finish_plot_points()
-        if not self.log_media or trainer.global_rank != 0:
-            return
-        loggers = self._wandb_loggers(trainer)
-        if not loggers:
-            return
-        import wandb
-
-        step = int(trainer.global_step)
-        columns = ["epoch", "global_step", "stage", "num_inputs", *METRIC_KEYS]
-        rows = [[h.get(c, float("nan")) for c in columns] for h in self.history]
-        rows = [[None if isinstance(v, float) and not math.isfinite(v) else v for v in row] for row in rows]
-        fits = [h for h in self.history if h.get("stage") == "fit"] or self.history
-        xs = [h["epoch"] for h in fits]
-        curves = [k for k in ("kl", "d_llv", "d_svd", "mcca") if any(math.isfinite(h.get(k, float("nan"))) for h in fits)]
-        for lg in loggers:
-            lg.log_table(key=f"{self.prefix}/table", columns=columns, data=rows, step=step)
-            if curves:
-                ys = [[h.get(k) if math.isfinite(h.get(k, float("nan"))) else None for h in fits] for k in curves]
-                chart = wandb.plot.line_series(
-                    xs=xs, ys=ys, keys=curves, title="reference vs student per epoch", xname="epoch"
-                )
-                lg.log_metrics({f"{self.prefix}/curves": chart}, step=step)
-            fig = self.embedding_figure(entry)
-            if fig is not None:
-                from lightning_repsim.callbacks.plotting import figure_to_array
-
-                lg.log_image(
-                    key=f"{self.prefix}/embeddings",
-                    images=[figure_to_array(fig)],
-                    step=step,
-                    caption=[f"epoch {entry['epoch']}: reference (left) vs student (right), coloured by class"],
-                )
-
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._remove_capture()
+        """Remove the head hook."""
+        self._capture.remove()
         self._active = False
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._remove_capture()
+        """Remove the head hook."""
+        self._capture.remove()
         self._active = False

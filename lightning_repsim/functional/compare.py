@@ -10,7 +10,14 @@ import torch
 from torch import Tensor
 
 from lightning_repsim.functional._moments import batch_moments, covariance_from_moments
-from lightning_repsim.functional._validation import as_matrix, check_finite, check_input_sets, check_num_inputs, check_num_labels
+from lightning_repsim.functional._validation import (
+    as_matrix,
+    check_finite,
+    check_input_sets,
+    check_logit_pair,
+    check_num_inputs,
+    check_num_labels,
+)
 from lightning_repsim.functional.cca import canonical_correlations, canonical_correlations_from_cov, check_cca_inputs
 from lightning_repsim.functional.family import logits_from_parts, split_unembedding
 from lightning_repsim.functional.kl import kl_per_input, mean_kl_divergence
@@ -108,6 +115,8 @@ def compare(
     unemb_q: Tensor,
     max_label_subsets: int | None = None,
     route: str = "auto",
+    logits_p: Tensor | None = None,
+    logits_q: Tensor | None = None,
     **options: Any,
 ) -> ComparisonReport:
     """Compare two models of the family ``p(y|x) = softmax(f(x)^T g(y))`` on the same inputs.
@@ -125,6 +134,10 @@ def compare(
             ``"auto"`` (default) takes the representation route when K > max(256, 4 (M + 1)). Both give the
             same numbers (to rounding) for the same options; the representation route's default pivot search
             is bounded (see :class:`LLVOptions`).
+        logits_p, logits_q: the models' own logits (N, K), optional. When given, the KL and each input's
+            ``logZ`` come from them (in float64) rather than from ``f g^T``, on the logits route d_LLV too:
+            what :class:`~lightning_repsim.ReferenceComparison` does with the logits the models produced (in
+            float32 they differ from ``f g^T`` in float64 by rounding).
         options: the d_LLV options of :class:`LLVOptions` (``lam``, ``reduce``, ``combine``, ``label_pivot``,
             ``leave_out``, ``labels`` (logits route only), ``input_sets``, ``num_input_sets``, ``seed``, ...);
             ``seed`` also seeds the sample of label subsets of d_SVD.
@@ -153,8 +166,9 @@ def compare(
         raise ValueError(f"`unemb_p` and `unemb_q` must have the same number of labels, got {w_p.shape[0]} and {w_q.shape[0]}")
     k = w_p.shape[0]
     subsets = default_max_label_subsets(m) if max_label_subsets is None else max_label_subsets
+    given = _given_logits(logits_p, logits_q, n, k)
     if choose_route(route, k, m) == "logits":
-        logits_p, logits_q = logits_from_parts(f_p, w_p, b_p), logits_from_parts(f_q, w_q, b_q)
+        logits_p, logits_q = given if given is not None else (logits_from_parts(f_p, w_p, b_p), logits_from_parts(f_q, w_q, b_q))
         llv = llv_distance(logits_p, logits_q, rep_dim=m, **options)
         kl = mean_kl_divergence(logits_p, logits_q)
         cov_f = None
@@ -163,7 +177,7 @@ def compare(
             raise ValueError("`labels` (a label subset) applies to the logits route; the representation route is exact for any K")
         check_num_labels(k, m)
         check_num_inputs(n, m)
-        kl, u = _kl_and_representation_rows(f_p, w_p, b_p, f_q, w_q, b_q)
+        kl, u = _kl_and_representation_rows(f_p, w_p, b_p, f_q, w_q, b_q, given)
         count, mean_u, m2 = batch_moments(u)
         cov_u = covariance_from_moments(count, m2)
         if opts.input_sets is None:
@@ -198,18 +212,34 @@ def compare(
     )
 
 
+def _given_logits(logits_p: Tensor | None, logits_q: Tensor | None, n: int, k: int) -> tuple[Tensor, Tensor] | None:
+    if logits_p is None and logits_q is None:
+        return None
+    if logits_p is None or logits_q is None:
+        raise ValueError("pass both `logits_p` and `logits_q`, or neither")
+    p, q = check_logit_pair(logits_p, logits_q)
+    if p.shape != (n, k):
+        raise ValueError(f"`logits_p`/`logits_q` must have shape (N, K) = ({n}, {k}) (the embeddings' inputs, the "
+                         f"unembeddings' labels), got {tuple(p.shape)}")
+    return p, q
+
+
 def _kl_and_representation_rows(
-    f_p: Tensor, w_p: Tensor, b_p: Tensor | None, f_q: Tensor, w_q: Tensor, b_q: Tensor | None
+    f_p: Tensor, w_p: Tensor, b_p: Tensor | None, f_q: Tensor, w_q: Tensor, b_q: Tensor | None,
+    given: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Mean KL(p || q) and the rows ``u = [f_p, logZ_p, f_q - f_p, logZ_q - logZ_p]``, from the logits formed in
-    blocks of rows (float64; memory O(block K))."""
+    """Mean KL(p || q) and the rows ``u = [f_p, logZ_p, f_q - f_p, logZ_q - logZ_p]``, from the ``given`` logits or
+    those formed from the representations, in blocks of rows (float64; memory O(block K))."""
     n, k = f_p.shape[0], w_p.shape[0]
     step = max(1, CHUNK_NUMBERS // k)
     kl_sum = f_p.new_zeros(())
     logz = []
     for start in range(0, n, step):
         sl = slice(start, start + step)
-        z_p, z_q = logits_from_parts(f_p[sl], w_p, b_p), logits_from_parts(f_q[sl], w_q, b_q)
+        if given is None:
+            z_p, z_q = logits_from_parts(f_p[sl], w_p, b_p), logits_from_parts(f_q[sl], w_q, b_q)
+        else:
+            z_p, z_q = given[0][sl], given[1][sl]
         lz_p, lz_q = torch.logsumexp(z_p, dim=1), torch.logsumexp(z_q, dim=1)
         kl_sum = kl_sum + kl_per_input(z_p - lz_p[:, None], z_q - lz_q[:, None]).sum()
         logz.append(torch.stack([lz_p, lz_q], dim=1))

@@ -50,6 +50,22 @@ class SVDDissimilarityResult:
         return {**self.llv.as_dict(), **self.svd.as_dict()}
 
 
+def _stack_log_partitions(emb_p: Tensor, emb_q: Tensor, logz_p: Tensor | None, logz_q: Tensor | None):
+    """``(logz_p[..., None], logz_q[..., None])`` in float64, checked against the embeddings' leading shape."""
+    if logz_p is None and logz_q is None:
+        return None
+    if logz_p is None or logz_q is None:
+        raise ValueError("pass both `logz_p` and `logz_q`, or neither")
+    out = []
+    for lz, emb, name in ((logz_p, emb_p, "logz_p"), (logz_q, emb_q, "logz_q")):
+        check_tensor(emb, "emb_p" if name == "logz_p" else "emb_q")
+        check_tensor(lz, name)
+        if tuple(lz.shape) != tuple(emb.shape[:-1]):
+            raise ValueError(f"`{name}` must have the embeddings' leading shape {tuple(emb.shape[:-1])}, got {tuple(lz.shape)}")
+        out.append(lz.to(device=emb.device, dtype=torch.float64)[..., None])
+    return out
+
+
 def _check_unembedding(unemb: Tensor, name: str) -> Tensor:
     check_tensor(unemb, name)
     if unemb.ndim != 2 or not unemb.is_floating_point():
@@ -206,14 +222,24 @@ class SVDDissimilarity(CandidateMixin):
         unemb_q: Tensor | None = None,
         mask: Tensor | None = None,
         ids: Tensor | None = None,
+        logz_p: Tensor | None = None,
+        logz_q: Tensor | None = None,
     ) -> None:
-        """Accumulate a batch of both models' embeddings (see the class docstring)."""
+        """Accumulate a batch of both models' embeddings (see the class docstring). ``logz_p``/``logz_q`` (the
+        embeddings' leading shape, optional): each input's log-partition ``logsumexp`` of the model's logits,
+        when the caller has the logits, e.g. :class:`~lightning_repsim.ReferenceComparison`; saves recomputing
+        them from the embeddings (O(B K M))."""
         new_p = self.unemb_p if unemb_p is None else _check_unembedding(unemb_p, "unemb_p")
         new_q = self.unemb_q if unemb_q is None else _check_unembedding(unemb_q, "unemb_q")
         if self._in_use is not None and new_p is not None and new_q is not None:
             self._check_unchanged(new_p, "unemb_p", self._in_use[0])
             self._check_unchanged(new_q, "unemb_q", self._in_use[1])
+        given = _stack_log_partitions(emb_p, emb_q, logz_p, logz_q)
+        if given is not None:  # carried as an extra column, so masks and dropped rows apply to it too
+            emb_p, emb_q = torch.cat([emb_p.double(), given[0]], -1), torch.cat([emb_q.double(), given[1]], -1)
         f_p, f_q, ids, dropped = embedding_rows(emb_p, emb_q, mask, ids, self.nan_strategy, same_dim=True)
+        if given is not None:
+            (f_p, lz_p), (f_q, lz_q) = (f_p[:, :-1], f_p[:, -1]), (f_q[:, :-1], f_q[:, -1])
         m = f_p.shape[1]
         self.unemb_p, self.unemb_q = new_p, new_q
         w_p, b_p, w_q, b_q = self._unembeddings(m, f_p.device)
@@ -221,7 +247,8 @@ class SVDDissimilarity(CandidateMixin):
             self._check_sizes(m, w_p.shape[0])
         contributions: dict[str, Any] = {"num_dropped": dropped} if dropped else {}
         if f_p.shape[0]:
-            lz_p, lz_q = log_partition(f_p, w_p, b_p), log_partition(f_q, w_q, b_q)
+            if given is None:
+                lz_p, lz_q = log_partition(f_p, w_p, b_p), log_partition(f_q, w_q, b_q)
             if not (bool(torch.isfinite(lz_p).all()) and bool(torch.isfinite(lz_q).all())):
                 raise ValueError("the log-partition logsumexp(W f + b) is not finite for some inputs (logits overflow float64)")
             contributions["moments"] = torch.cat([f_p, lz_p[:, None], f_q - f_p, (lz_q - lz_p)[:, None]], dim=1)
