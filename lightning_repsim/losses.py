@@ -182,9 +182,15 @@ class LogitDistanceLoss(nn.Module):
     constant, i.e. when their log-probabilities coincide; ``2 K T^2 KL_T`` of :class:`KDLoss` tends to
     the ``p=2`` centred value as the temperature ``T`` grows.
 
+    At language-model vocabularies the sum over classes grows with K (about ``2 K`` for independent standard
+    normal logits: 16,400 at K = 8,192, swamping a cross-entropy of weight 1); ``class_reduction="mean"``
+    divides by K, so the scale does not depend on the vocabulary.
+
     Args:
         p: 1 or 2.
         centered: subtract the mean over classes first (default True).
+        class_reduction: ``"sum"`` over classes (default, the follow-up paper's d_logit^2 per input) or
+            ``"mean"`` (divided by K).
         eps: only for ``p=1``: ``|u|`` is replaced by ``sqrt(u^2 + eps^2) - eps`` (within ``eps`` of
             ``|u|``, smooth, gradient 0 at 0). ``eps=0`` gives the exact L1 norm (subgradient 0 at 0).
         reduction: ``"mean"`` over kept rows (default), ``"sum"``, or ``"none"`` (per row, shape
@@ -202,12 +208,15 @@ class LogitDistanceLoss(nn.Module):
         tensor(4.)
         >>> LogitDistanceLoss(centered=False, reduction="none")(s, t)
         tensor([300.,   9.])
+        >>> LogitDistanceLoss(class_reduction="mean", reduction="none")(s, t)  # divided by K = 3
+        tensor([0., 2.])
     """
 
     def __init__(
         self,
         p: int = 2,
         centered: bool = True,
+        class_reduction: str = "sum",
         eps: float = 1e-6,
         reduction: str = "mean",
         dtype: torch.dtype | None = None,
@@ -218,6 +227,7 @@ class LogitDistanceLoss(nn.Module):
             raise ValueError(f"`p` must be 1 or 2, got {p!r}")
         self.p = int(p)
         self.centered = bool(centered)
+        self.class_reduction = _check_choice(class_reduction, "class_reduction", ("sum", "mean"))
         self.eps = _check_positive(eps, "eps", allow_zero=True)
         self.reduction = _check_choice(reduction, "reduction", REDUCTIONS)
         self.dtype = _check_dtype(dtype)
@@ -229,11 +239,13 @@ class LogitDistanceLoss(nn.Module):
             d = s - t
             if self.centered:
                 d = d - d.mean(dim=-1, keepdim=True)
-            per_row = d.square().sum(-1) if self.p == 2 else _smooth_abs(d, self.eps).sum(-1)
+            per_class = d.square() if self.p == 2 else _smooth_abs(d, self.eps)
+            per_row = per_class.sum(-1) if self.class_reduction == "sum" else per_class.mean(-1)
             return _reduce_rows(per_row, keep, lead, self.reduction)
 
     def extra_repr(self) -> str:
-        return f"p={self.p}, centered={self.centered}, eps={self.eps}, reduction={self.reduction!r}"
+        return (f"p={self.p}, centered={self.centered}, class_reduction={self.class_reduction!r}, eps={self.eps}, "
+                f"reduction={self.reduction!r}")
 
 
 # ----------------------------------------------------------------------------------------------

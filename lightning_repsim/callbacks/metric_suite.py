@@ -21,6 +21,7 @@ from torch import Tensor
 from lightning_repsim.callbacks.extraction import Representations
 from lightning_repsim.functional import LLVOptions
 from lightning_repsim.functional.family import logits_from_parts, split_unembedding
+from lightning_repsim.functional.kl import log_partition_rows
 from lightning_repsim.functional.llv_terms import CHUNK_NUMBERS
 
 __all__ = ["METRIC_KEYS", "MetricSuite"]
@@ -71,12 +72,6 @@ def logits_for_statistics(reps: Representations, keep: Tensor | None) -> Tensor:
     step = max(1, CHUNK_NUMBERS // w.shape[0])
     w32, b32 = w.float(), None if b is None else b.float()
     return torch.cat([logits_from_parts(f[i : i + step].float(), w32, b32).float() for i in range(0, f.shape[0], step)])
-
-
-def log_partition_of_logits(z: Tensor) -> Tensor:
-    """``logsumexp`` of each row of ``z`` in float64, in blocks of rows (never an N x K float64 copy)."""
-    step = max(1, CHUNK_NUMBERS // max(z.shape[1], 1))
-    return torch.cat([torch.logsumexp(z[i : i + step].double(), dim=1) for i in range(0, z.shape[0], step)])
 
 
 class MetricSuite:
@@ -186,22 +181,33 @@ class MetricSuite:
         n = int(z_p.shape[0])
         if n == 0:
             return 0
+        both = "cca" in self.metrics
+        f_p = _rows(ref.embeddings, keep) if both else None
+        f_q = _rows(stu.embeddings, keep).to(z_p.device) if both else None
+        lz_p, lz_q = log_partition_rows(z_p), log_partition_rows(z_q)
+        # rows with a non-finite output in either model are skipped by every metric alike (counted as dropped):
+        # a non-finite logit makes logZ or the row minimum non-finite, one check per row instead of per logit
+        ok = torch.isfinite(lz_p) & torch.isfinite(lz_q) & torch.isfinite(z_p.amin(1)) & torch.isfinite(z_q.amin(1))
+        if both:
+            ok &= torch.isfinite(f_p).all(1) & torch.isfinite(f_q).all(1)
+        if not bool(ok.all()):
+            z_p, z_q, lz_p, lz_q = z_p[ok], z_q[ok], lz_p[ok], lz_q[ok]
+            f_p, f_q = (f_p[ok], f_q[ok]) if both else (None, None)
+            ids = None if ids is None else ids[ok.to(ids.device)]
         if ids is not None:
             ids = ids.to(z_p.device)
-        self.metrics["kl"].update(z_p, z_q)
+        self.num_rows += n
+        if z_p.shape[0] == 0:
+            return 0
+        self.metrics["kl"].update(z_p, z_q, logz_p=lz_p, logz_q=lz_q)
         if "svd" in self.metrics:
-            f_p, f_q = _rows(ref.embeddings, keep), _rows(stu.embeddings, keep).to(z_p.device)
             unemb_p, unemb_q = ref.unembedding.to(z_p.device), stu.unembedding.to(z_p.device)
-            self.metrics["svd"].update(
-                f_p, f_q, unemb_p=unemb_p, unemb_q=unemb_q, ids=ids,
-                logz_p=log_partition_of_logits(z_p), logz_q=log_partition_of_logits(z_q),
-            )
+            self.metrics["svd"].update(f_p, f_q, unemb_p=unemb_p, unemb_q=unemb_q, ids=ids, logz_p=lz_p, logz_q=lz_q)
         else:
             self.metrics["llv"].update(z_p, z_q, ids=ids)
-        if "cca" in self.metrics:
-            self.metrics["cca"].update(_rows(ref.embeddings, keep), _rows(stu.embeddings, keep).to(z_p.device))
-        self.num_rows += n
-        return n
+        if both:
+            self.metrics["cca"].update(f_p, f_q)
+        return int(z_p.shape[0])
 
     def _global_rows(self) -> int:
         """Rows added on all processes (a collective under DDP: every process calls compute)."""

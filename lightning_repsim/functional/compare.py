@@ -125,7 +125,7 @@ def compare(
         emb_p, emb_q: embeddings ``f`` (N x M).
         unemb_p, unemb_q: unembeddings ``g`` (K x M), or K x (M+1) with the bias as last column
             (e.g. ``torch.cat([linear.weight, linear.bias[:, None]], 1)``).
-        max_label_subsets: as in :func:`svd_dissimilarity` (default: 4096 up to M = 64, fewer above).
+        max_label_subsets: as in :func:`svd_dissimilarity` (default: 4096 up to M = 51, fewer above).
         route: ``"logits"`` computes d_LLV from the N x K log-probabilities and a 2K x 2K covariance
             (:func:`llv_distance`); ``"representation"`` from the ``(2M+2)^2`` covariance of
             ``[f_p, logZ_p, f_q - f_p, logZ_q - logZ_p]`` and the unembeddings (as

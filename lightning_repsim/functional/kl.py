@@ -7,12 +7,70 @@ from torch import Tensor
 
 from lightning_repsim.functional._validation import check_logit_pair
 
-__all__ = ["mean_kl_divergence", "kl_per_input"]
+__all__ = ["kl_of_logit_rows", "kl_per_input", "log_partition_rows", "mean_kl_divergence"]
+
+#: Numbers per block when logit rows are cast to float64 (32 MB).
+_BLOCK = 1 << 22
 
 
 def kl_per_input(log_p: Tensor, log_q: Tensor) -> Tensor:
     """``KL(p(.|x) || q(.|x))`` for each row, from float64 log-probabilities of shape (N, K)."""
     return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+
+
+def _blocks(n: int, k: int):
+    step = max(1, _BLOCK // max(k, 1))
+    return [slice(start, start + step) for start in range(0, n, step)], min(step, n)
+
+
+def log_partition_rows(logits: Tensor) -> Tensor:
+    """``logZ = logsumexp`` of each row of an (N, K) logit matrix of any float dtype, in float64, over blocks of rows
+    (the row maximum is taken in the input's dtype, exactly; one reused float64 block buffer, no N x K copy).
+
+    Example:
+        >>> import torch
+        >>> z = torch.randn(5, 7)
+        >>> bool(torch.allclose(log_partition_rows(z), torch.logsumexp(z.double(), dim=1)))
+        True
+    """
+    blocks, rows = _blocks(logits.shape[0], logits.shape[1])
+    buf = torch.empty(rows, logits.shape[1], dtype=torch.float64, device=logits.device)
+    out = logits.new_empty(logits.shape[0], dtype=torch.float64)
+    for sl in blocks:
+        block = logits[sl]
+        m = block.amax(dim=1, keepdim=True).to(torch.float64)
+        e = buf[: block.shape[0]].copy_(block).sub_(m).exp_()
+        out[sl] = m.squeeze(1) + e.sum(dim=1).log()
+    return out
+
+
+def kl_of_logit_rows(logits_p: Tensor, logits_q: Tensor, logz_p: Tensor | None = None, logz_q: Tensor | None = None) -> Tensor:
+    """``KL(p(.|x) || q(.|x))`` per row of two (N, K) logit matrices of any float dtype, in float64, over blocks of
+    rows (two reused float64 block buffers, never an N x K float64 copy). ``logz_p``/``logz_q``: the rows'
+    log-partitions when the caller already has them (:func:`log_partition_rows`). Uses
+    ``KL = sum_y p_y (z_p - z_q)_y - logZ_p + logZ_q``. A row with any non-finite logit in either model gets a
+    non-finite value (NaN or inf), so one check per row replaces a check per logit.
+
+    Example:
+        >>> import torch
+        >>> z = torch.tensor([[0.0, 1.0], [0.0, float("-inf")]])
+        >>> kl_of_logit_rows(z, z.flip(-1))
+        tensor([0.4621,    nan], dtype=torch.float64)
+    """
+    if logz_p is None:
+        logz_p = log_partition_rows(logits_p)
+    if logz_q is None:
+        logz_q = log_partition_rows(logits_q)
+    blocks, rows = _blocks(logits_p.shape[0], logits_p.shape[1])
+    weights_buf = torch.empty(rows, logits_p.shape[1], dtype=torch.float64, device=logits_p.device)
+    diff_buf = torch.empty_like(weights_buf)
+    kl = logits_p.new_empty(logits_p.shape[0], dtype=torch.float64)
+    for sl in blocks:
+        z_p = weights_buf[: logits_p[sl].shape[0]].copy_(logits_p[sl])
+        d = diff_buf[: z_p.shape[0]].copy_(logits_q[sl]).neg_().add_(z_p)
+        weights = z_p.sub_(logz_p[sl, None]).exp_()  # p(y|x)
+        kl[sl] = torch.linalg.vecdot(weights, d)
+    return kl - logz_p + logz_q
 
 
 def check_num_classes(k: int) -> None:

@@ -122,8 +122,9 @@ def input_terms_from_representation(
     h_y . [f_q - f_p, 0, f_q, 1] + const`` with ``h_y = [W_p[y], b_p[y], (W_q - W_p)[y], (b_q - b_p)[y]]``,
     so every variance over labels is a quadratic form in the ``(2M+2)^2`` label covariance ``Sigma`` of
     ``h`` (cost O(K M^2) once): per row ``Var l_p``, ``Cov(l_p, l_q - l_p)``, ``Var(l_q - l_p)``, and per
-    (set, input) the displacement against the set's pivot, ``(f(x_i) - f(x0))`` in ``Sigma``'s quadratic
-    form (O(S M^3) in chunks of sets). The entries follow the shared formula of
+    (set, input) the displacement against the set's pivot in ``Sigma``'s quadratic form: from Gram matrices of
+    the R rows the sets use (O(R^2 M), the metrics' bounded buffer) or set by set (O(S M^3), when R is large:
+    ``compare`` over all N inputs), whichever costs less. The entries follow the shared formula of
     :mod:`~lightning_repsim.functional.llv_terms`.
     """
     m = w_p.shape[1]
@@ -137,19 +138,46 @@ def input_terms_from_representation(
     x_s, e_s = x @ sigma, e @ sigma
     vx, cxe, ve = (x_s * x).sum(1), (x_s * e).sum(1), (e_s * e).sum(1)
     vq = vx + 2 * cxe + ve
+    used, local = torch.unique(sets, return_inverse=True)
+    s_count, set_size = sets.shape
+    if used.numel() ** 2 <= s_count * (set_size - 1) * (3 * m + 2):  # Gram matrices of the used rows are cheaper
+        tp2, delta = _displacements_by_gram(fp[used], df[used], fq[used], sigma, local)
+    else:  # the displacements of each set directly (many rows, few sets: e.g. compare over all N inputs)
+        tp2, delta = _displacements_by_set(fp, df, fq, sigma, sets)
+    z, i = sets[:, :1], sets[:, 1:]
+    valid, tp, tq = normalisers(tp2, delta, vx[i] + vx[z], vq[i] + vq[z])
+    b, b_piv, t4 = entries(valid, tp, tq, delta, (vx[i], cxe[i], ve[i]), (vx[z], cxe[z], ve[z]))
+    return b, b_piv, t4, valid
+
+
+def _displacements_by_set(fp: Tensor, df: Tensor, fq: Tensor, sigma: Tensor, sets: Tensor) -> tuple[Tensor, Tensor]:
+    """``(tau_p^2, Delta)`` per (set, input) from each input's displacement against its set's pivot, O(S M^3)."""
+    m = fp.shape[1]
     step = max(1, CHUNK_NUMBERS // (sets.shape[1] * (2 * m + 2)))
     parts = []
     for chunk in sets.split(step):
         z, i = chunk[:, :1], chunk[:, 1:]
         d_a = fp[i] - fp[z]  # (S, M, M): only the f_p block of the X-displacement is non-zero
         d_d = torch.cat([df[i] - df[z], torch.zeros_like(d_a[..., :1]), fq[i] - fq[z], torch.zeros_like(d_a[..., :1])], -1)
-        a_s = d_a @ sigma[:m]
         tp2 = (d_a @ sigma[:m, :m] * d_a).sum(-1)
-        delta = 2 * (a_s * d_d).sum(-1) + (d_d @ sigma * d_d).sum(-1)
-        valid, tp, tq = normalisers(tp2, delta, vx[i] + vx[z], vq[i] + vq[z])
-        parts.append((*entries(valid, tp, tq, delta, (vx[i], cxe[i], ve[i]), (vx[z], cxe[z], ve[z])), valid))
-    b, b_piv, t4, valid = (torch.cat(t) for t in zip(*parts))
-    return b, b_piv, t4, valid
+        delta = 2 * ((d_a @ sigma[:m]) * d_d).sum(-1) + (d_d @ sigma * d_d).sum(-1)
+        parts.append((tp2, delta))
+    return tuple(torch.cat(t) for t in zip(*parts))
+
+
+def _displacements_by_gram(fp: Tensor, df: Tensor, fq: Tensor, sigma: Tensor, sets: Tensor) -> tuple[Tensor, Tensor]:
+    """``(tau_p^2, Delta)`` per (set, input) from Gram matrices of the R used rows (centred), O(R^2 M)."""
+    m, r = fp.shape[1], fp.shape[0]
+    zero = fp.new_zeros(r, 1)
+    ac = torch.cat([fp - fp.mean(0), fp.new_zeros(r, m + 2)], dim=1)
+    dc = torch.cat([df - df.mean(0), zero, fq - fq.mean(0), zero], dim=1)
+    ac_s = ac @ sigma
+    gaa, gad, gdd = ac_s @ ac.T, ac_s @ dc.T, (dc @ sigma) @ dc.T
+    z, i = sets[:, :1], sets[:, 1:]
+    tp2 = gaa[i, i] + gaa[z, z] - 2 * gaa[i, z]
+    cad = gad[i, i] - gad[i, z] - gad[z, i] + gad[z, z]
+    vdd = gdd[i, i] + gdd[z, z] - 2 * gdd[i, z]
+    return tp2, 2 * cad + vdd
 
 
 def embedding_covariance(cov_u: Tensor, m: int) -> Tensor:

@@ -39,10 +39,10 @@ DEFAULT_MAX_LABEL_SUBSETS = 4096
 
 
 def default_max_label_subsets(rep_dim: int) -> int:
-    """Label subsets evaluated for the f-part when ``max_label_subsets`` is None: 4096 up to M = 64, then
-    fewer so that the subsets' M x M products and SVDs stay bounded (``S M^3 <= 2^30``: M = 128 gives 512,
-    M = 256 gives 64), never fewer than 8. ``result.exhaustive`` says whether every subset was evaluated."""
-    return int(min(DEFAULT_MAX_LABEL_SUBSETS, max(8, 2**30 // rep_dim**3)))
+    """Label subsets evaluated for the f-part when ``max_label_subsets`` is None: 4096 up to M = 51, then
+    fewer so that the subsets' M x M products and SVDs stay bounded (``S M^3 <= 2^29``: M = 128 gives 256,
+    M = 256 gives 32), never fewer than 8. ``result.exhaustive`` says whether every subset was evaluated."""
+    return int(min(DEFAULT_MAX_LABEL_SUBSETS, max(8, 2**29 // rep_dim**3)))
 
 
 class DiversityWarning(UserWarning):
@@ -91,16 +91,21 @@ class SVDResult:
         return {"d_svd": float(self.value), "d_svd_f": float(self.f_part), "d_svd_g": float(self.g_part)}
 
 
-def _correlation(c_pp: Tensor, c_qq: Tensor, c_pq: Tensor, what: str) -> Tensor:
-    v_p, v_q = c_pp.diagonal(dim1=-2, dim2=-1), c_qq.diagonal(dim1=-2, dim2=-1)
+def _check_variances(v_p: Tensor, v_q: Tensor, what: str, names: Tensor | None = None) -> None:
     tiny = torch.finfo(torch.float64).tiny
     for v, model in ((v_p, "p"), (v_q, "q")):
         if bool((v <= tiny).any()):
-            bad = torch.nonzero(v <= tiny).flatten().tolist()[:5]
+            bad = torch.nonzero((v <= tiny).reshape(-1)).flatten()
+            bad = (bad if names is None else names[bad]).tolist()[:5]
             raise ValueError(
                 f"zero variance in {what} of model {model} (coordinates {bad}): m_SVD standardises each "
                 "coordinate and is undefined for constant ones"
             )
+
+
+def _correlation(c_pp: Tensor, c_qq: Tensor, c_pq: Tensor, what: str) -> Tensor:
+    v_p, v_q = c_pp.diagonal(dim1=-2, dim2=-1), c_qq.diagonal(dim1=-2, dim2=-1)
+    _check_variances(v_p, v_q, what)
     return c_pq / (v_p.sqrt().unsqueeze(-1) * v_q.sqrt().unsqueeze(-2))
 
 
@@ -156,12 +161,17 @@ def f_part_from_cov(
     l_q = w_q[kept] - w_q[label_pivot]
     s_pp, s_pq, s_qq = cov_f[:m, :m], cov_f[:m, m:], cov_f[m:, m:]
     subsets, exhaustive, total = _label_subsets(kept.numel(), m, max_label_subsets, seed, w_p.device)
-    # each subset's M x M correlation block directly (never the (K-2)^2 matrix: K = 50,257 is fine),
-    # in chunks of about 2^22 numbers
+    # the log-odds' variances of every kept label once (O(K M^2)), then each subset's M x M cross-covariance
+    # block (one M^3 product; never the (K-2)^2 matrix: K = 50,257 is fine), in chunks of about 2^22 numbers
+    var_p = ((l_p @ s_pp) * l_p).sum(1)
+    var_q = ((l_q @ s_qq) * l_q).sum(1)
+    cross = l_p @ s_pq
+    used = torch.unique(subsets)
+    _check_variances(var_p[used], var_q[used], "the log-odds over inputs", used)
     msvd = []
     for chunk in subsets.split(max(1, 2**22 // (m * m))):
-        sp, sq = l_p[chunk], l_q[chunk]
-        corr = _correlation(sp @ s_pp @ sp.mT, sq @ s_qq @ sq.mT, sp @ s_pq @ sq.mT, "the log-odds over inputs")
+        c_pq = cross[chunk] @ l_q[chunk].mT
+        corr = c_pq / (var_p[chunk].sqrt().unsqueeze(-1) * var_q[chunk].sqrt().unsqueeze(-2))
         msvd.append(torch.linalg.svdvals(corr).mean(dim=-1))
     msvd = torch.cat(msvd)
     worst = int(torch.argmin(msvd))
@@ -216,7 +226,7 @@ def svd_dissimilarity(
     models' logits (the other d_LLV ``options`` of :class:`LLVOptions` are passed on; ``seed`` serves both).
 
     ``d_SVD^f`` is a max over all ``C(K-2, M)`` label subsets: all are evaluated when there are at
-    most ``max_label_subsets`` (default :func:`default_max_label_subsets`: 4096 up to M = 64), otherwise a
+    most ``max_label_subsets`` (default :func:`default_max_label_subsets`: 4096 up to M = 51), otherwise a
     seeded random sample (``result.exhaustive`` is then False and ``f_part`` a lower estimate).
 
     Example:

@@ -49,11 +49,13 @@ def finite_rows(mats: list[tuple[Tensor, str]], nan_strategy: str) -> tuple[list
     return [take_rows(x, ok) for x, _ in mats], ok, dropped
 
 
-def _select(p: Tensor, q: Tensor, lead: torch.Size, mask, ids, nan_strategy: str, names: tuple[str, str]):
+def _select(p: Tensor, q: Tensor, lead: torch.Size, mask, ids, nan_strategy: str | None, names: tuple[str, str]):
     keep, ids = row_selector(lead, mask, ids, p.device)
     if keep is not None:
         p, q = take_rows(p, keep), take_rows(q, keep)
         ids = None if ids is None else take_rows(ids, keep)
+    if nan_strategy is None:  # the caller checks finiteness itself
+        return p, q, ids, 0
     (p, q), ok, dropped = finite_rows([(p, names[0]), (q, names[1])], nan_strategy)
     if ok is not None and ids is not None:
         ids = take_rows(ids, ok)
@@ -61,16 +63,35 @@ def _select(p: Tensor, q: Tensor, lead: torch.Size, mask, ids, nan_strategy: str
 
 
 def logit_rows(
-    logits_p: Tensor, logits_q: Tensor, mask: Tensor | None, ids: Tensor | None, nan_strategy: str
+    logits_p: Tensor, logits_q: Tensor, mask: Tensor | None, ids: Tensor | None, nan_strategy: str | None
 ) -> tuple[Tensor, Tensor, Tensor | None, int]:
     """``(p, q, ids, dropped)``: validated, masked, finite (N, K) logits of both models in their own dtype (the
     metrics cast to float64 in blocks of rows, so a large vocabulary never needs an N x K float64 copy) and their
-    ids; non-finite rows are dropped and counted under ``nan_strategy="ignore"``. Shape and finiteness errors are
-    those of the functional layer."""
+    ids; non-finite rows are dropped and counted under ``nan_strategy="ignore"`` (not checked when it is None: the
+    caller does it more cheaply). Shape and finiteness errors are those of the functional layer."""
     p = as_rows(logits_p, "logits_p")
     q = as_rows(logits_q, "logits_q")
     check_same_shape(logits_p, logits_q, "logits_p", "logits_q")
     return _select(p, q, logits_p.shape[:-1], mask, ids, nan_strategy, ("logits_p", "logits_q"))
+
+
+def given_log_partitions(
+    logz_p: Tensor | None, logz_q: Tensor | None, lead: torch.Size, mask: Tensor | None, device
+) -> tuple[Tensor | None, Tensor | None]:
+    """Optional per-input log-partitions given with the logits: float64, masked like the logits' rows."""
+    if logz_p is None and logz_q is None:
+        return None, None
+    if logz_p is None or logz_q is None:
+        raise ValueError("pass both `logz_p` and `logz_q`, or neither")
+    keep = check_mask(mask, lead, device)
+    out = []
+    for lz, name in ((logz_p, "logz_p"), (logz_q, "logz_q")):
+        check_tensor(lz, name)
+        if tuple(lz.shape) != tuple(lead):
+            raise ValueError(f"`{name}` must have the logits' leading shape {tuple(lead)}, got {tuple(lz.shape)}")
+        lz = lz.reshape(-1).to(device=device, dtype=torch.float64)
+        out.append(lz if keep is None else take_rows(lz, keep))
+    return out[0], out[1]
 
 
 def embedding_rows(

@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_repsim.functional.kl import check_num_classes, kl_per_input
+from lightning_repsim.functional._validation import check_finite
+from lightning_repsim.functional.kl import check_num_classes, kl_of_logit_rows
 from lightning_repsim.metrics.base import DEFAULT_MEMORY_BUDGET_GB, StreamingMetric
-from lightning_repsim.metrics.inputs import logit_rows
-from lightning_repsim.metrics.llv import log_probability_rows
+from lightning_repsim.metrics.inputs import given_log_partitions, logit_rows
 from lightning_repsim.metrics.moment_state import empty_moments
 
 __all__ = ["KLResult", "MeanKLDivergence"]
@@ -70,15 +70,25 @@ class MeanKLDivergence(StreamingMetric):
     def _describe(self, name: str, shape: tuple[int, ...]) -> str:
         return f"K={shape[0]} classes" if name == "num_classes" else super()._describe(name, shape)
 
-    def update(self, logits_p: Tensor, logits_q: Tensor, mask: Tensor | None = None) -> None:
-        """Accumulate a batch of both models' logits (see the class docstring)."""
-        p, q, _, dropped = logit_rows(logits_p, logits_q, mask, None, self.nan_strategy)
+    def update(self, logits_p: Tensor, logits_q: Tensor, mask: Tensor | None = None, logz_p: Tensor | None = None,
+               logz_q: Tensor | None = None) -> None:
+        """Accumulate a batch of both models' logits (see the class docstring). ``logz_p``/``logz_q`` (the logits'
+        leading shape, optional): each input's ``logsumexp`` of the logits when the caller already has it (as
+        :class:`~lightning_repsim.ReferenceComparison` does for d_SVD); saves two passes over the logits."""
+        p, q, _, _ = logit_rows(logits_p, logits_q, mask, None, None)
         check_num_classes(p.shape[1])
+        logz = given_log_partitions(logz_p, logz_q, logits_p.shape[:-1], mask, p.device)
         contributions: dict[str, Any] = {"num_classes": torch.tensor([p.shape[1]], dtype=torch.int64)}
-        if dropped:
-            contributions["num_dropped"] = dropped
         if p.shape[0]:
-            contributions["kl_moments"] = kl_per_input(*log_probability_rows(p, q))[:, None]
+            kl = kl_of_logit_rows(p, q, *logz)  # non-finite exactly for the rows with a non-finite logit
+            ok = torch.isfinite(kl)
+            if not bool(ok.all()):
+                if self.nan_strategy == "error":
+                    check_finite(p, "logits_p")
+                    check_finite(q, "logits_q")
+                contributions["num_dropped"] = int((~ok).sum())
+                kl = kl[ok]
+            contributions["kl_moments"] = kl[:, None]
         self._accumulate(contributions)
 
     def _result_from(self, states: dict[str, Tensor]) -> KLResult:

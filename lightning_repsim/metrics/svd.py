@@ -113,7 +113,7 @@ class SVDDissimilarity(CandidateMixin):
             ``torch.cat([head.weight, head.bias[:, None]], 1)``); may instead be given to ``update``.
         max_label_subsets: label subsets evaluated for the f-part (see
             :func:`~lightning_repsim.functional.svd_dissimilarity`); None picks
-            :func:`~lightning_repsim.functional.svd.default_max_label_subsets` (4096 up to M = 64, 512 at
+            :func:`~lightning_repsim.functional.svd.default_max_label_subsets` (4096 up to M = 51, 256 at
             M = 128, fewer above).
         buffer_size, nan_strategy, memory_budget_gb: as in :class:`LLVDistance`.
         kwargs: the d_LLV options of :class:`~lightning_repsim.functional.LLVOptions` (``max_pivot_candidates``

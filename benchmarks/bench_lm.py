@@ -1,0 +1,173 @@
+"""What ReferenceComparison costs on a language model: a validation epoch with and without the comparison.
+
+Command (about 2 min on 2 CPU cores)::
+
+    python benchmarks/bench_lm.py                      # both sizes, one thread, best of 2 epochs each
+    python benchmarks/bench_lm.py --sizes small --json benchmarks/results/lm.json
+
+Models are Hugging Face ``GPT2LMHeadModel`` built from configs (never downloaded), 2 layers, random weights,
+random tokens (the cost does not depend on the values): *small* = width 128, vocabulary 8,192, 58 sequences of
+256 tokens (14,848 tokens, as in the issue); *wide* = width 768, vocabulary 50,257 (GPT-2's head), 8 sequences of
+256 tokens (2,048 tokens: the forward dominates). For each size, in one process:
+
+1. the student's plain validation epoch;
+2. + the reference's forward on every batch (what any comparison must pay, via a tiny callback);
+3. + ``ReferenceComparison(reference)`` with default settings;
+
+each timed as CPU time (``time.process_time``) with one torch thread, the best of ``--repeats`` epochs. The
+comparison's own time is split into per-batch work (its ``on_validation_batch_end`` minus the reference's
+forward) and the end-of-epoch computation (``on_validation_epoch_end``). Ratios are taken within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import machine_info  # noqa: E402
+
+from lightning_repsim import ReferenceComparison  # noqa: E402
+
+SIZES = {
+    "small": {"width": 128, "vocab": 8192, "sequences": 58, "length": 256, "batch": 8},
+    "wide": {"width": 768, "vocab": 50257, "sequences": 8, "length": 256, "batch": 4},
+}
+
+
+def gpt2(width: int, vocab: int, seed: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab, n_embd=width, n_layer=2, n_head=max(1, width // 64), n_positions=512,
+                        bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config)
+
+
+class Student(pl.LightningModule):
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask)
+
+    def validation_step(self, batch, batch_idx):
+        self(**batch)
+
+
+class ReferenceForward(Callback):
+    """Runs the reference on every validation batch and nothing else: the unavoidable part of a comparison."""
+
+    def __init__(self, reference) -> None:
+        self.reference = reference.eval().requires_grad_(False)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        with torch.no_grad():
+            self.reference(**batch)
+
+
+class Timed:
+    """CPU seconds spent in some methods of an object (wrapped in place)."""
+
+    def __init__(self, obj, names) -> None:
+        self.seconds = dict.fromkeys(names, 0.0)
+        for name in names:
+            original = getattr(obj, name)
+
+            def wrapper(*args, _name=name, _original=original, **kwargs):
+                start = time.process_time()
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    self.seconds[_name] += time.process_time() - start
+
+            setattr(obj, name, wrapper)
+
+
+def data(size: dict, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, size["vocab"], (size["sequences"], size["length"]), generator=g)
+    mask = torch.ones_like(ids)
+    return [{"input_ids": ids[i : i + size["batch"]], "attention_mask": mask[i : i + size["batch"]]}
+            for i in range(0, size["sequences"], size["batch"])]
+
+
+def epoch_seconds(student, batches, callbacks, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+        start = time.process_time()
+        trainer.validate(student, DataLoader(batches, batch_size=None), verbose=False)
+        best = min(best, time.process_time() - start)
+    return best
+
+
+def run(name: str, repeats: int) -> dict:
+    size = SIZES[name]
+    batches = data(size)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    student = Student(gpt2(size["width"], size["vocab"], seed=0))
+    reference = gpt2(size["width"], size["vocab"], seed=1)
+    plain = epoch_seconds(student, batches, [], repeats)
+    with_reference = epoch_seconds(student, batches, [ReferenceForward(reference)], repeats)
+    best = None
+    for _ in range(repeats):
+        cb = ReferenceComparison(reference, log_media=False)
+        timer = Timed(cb, ["on_validation_batch_end", "on_validation_epoch_end", "_representations"])
+        seconds = epoch_seconds(student, batches, [cb], 1)
+        if best is None or seconds < best[0]:
+            best = (seconds, dict(timer.seconds), dict(cb.history[-1]), dict(cb.stats))
+    seconds, parts, entry, stats = best
+    reference_forward = with_reference - plain
+    per_batch = parts["on_validation_batch_end"] - parts["_representations"]
+    return {
+        "size": name, **size, "tokens": tokens,
+        "plain_s": plain, "with_reference_forward_s": with_reference, "with_comparison_s": seconds,
+        "reference_forward_s": reference_forward, "comparison_forwards_s": parts["_representations"],
+        "per_batch_update_s": per_batch, "epoch_end_s": parts["on_validation_epoch_end"],
+        "ratio_to_plain": seconds / plain, "per_batch_over_student_forward": per_batch / plain,
+        "beyond_reference_pct": 100 * (seconds - with_reference) / with_reference,
+        "d_llv": entry["d_llv"], "kl": entry["kl"], "stats": stats,
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = [run(name, args.repeats) for name in args.sizes]
+    print(f"Machine: {machine_info()}; torch {torch.__version__}, {args.threads} thread(s); CPU seconds, best of "
+          f"{args.repeats}")
+    print("| model | tokens | plain epoch (s) | + reference forward (s) | + ReferenceComparison (s) | ratio to plain | "
+          "per-batch update (s) | epoch end (s) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| GPT-2 {r['size']}: width {r['width']}, V={r['vocab']:,} | {r['tokens']:,} | {r['plain_s']:.2f} | "
+              f"{r['with_reference_forward_s']:.2f} | {r['with_comparison_s']:.2f} | {r['ratio_to_plain']:.2f}x | "
+              f"{r['per_batch_update_s']:.2f} | {r['epoch_end_s']:.2f} |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"machine": machine_info(), "command": " ".join(["python"] + sys.argv),
+                                         "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2, default=str))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
