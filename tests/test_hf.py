@@ -109,7 +109,8 @@ def test_gpt2_through_the_callback_equals_compare_and_the_reference_sees_the_mas
     f_q = torch.cat([o[1].hidden_states[-1][k] for o, k in zip(outs, keep)]).double()
     z_p = torch.cat([o[0].logits[k] for o, k in zip(outs, keep)])
     z_q = torch.cat([o[1].logits[k] for o, k in zip(outs, keep)])
-    ids = torch.cat([(i * 4 + torch.arange(4))[:, None] * 2**20 + torch.arange(b["input_ids"].shape[1]) for i, b in enumerate(data)])
+    ids = torch.cat([(i * 4 + torch.arange(4))[:, None] * 2**20 + torch.arange(b["input_ids"].shape[1])
+                     for i, b in enumerate(data)])
     masks = torch.cat(keep)
     row_of = {int(t): r for r, t in enumerate(ids[masks].tolist())}
     llv = cb.last_results["svd"].llv
@@ -126,7 +127,8 @@ def test_gpt2_fit_logs_every_epoch(tokenizer):
     data = batches(tokenizer, n_batches=2)
     reference, student = LM(seed=1), LM(seed=0)
     cb = ReferenceComparison(reference, log_media=False)
-    trainer(max_epochs=2, num_sanity_val_steps=1, callbacks=[cb]).fit(student, DataLoader(data, batch_size=None), DataLoader(data, batch_size=None))
+    loader = DataLoader(data, batch_size=None)
+    trainer(max_epochs=2, num_sanity_val_steps=1, callbacks=[cb]).fit(student, loader, loader)
     assert [h["epoch"] for h in cb.history] == [0, 1]
     assert all(math.isfinite(h["kl"]) and math.isfinite(h["d_llv"]) for h in cb.history)
 
