@@ -512,3 +512,15 @@ def test_models_with_different_label_sets_fail_before_training():
     with pytest.raises(ValueError, match="the reference predicts K=7 classes but the student K=6"):
         tr.fit(student, train, val)
     assert tr.global_step == 0  # refused in the sanity check, before any training step
+
+
+def test_every_compared_batch_takes_the_same_path_with_or_without_a_sanity_check():
+    """A fresh callback (head not located) and one whose head is known log the same values, also without a sanity
+    check: the first batch's student representations come from its own validation forward, like all others."""
+    ref, student = make_pair()
+    _, val = radial_loaders()
+    cb_fresh = ReferenceComparison(ref)
+    trainer(callbacks=[cb_fresh], num_sanity_val_steps=0).validate(student, val, verbose=False)
+    assert cb_fresh.stats["own_student_forward"] == 1 and cb_fresh.stats["reused_student_forward"] == 4
+    trainer(callbacks=[cb_fresh], num_sanity_val_steps=0).validate(student, val, verbose=False)  # head known now
+    assert cb_fresh.history[0] == cb_fresh.history[1]

@@ -331,11 +331,13 @@ def test_update_refuses_changed_sizes_and_unembeddings():
     f_p, f_q, w_p, w_q = pair(n=60)
     svd = SVDDissimilarity(unemb_p=w_p, unemb_q=w_q)
     svd.update(f_p[:30], f_q[:30])
-    w_p.mul_(2.0)  # an in-place change of the tensor the metric holds (e.g. an optimizer step)
+    svd.update(f_p[30:35], f_q[30:35], unemb_p=w_p.clone())  # the same values: fine
+    w_p.mul_(2.0)  # an in-place change of the tensor the inputs were computed with (e.g. an optimizer step)
     with pytest.raises(ValueError, match="`unemb_p` changed"):
-        svd.update(f_p[40:], f_q[40:])
+        svd.update(f_p[35:40], f_q[35:40])
     w_p.div_(2.0)
-    svd.update(f_p[30:40], f_q[30:40], unemb_p=w_p.clone())  # the same values: fine
+    svd.reset()
+    svd.update(f_p[30:40], f_q[30:40])
     with pytest.raises(ValueError, match="`unemb_q` changed while inputs were being accumulated"):
         svd.update(f_p[40:], f_q[40:], unemb_q=w_q + 0.1)
     svd.reset()

@@ -332,8 +332,16 @@ class ReferenceComparison(Callback):
     def on_validation_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        """Forget the head calls of the previous batch."""
+        """Forget the head calls of the previous batch; if the student's head is not located yet, locate it now
+        (one probing forward), so that this batch's own validation forward is already captured and reused: every
+        compared batch then takes the same path, whether or not a sanity check ran before."""
         self._capture.clear()
+        if (self._active and self.reuse_student_outputs and self.dataloader is None and dataloader_idx == self.dataloader_idx
+                and not self._capture.installed and not self._student_head(pl_module)[0]):
+            with self._isolated_rng(pl_module.device), torch.no_grad(), trainer.precision_plugin.val_step_context():
+                self.stats["own_student_forward"] += 1
+                self.student_extractor(pl_module, move_inputs(model_inputs(batch, pl_module, self.input_fn), pl_module))
+            self._install_capture(pl_module)
 
     @override
     def on_validation_batch_end(

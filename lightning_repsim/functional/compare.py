@@ -22,7 +22,7 @@ from lightning_repsim.functional.cca import canonical_correlations, canonical_co
 from lightning_repsim.functional.family import logits_from_parts, split_unembedding
 from lightning_repsim.functional.kl import kl_per_input, mean_kl_divergence
 from lightning_repsim.functional.llv import LLVOptions, LLVResult, draw_input_sets, llv_distance
-from lightning_repsim.functional.llv_representation import embedding_covariance, representation_llv
+from lightning_repsim.functional.llv_representation import embedding_covariance, label_covariance_of_h, representation_llv
 from lightning_repsim.functional.llv_terms import CHUNK_NUMBERS
 from lightning_repsim.functional.svd import SVDResult, default_max_label_subsets, svd_from_parts
 
@@ -171,7 +171,7 @@ def compare(
         logits_p, logits_q = given if given is not None else (logits_from_parts(f_p, w_p, b_p), logits_from_parts(f_q, w_q, b_q))
         llv = llv_distance(logits_p, logits_q, rep_dim=m, **options)
         kl = mean_kl_divergence(logits_p, logits_q)
-        cov_f = None
+        cov_f = cov_w = None
     else:
         if opts.labels is not None:
             raise ValueError("`labels` (a label subset) applies to the logits route; the representation route is exact for any K")
@@ -185,12 +185,13 @@ def compare(
         else:
             sets = check_input_sets(opts.input_sets, m, n)
         sets = sets.to(f_p.device)
-        llv = representation_llv(n, mean_u, cov_u, w_p, b_p, w_q, b_q, f_p, f_q, sets, sets, opts)
-        cov_f = embedding_covariance(cov_u, m)
+        sigma_h = label_covariance_of_h(w_p, b_p, w_q, b_q)  # shared by the input terms and the g-part
+        llv = representation_llv(n, mean_u, cov_u, w_p, b_p, w_q, b_q, f_p, f_q, sets, sets, opts, sigma_h)
+        cov_f, cov_w = embedding_covariance(cov_u, m), embedding_covariance(sigma_h, m)
     check_num_labels(k, m, need_subsets=True)
     svd = svd_from_parts(
         f_p, w_p, f_q, w_q, llv.label_pivot, llv.leave_out, llv.input_set, f_p[llv.input_set], f_q[llv.input_set],
-        subsets, opts.seed, cov_f=cov_f,
+        subsets, opts.seed, cov_f=cov_f, cov_w=cov_w,
     )
     if cov_f is None:
         ccs = canonical_correlations(f_p, f_q)

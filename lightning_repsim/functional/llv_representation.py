@@ -19,6 +19,7 @@ from lightning_repsim.functional.llv_terms import CHUNK_NUMBERS, LabelCov, entri
 __all__ = [
     "REPRESENTATION_LAYOUT",
     "embedding_covariance",
+    "label_covariance_of_h",
     "representation_llv",
     "representation_pivot_budget",
     "input_terms_from_representation",
@@ -90,8 +91,12 @@ def label_means_from_representation(
     return (mean_p if b_p is None else mean_p + b_p), (mean_q if b_q is None else mean_q + b_q)
 
 
-def _label_covariance_of_h(w_p: Tensor, b_p: Tensor | None, w_q: Tensor, b_q: Tensor | None, chunk_size: int) -> Tensor:
-    """Covariance over labels of ``h_y = [W_p[y], b_p[y], (W_q - W_p)[y], (b_q - b_p)[y]]``, ``(2M+2)^2``, O(K M^2)."""
+def label_covariance_of_h(
+    w_p: Tensor, b_p: Tensor | None, w_q: Tensor, b_q: Tensor | None, chunk_size: int = _LABEL_CHUNK
+) -> Tensor:
+    """Covariance over labels of ``h_y = [W_p[y], b_p[y], (W_q - W_p)[y], (b_q - b_p)[y]]``, ``(2M+2)^2``, O(K M^2).
+    Its structure is that of :data:`REPRESENTATION_LAYOUT`, so :func:`embedding_covariance` of it is the covariance
+    over labels of ``[g_p; g_q]`` (the g-part of d_SVD)."""
     k = w_p.shape[0]
     b_p = w_p.new_zeros(k) if b_p is None else b_p
     b_q = w_q.new_zeros(k) if b_q is None else b_q
@@ -113,6 +118,7 @@ def input_terms_from_representation(
     b_q: Tensor | None,
     sets: Tensor,
     chunk_size: int = _LABEL_CHUNK,
+    sigma: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Term-2/term-4 entries ``(b, b_piv, |tau_p - tau_q|, valid)``, each (S, M), for candidate sets
     (S, M+1) of row indices into the embeddings ``f_p_rows``/``f_q_rows`` (R x M), without forming any
@@ -128,7 +134,8 @@ def input_terms_from_representation(
     :mod:`~lightning_repsim.functional.llv_terms`.
     """
     m = w_p.shape[1]
-    sigma = _label_covariance_of_h(w_p, b_p, w_q, b_q, chunk_size)
+    if sigma is None:
+        sigma = label_covariance_of_h(w_p, b_p, w_q, b_q, chunk_size)
     fp, fq = f_p_rows, f_q_rows
     df = fq - fp
     r = fp.shape[0]
@@ -196,6 +203,7 @@ def representation_pivot_budget(k: int, m: int) -> int:
 def representation_llv(
     n: int, mean_u: Tensor, cov_u: Tensor, w_p: Tensor, b_p: Tensor | None, w_q: Tensor, b_q: Tensor | None,
     f_p_rows: Tensor, f_q_rows: Tensor, positions: Tensor, reported: Tensor, options: LLVOptions,
+    sigma_h: Tensor | None = None,
 ) -> LLVResult:
     """d_LLV by the representation route from the moments of ``u`` over ``n`` inputs (mean, unbiased covariance),
     the unembedding weights/biases and the candidate inputs' embeddings (``positions``: candidate sets as rows of
@@ -211,6 +219,6 @@ def representation_llv(
         RepresentationLabelCov(cov_u, w_p, w_q), k, cov_u.device, options.reduce, resolved.label_pivot,
         resolved.leave_out, pivots,
     )
-    b, b_piv, t4, valid = input_terms_from_representation(f_p_rows, f_q_rows, w_p, b_p, w_q, b_q, positions)
+    b, b_piv, t4, valid = input_terms_from_representation(f_p_rows, f_q_rows, w_p, b_p, w_q, b_q, positions, sigma=sigma_h)
     inputs = select_input_set(b, b_piv, t4, valid, reported, options.reduce)
     return llv_result(labels, inputs, resolved, n, k, m, options)

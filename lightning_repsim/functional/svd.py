@@ -163,14 +163,15 @@ def f_part_from_cov(
     subsets, exhaustive, total = _label_subsets(kept.numel(), m, max_label_subsets, seed, w_p.device)
     # the log-odds' variances of every kept label once (O(K M^2)), then each subset's M x M cross-covariance
     # block (one M^3 product; never the (K-2)^2 matrix: K = 50,257 is fine), in chunks of about 2^22 numbers
-    var_p = ((l_p @ s_pp) * l_p).sum(1)
-    var_q = ((l_q @ s_qq) * l_q).sum(1)
-    cross = l_p @ s_pq
-    used = torch.unique(subsets)
-    _check_variances(var_p[used], var_q[used], "the log-odds over inputs", used)
+    used, local = torch.unique(subsets, return_inverse=True)  # only the labels some subset uses
+    l_p_u, l_q_u = l_p[used], l_q[used]
+    var_p = ((l_p_u @ s_pp) * l_p_u).sum(1)
+    var_q = ((l_q_u @ s_qq) * l_q_u).sum(1)
+    cross = l_p_u @ s_pq
+    _check_variances(var_p, var_q, "the log-odds over inputs", used)
     msvd = []
-    for chunk in subsets.split(max(1, 2**22 // (m * m))):
-        c_pq = cross[chunk] @ l_q[chunk].mT
+    for chunk in local.split(max(1, 2**22 // (m * m))):
+        c_pq = cross[chunk] @ l_q_u[chunk].mT
         corr = c_pq / (var_p[chunk].sqrt().unsqueeze(-1) * var_q[chunk].sqrt().unsqueeze(-2))
         msvd.append(torch.linalg.svdvals(corr).mean(dim=-1))
     msvd = torch.cat(msvd)
@@ -182,14 +183,21 @@ def f_part_from_cov(
     return FPart(msvd, subsets, kept, worst, exhaustive, total, cond)
 
 
-def g_part(w_p: Tensor, w_q: Tensor, f_p_set: Tensor, f_q_set: Tensor) -> tuple[Tensor, Tensor]:
+def g_part(w_p: Tensor, w_q: Tensor, f_p_set: Tensor, f_q_set: Tensor, cov_w: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(m_SVD, cond(N) per model)`` of the g-part: samples are all K labels, coordinates
-    ``(f(x_i) - f(x0))^T g(y)`` for the input set ``f_set`` (M+1 x M, first row = x0)."""
+    ``(f(x_i) - f(x0))^T g(y)`` for the input set ``f_set`` (M+1 x M, first row = x0). With ``cov_w``, the
+    covariance over labels of ``[g_p; g_q]`` (2M x 2M), it costs O(M^3) instead of O(K M^2):
+    ``Cov(N_p g_p, N_q g_q) = N_p Cov(g_p, g_q) N_q^T``."""
     n_p = f_p_set[1:] - f_p_set[:1]
     n_q = f_q_set[1:] - f_q_set[:1]
-    count, _, m2 = batch_moments(torch.cat([w_p @ n_p.T, w_q @ n_q.T], dim=1))
-    cov = covariance_from_moments(count, m2)
     m = n_p.shape[0]
+    if cov_w is None:
+        count, _, m2 = batch_moments(torch.cat([w_p @ n_p.T, w_q @ n_q.T], dim=1))
+        cov = covariance_from_moments(count, m2)
+    else:
+        zero = n_p.new_zeros(m, m)
+        t = torch.cat([torch.cat([n_p, zero], 1), torch.cat([zero, n_q], 1)], 0)
+        cov = t @ cov_w @ t.T
     msvd = m_svd_from_cov(cov[:m, :m], cov[m:, m:], cov[:m, m:], "the input-set log-odds over labels")
     return msvd, torch.stack([torch.linalg.cond(n_p), torch.linalg.cond(n_q)])
 
@@ -286,14 +294,16 @@ def svd_from_parts(
     max_label_subsets: int = DEFAULT_MAX_LABEL_SUBSETS,
     seed: int = 0,
     cov_f: Tensor | None = None,
+    cov_w: Tensor | None = None,
 ) -> SVDResult:
     """d_SVD from its sufficient parts: ``cov_f`` (or the embeddings to compute it), the unembedding
-    weights, the chosen sets and the embeddings of the input set. Shared with the streaming metric."""
+    weights, the chosen sets and the embeddings of the input set; ``cov_w`` (optional), the covariance over labels
+    of ``[g_p; g_q]``, makes the g-part O(M^3). Shared with the streaming metric."""
     if cov_f is None:
         count, _, m2 = batch_moments(torch.cat([f_p, f_q], dim=1))
         cov_f = covariance_from_moments(count, m2)
     fp = f_part_from_cov(cov_f, w_p, w_q, label_pivot, leave_out, max_label_subsets, seed)
-    msvd_g, cond_n = g_part(w_p, w_q, f_p_set, f_q_set)
+    msvd_g, cond_n = g_part(w_p, w_q, f_p_set, f_q_set, cov_w)
     warn_if_near_singular(fp.cond, "L (displaced unembeddings of the worst label subset)")
     warn_if_near_singular(cond_n, "N (displaced embeddings of the input set)")
     f_part = 1.0 - fp.msvd[fp.worst]

@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_repsim.functional._validation import check_num_inputs, check_num_labels, check_rep_dim, check_tensor
+from lightning_repsim.functional._validation import check_finite, check_num_inputs, check_num_labels, check_rep_dim, check_tensor
 from lightning_repsim.functional.family import log_partition, split_unembedding
 from lightning_repsim.functional.llv import LLVOptions, LLVResult
-from lightning_repsim.functional.llv_representation import embedding_covariance, representation_llv
+from lightning_repsim.functional.llv_representation import embedding_covariance, label_covariance_of_h, representation_llv
 from lightning_repsim.functional.llv_terms import CHUNK_NUMBERS
 from lightning_repsim.functional.svd import SVDResult, default_max_label_subsets, svd_from_parts
 from lightning_repsim.metrics.base import DEFAULT_MEMORY_BUDGET_GB
@@ -64,6 +64,11 @@ def _stack_log_partitions(emb_p: Tensor, emb_q: Tensor, logz_p: Tensor | None, l
             raise ValueError(f"`{name}` must have the embeddings' leading shape {tuple(emb.shape[:-1])}, got {tuple(lz.shape)}")
         out.append(lz.to(device=emb.device, dtype=torch.float64)[..., None])
     return out
+
+
+def _version(t: Tensor) -> int | None:
+    """The tensor's in-place modification counter (None for inference tensors, which cannot change in place)."""
+    return None if t.is_inference() else t._version
 
 
 def _check_unembedding(unemb: Tensor, name: str) -> Tensor:
@@ -160,7 +165,7 @@ class SVDDissimilarity(CandidateMixin):
         self.max_label_subsets = max_label_subsets
         self.unemb_p = None if unemb_p is None else _check_unembedding(unemb_p, "unemb_p")
         self.unemb_q = None if unemb_q is None else _check_unembedding(unemb_q, "unemb_q")
-        self._in_use: tuple[Tensor, Tensor] | None = None  # copies of the unembeddings the accumulated inputs used
+        self._in_use: tuple | None = None  # (unembedding, its version) of p and q that the accumulated inputs used
         m = self.rep_dim
         self._add_state_kind("moments", "moments", empty_moments(2 * m + 2) if m else torch.zeros(0, dtype=torch.float64))
         self.buffer_size = buffer_size
@@ -204,10 +209,41 @@ class SVDDissimilarity(CandidateMixin):
         self.options.resolve(k)
         return w_p, b_p, w_q, b_q
 
-    def _check_unchanged(self, unemb: Tensor, name: str, used: Tensor) -> None:
-        """Refuse an unembedding that differs from the one the accumulated inputs used (also after an in-place
-        change, e.g. an optimizer step on the parameter it views): an O(K M) comparison per update."""
-        if unemb.shape != used.shape or not torch.equal(unemb.to(used.device, used.dtype), used):
+    def _raw_unembeddings(self, m: int) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+        """Weights and biases as views of the unembeddings in their own dtype and device (no K x M float64 copy per
+        update: ``log_partition`` converts blocks of labels), after the shape checks."""
+        if self.unemb_p is None or self.unemb_q is None:
+            self._unembeddings(m, torch.device("cpu"))  # raises the missing-unembedding error
+        for unemb, name in ((self.unemb_p, "unemb_p"), (self.unemb_q, "unemb_q")):
+            if unemb.shape[1] not in (m, m + 1):
+                raise ValueError(
+                    f"`{name}` must have shape (K, M) or (K, M+1) (bias as last column) with M={m} "
+                    f"(the embedding dimension), got {tuple(unemb.shape)}"
+                )
+        if self.unemb_p.shape[0] != self.unemb_q.shape[0]:
+            raise ValueError(
+                f"`unemb_p` and `unemb_q` must have the same number of labels, got {self.unemb_p.shape[0]} and "
+                f"{self.unemb_q.shape[0]}"
+            )
+        check_num_labels(self.unemb_p.shape[0], m, need_subsets=True)
+        parts = []
+        for unemb in (self.unemb_p, self.unemb_q):
+            parts += [unemb[:, :m], unemb[:, m] if unemb.shape[1] == m + 1 else None]
+        return tuple(parts)  # type: ignore[return-value]
+
+    @staticmethod
+    def _check_unchanged(unemb: Tensor, name: str, used: tuple[Tensor, int]) -> None:
+        """Refuse an unembedding that differs from the one the accumulated inputs used, also after an in-place
+        change (e.g. an optimizer step on the parameter it views, seen by the tensor's version counter): an O(K M)
+        comparison when a different tensor is given, none when it is the same one."""
+        tensor, version = used
+        if version is not None and _version(tensor) != version:
+            changed = True
+        elif unemb is tensor:
+            changed = False
+        else:
+            changed = unemb.shape != tensor.shape or not torch.equal(unemb.to(tensor.device, tensor.dtype), tensor)
+        if changed:
             raise ValueError(
                 f"`{name}` changed while inputs were being accumulated: logZ of the earlier inputs was computed with "
                 "the old unembedding, so the statistics would mix two models. Call reset() (e.g. at the start of each "
@@ -242,13 +278,17 @@ class SVDDissimilarity(CandidateMixin):
             (f_p, lz_p), (f_q, lz_q) = (f_p[:, :-1], f_p[:, -1]), (f_q[:, :-1], f_q[:, -1])
         m = f_p.shape[1]
         self.unemb_p, self.unemb_q = new_p, new_q
-        w_p, b_p, w_q, b_q = self._unembeddings(m, f_p.device)
-        if not self.num_inputs:
+        w_p, b_p, w_q, b_q = self._raw_unembeddings(m)
+        if self._in_use is None:  # the first inputs of this accumulation: sizes, memory and finiteness, once
             self._check_sizes(m, w_p.shape[0])
+            for unemb, name in ((self.unemb_p, "unemb_p"), (self.unemb_q, "unemb_q")):
+                if not bool(torch.isfinite(unemb).all()):
+                    check_finite(unemb.to(torch.float64), name)
         contributions: dict[str, Any] = {"num_dropped": dropped} if dropped else {}
         if f_p.shape[0]:
             if given is None:
-                lz_p, lz_q = log_partition(f_p, w_p, b_p), log_partition(f_q, w_q, b_q)
+                lz_p = log_partition(f_p, w_p.to(f_p.device), None if b_p is None else b_p.to(f_p.device))
+                lz_q = log_partition(f_q, w_q.to(f_p.device), None if b_q is None else b_q.to(f_p.device))
             if not (bool(torch.isfinite(lz_p).all()) and bool(torch.isfinite(lz_q).all())):
                 raise ValueError("the log-partition logsumexp(W f + b) is not finite for some inputs (logits overflow float64)")
             contributions["moments"] = torch.cat([f_p, lz_p[:, None], f_q - f_p, (lz_q - lz_p)[:, None]], dim=1)
@@ -256,11 +296,15 @@ class SVDDissimilarity(CandidateMixin):
             contributions["candidates"] = self._candidate_rows(both, both, ids)
         self._accumulate(contributions)
         if f_p.shape[0] and self._in_use is None:
-            self._in_use = (self.unemb_p.clone(), self.unemb_q.clone())
+            self._in_use = ((self.unemb_p, _version(self.unemb_p)), (self.unemb_q, _version(self.unemb_q)))
 
     def reset(self) -> None:
         super().reset()
         self._in_use = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # tensor version counters do not survive a copy: a copy checks the unembeddings from its next update on
+        return {**super().__getstate__(), "_in_use": None}
 
     def _result_from(self, states: dict[str, Tensor]) -> SVDDissimilarityResult:
         moments = states["moments"]
@@ -273,12 +317,13 @@ class SVDDissimilarity(CandidateMixin):
         w_p, b_p, w_q, b_q = self._unembeddings(m, device)
         rows, pos, reported = self._candidate_sets(states["candidates"], m + 1)
         fp_rows, fq_rows = rows[:, META : META + m], rows[:, META + m :]
-        llv = representation_llv(n, mean_u, cov_u, w_p, b_p, w_q, b_q, fp_rows, fq_rows, pos, reported, self.options)
+        sigma_h = label_covariance_of_h(w_p, b_p, w_q, b_q)  # shared by the input terms and the g-part
+        llv = representation_llv(n, mean_u, cov_u, w_p, b_p, w_q, b_q, fp_rows, fq_rows, pos, reported, self.options, sigma_h)
         chosen = pos[llv.chosen_candidate]
         subsets = self.max_label_subsets if self.max_label_subsets is not None else default_max_label_subsets(m)
         svd = svd_from_parts(
             None, w_p, None, w_q, llv.label_pivot, llv.leave_out, llv.input_set, fp_rows[chosen], fq_rows[chosen],
-            int(subsets), self.options.seed, cov_f=embedding_covariance(cov_u, m),
+            int(subsets), self.options.seed, cov_f=embedding_covariance(cov_u, m), cov_w=embedding_covariance(sigma_h, m),
         )
         return SVDDissimilarityResult(value=svd.value, f_part=svd.f_part, g_part=svd.g_part, llv=llv, svd=svd)
 
