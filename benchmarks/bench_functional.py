@@ -239,6 +239,8 @@ def main() -> None:
     )
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per child process")
     parser.add_argument("--json", metavar="PATH", help="also write all measured numbers, machine, date and command as JSON")
+    parser.add_argument("--lm", action="store_true",
+                        help="only compare at a language-model size (K = 8,192, M = 128, N = --n): route, CPU, peak memory")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -246,6 +248,14 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     from _machine import machine_info
+
+    if args.lm:
+        config = [args.sets, min(args.repeats, 2), args.threads, args.naive_budget]
+        c = subprocess_run([args.n, 8192, 128, "compare", *config], args.threads, args.timeout)["compare"]
+        print(f"machine: {machine_info()}\ncompare at K = 8,192, M = 128, N = {args.n:,} ({args.threads} thread(s), median of "
+              f"{min(args.repeats, 2)}): wall {c['wall_s']:.2f} s, CPU {c['cpu_s']:.2f} s, peak memory above the inputs "
+              f"{c['peak_mb_above_inputs']:.0f} MB")
+        return
 
     started = datetime.datetime.now(datetime.timezone.utc)
     t0_wall, t0_cpu = time.perf_counter(), time.process_time()
