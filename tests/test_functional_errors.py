@@ -116,11 +116,14 @@ def test_near_singular_diversity_matrix_warns():
     assert res.label_pivot == 0 and res.input_set.tolist() == [0, 1, 2]
 
 
-def test_singular_embedding_covariance_in_cca():
+def test_constant_embeddings_in_cca():
+    """A constant coordinate is left out (rank-aware CCA); embeddings that are constant altogether have nothing to
+    compare."""
     f = torch.randn(100, 2, dtype=torch.float64)
     f_const = torch.cat([f, torch.ones(100, 1, dtype=torch.float64)], dim=1)
-    with pytest.raises(ValueError, match=r"covariance of `emb_q` is singular \(rank 2 < 3\)"):
-        mean_cca(torch.randn(100, 3, dtype=torch.float64), f_const)
+    assert float(mean_cca(f, f_const)) == pytest.approx(1.0, abs=1e-12)
+    with pytest.raises(ValueError, match="embeddings of model q are constant"):
+        mean_cca(f, torch.ones(100, 3, dtype=torch.float64))
 
 
 def test_unembedding_width_checked():

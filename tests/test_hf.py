@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -14,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_repsim import KDLoss, LLVDistance, LLVLoss, LogitDistanceLoss, MeanKLDivergence, ReferenceComparison
-from lightning_repsim.functional import compare, llv_distance
+from lightning_repsim.functional import DiversityWarning, compare, llv_distance
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -86,10 +87,14 @@ def test_identical_gpt2_models_compare_as_identical(tokenizer, precision):
     data = batches(tokenizer)
     student = LM(seed=0)
     cb = ReferenceComparison(copy.deepcopy(student), log_media=False)
-    trainer(precision=precision, callbacks=[cb]).validate(student, DataLoader(data, batch_size=None), verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DiversityWarning)  # the LayerNorm-final embedding is handled (rank-aware)
+        trainer(precision=precision, callbacks=[cb]).validate(student, DataLoader(data, batch_size=None), verbose=False)
     h = cb.history[-1] if cb.history else None
     assert h is not None and h["num_inputs"] == sum(int(b["attention_mask"].sum()) for b in data)
     assert h["kl"] <= 1e-6 and h["d_llv"] <= 1e-6, h
+    assert h["d_svd"] <= 1e-9 and h["mcca"] >= 1 - 1e-9, h
+    assert h["rep_dim"] == WIDTH - 1  # ln_f's constraint
 
 
 def test_gpt2_through_the_callback_equals_compare_and_the_reference_sees_the_mask(tokenizer):

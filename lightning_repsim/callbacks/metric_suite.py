@@ -249,8 +249,9 @@ class MetricSuite:
             d = float(llv.value)
             values.update(
                 d_llv=d, llv_t1=float(llv.t1), llv_t2=float(llv.t2), llv_t3=float(llv.t3), llv_t4=float(llv.t4),
-                bound_paper=2 * self.m * d, bound_sharp=2 * d * d,
+                bound_paper=2 * llv.rep_dim * d, bound_sharp=2 * d * d,
             )
+            info["rep_dim"] = int(llv.rep_dim)  # the embeddings' rank when they are rank-deficient
             info.update(
                 label_pivot=int(llv.label_pivot), leave_out=int(llv.leave_out),
                 input_set=[int(i) for i in llv.input_set.tolist()],

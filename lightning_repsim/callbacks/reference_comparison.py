@@ -40,6 +40,7 @@ from lightning_repsim.callbacks.reference import (
     prepare_reference,
     weights_fingerprint,
 )
+from lightning_repsim.functional.svd import DiversityWarning
 
 __all__ = ["ReferenceComparison", "weights_fingerprint", "METRIC_KEYS"]
 
@@ -281,7 +282,8 @@ class ReferenceComparison(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Move the reference to the student's device and precision."""
+        """Move the reference to the student's device and precision; warnings are given once per fit."""
+        self._warned.clear()
         self._prepare(trainer, pl_module)
 
     @override
@@ -448,7 +450,14 @@ class ReferenceComparison(Callback):
             with torch.no_grad():
                 self._run_custom_dataloader(trainer, pl_module)
         assert self._suite is not None
-        values, info, problems = self._suite.compute()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DiversityWarning)
+            values, info, problems = self._suite.compute()
+        for warning in caught:  # a near-singular diversity set is reported once per fit, not every epoch
+            if issubclass(warning.category, DiversityWarning):
+                self._warn_once(f"diversity:{str(warning.message)[:48]}", str(warning.message), DiversityWarning)
+            else:
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
         self.last_results = dict(self._suite.results)
         self._suite.reset()
         for key, message in problems.items():
@@ -487,10 +496,10 @@ class ReferenceComparison(Callback):
             self.history = [h for h in self.history if (h.get("stage"), h.get("epoch"), h.get("global_step")) != key]
         self.history.append(entry)
 
-    def _warn_once(self, key: str, message: str) -> None:
+    def _warn_once(self, key: str, message: str, category: type[Warning] = UserWarning) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            rank_zero_warn(message)
+            rank_zero_warn(message, category=category)
 
     def embedding_figure(self, entry: Mapping[str, Any] | None = None) -> Any | None:
         """The figure of the last compared embeddings (M = 2 only), or None."""

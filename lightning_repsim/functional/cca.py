@@ -7,35 +7,23 @@ from torch import Tensor
 
 from lightning_repsim.functional._moments import batch_moments, covariance_from_moments
 from lightning_repsim.functional._validation import as_matrix, check_finite
+from lightning_repsim.functional.subspace import pair_subspaces
 
 __all__ = ["mean_cca", "canonical_correlations", "canonical_correlations_from_cov"]
 
 
-def _whitener(cov: Tensor, name: str) -> Tensor:
-    """Lower Cholesky factor of ``cov``, with a clear error when it is singular."""
-    chol, info = torch.linalg.cholesky_ex(cov)
-    if int(info) != 0:
-        rank = int(torch.linalg.matrix_rank(cov))
-        raise ValueError(
-            f"the covariance of `{name}` is singular (rank {rank} < {cov.shape[0]}): a coordinate is constant "
-            "or a linear combination of the others, so canonical correlations are undefined. Drop constant "
-            "coordinates (e.g. an appended bias 1) or reduce the dimension first."
-        )
-    return chol
-
-
 def canonical_correlations_from_cov(cov: Tensor, dim_p: int) -> Tensor:
-    """Canonical correlations from the joint covariance of ``[f_p; f_q]`` (first ``dim_p`` coordinates
-    are ``f_p``): the singular values of ``C_pp^{-1/2} C_pq C_qq^{-1/2}``, in decreasing order.
-
-    Any square root of the inverse gives the same singular values; the Cholesky factors are used.
+    """Canonical correlations from the joint covariance of ``[f_p; f_q]`` (first ``dim_p`` coordinates are
+    ``f_p``): the singular values of ``C_pp^{-1/2} C_pq C_qq^{-1/2}``, in decreasing order, with each embedding
+    whitened within the subspace it occupies (:mod:`~lightning_repsim.functional.subspace`): null directions
+    (LayerNorm's constraint, a dead or constant unit) carry no information and are left out, so there are
+    ``min(r_p, r_q)`` correlations for embeddings of ranks ``r_p``, ``r_q``. Any square root of the inverse gives the
+    same singular values.
     """
-    c_pp, c_pq, c_qq = cov[:dim_p, :dim_p], cov[:dim_p, dim_p:], cov[dim_p:, dim_p:]
-    l_p = _whitener(c_pp, "emb_p")
-    l_q = _whitener(c_qq, "emb_q")
-    t = torch.linalg.solve_triangular(l_p, c_pq, upper=False)
-    t = torch.linalg.solve_triangular(l_q, t.T, upper=False).T
-    return torch.linalg.svdvals(t).clamp(max=1.0)
+    sub_p, sub_q = pair_subspaces(cov, dim_p)
+    white_p = sub_p.basis / sub_p.variances.sqrt()
+    white_q = sub_q.basis / sub_q.variances.sqrt()
+    return torch.linalg.svdvals(white_p.T @ cov[:dim_p, dim_p:] @ white_q).clamp(max=1.0)
 
 
 def check_cca_inputs(n: int, dim_p: int, dim_q: int) -> None:

@@ -18,13 +18,19 @@ from lightning_repsim.functional._validation import (
     check_num_inputs,
     check_num_labels,
 )
-from lightning_repsim.functional.cca import canonical_correlations, canonical_correlations_from_cov, check_cca_inputs
+from lightning_repsim.functional.cca import canonical_correlations_from_cov, check_cca_inputs
 from lightning_repsim.functional.family import logits_from_parts, split_unembedding
 from lightning_repsim.functional.kl import kl_per_input, mean_kl_divergence
 from lightning_repsim.functional.llv import LLVOptions, LLVResult, draw_input_sets, llv_distance
 from lightning_repsim.functional.llv_representation import embedding_covariance, label_covariance_of_h, representation_llv
 from lightning_repsim.functional.llv_terms import CHUNK_NUMBERS
-from lightning_repsim.functional.svd import SVDResult, default_max_label_subsets, svd_from_parts
+from lightning_repsim.functional.svd import (
+    SVDResult,
+    default_max_label_subsets,
+    embedding_pair_covariance,
+    representation_dim,
+    svd_from_parts,
+)
 
 __all__ = ["ComparisonReport", "compare"]
 
@@ -165,39 +171,39 @@ def compare(
     if w_p.shape != w_q.shape:
         raise ValueError(f"`unemb_p` and `unemb_q` must have the same number of labels, got {w_p.shape[0]} and {w_q.shape[0]}")
     k = w_p.shape[0]
-    subsets = default_max_label_subsets(m) if max_label_subsets is None else max_label_subsets
     given = _given_logits(logits_p, logits_q, n, k)
     if choose_route(route, k, m) == "logits":
+        cov_f, cov_w = embedding_pair_covariance(f_p, f_q), None
+        r = representation_dim(cov_f, m)  # M unless the embeddings are rank-deficient (LayerNorm-final, dead units)
         logits_p, logits_q = given if given is not None else (logits_from_parts(f_p, w_p, b_p), logits_from_parts(f_q, w_q, b_q))
-        llv = llv_distance(logits_p, logits_q, rep_dim=m, **options)
+        llv = llv_distance(logits_p, logits_q, rep_dim=r, **options)
         kl = mean_kl_divergence(logits_p, logits_q)
-        cov_f = cov_w = None
     else:
         if opts.labels is not None:
             raise ValueError("`labels` (a label subset) applies to the logits route; the representation route is exact for any K")
         check_num_labels(k, m)
-        check_num_inputs(n, m)
         kl, u = _kl_and_representation_rows(f_p, w_p, b_p, f_q, w_q, b_q, given)
         count, mean_u, m2 = batch_moments(u)
         cov_u = covariance_from_moments(count, m2)
+        cov_f = embedding_covariance(cov_u, m)
+        r = representation_dim(cov_f, m)
+        check_num_inputs(n, r)
         if opts.input_sets is None:
-            sets = draw_input_sets(n, m + 1, opts.num_input_sets, opts.seed)
+            sets = draw_input_sets(n, r + 1, opts.num_input_sets, opts.seed)
         else:
-            sets = check_input_sets(opts.input_sets, m, n)
+            sets = check_input_sets(opts.input_sets, r, n)
         sets = sets.to(f_p.device)
         sigma_h = label_covariance_of_h(w_p, b_p, w_q, b_q)  # shared by the input terms and the g-part
-        llv = representation_llv(n, mean_u, cov_u, w_p, b_p, w_q, b_q, f_p, f_q, sets, sets, opts, sigma_h)
-        cov_f, cov_w = embedding_covariance(cov_u, m), embedding_covariance(sigma_h, m)
-    check_num_labels(k, m, need_subsets=True)
+        llv = representation_llv(n, mean_u, cov_u, w_p, b_p, w_q, b_q, f_p, f_q, sets, sets, opts, sigma_h, rep_dim=r)
+        cov_w = embedding_covariance(sigma_h, m)
+    check_num_labels(k, r, need_subsets=True)
+    subsets = default_max_label_subsets(r) if max_label_subsets is None else max_label_subsets
     svd = svd_from_parts(
         f_p, w_p, f_q, w_q, llv.label_pivot, llv.leave_out, llv.input_set, f_p[llv.input_set], f_q[llv.input_set],
         subsets, opts.seed, cov_f=cov_f, cov_w=cov_w,
     )
-    if cov_f is None:
-        ccs = canonical_correlations(f_p, f_q)
-    else:
-        check_cca_inputs(n, m, m)
-        ccs = canonical_correlations_from_cov(cov_f, m)
+    check_cca_inputs(n, m, m)
+    ccs = canonical_correlations_from_cov(cov_f, m)
     d = llv.value
     return ComparisonReport(
         llv=llv,
@@ -205,9 +211,9 @@ def compare(
         kl=kl,
         mcca=ccs.mean(),
         canonical_correlations=ccs,
-        bound_paper=2 * m * d,
+        bound_paper=2 * r * d,
         bound_sharp=2 * d * d,
-        rep_dim=m,
+        rep_dim=r,
         num_inputs=n,
         num_labels=llv.num_labels,
     )

@@ -203,11 +203,12 @@ def representation_pivot_budget(k: int, m: int) -> int:
 def representation_llv(
     n: int, mean_u: Tensor, cov_u: Tensor, w_p: Tensor, b_p: Tensor | None, w_q: Tensor, b_q: Tensor | None,
     f_p_rows: Tensor, f_q_rows: Tensor, positions: Tensor, reported: Tensor, options: LLVOptions,
-    sigma_h: Tensor | None = None,
+    sigma_h: Tensor | None = None, rep_dim: int | None = None,
 ) -> LLVResult:
     """d_LLV by the representation route from the moments of ``u`` over ``n`` inputs (mean, unbiased covariance),
     the unembedding weights/biases and the candidate inputs' embeddings (``positions``: candidate sets as rows of
-    ``f_*_rows``; ``reported``: the same sets as the result reports them). Shared by
+    ``f_*_rows``; ``reported``: the same sets as the result reports them; ``rep_dim``: the representation dimension
+    reported, M by default, the embeddings' rank when they are rank-deficient). Shared by
     :func:`~lightning_repsim.functional.compare` and :class:`~lightning_repsim.metrics.SVDDissimilarity`."""
     k, m = w_p.shape
     resolved = options.resolve(k)
@@ -221,4 +222,4 @@ def representation_llv(
     )
     b, b_piv, t4, valid = input_terms_from_representation(f_p_rows, f_q_rows, w_p, b_p, w_q, b_q, positions, sigma=sigma_h)
     inputs = select_input_set(b, b_piv, t4, valid, reported, options.reduce)
-    return llv_result(labels, inputs, resolved, n, k, m, options)
+    return llv_result(labels, inputs, resolved, n, k, m if rep_dim is None else rep_dim, options)

@@ -23,6 +23,7 @@ from lightning_repsim.functional._moments import batch_moments, covariance_from_
 from lightning_repsim.functional._validation import as_matrix, check_finite, check_num_labels
 from lightning_repsim.functional.family import logits_from_parts, split_unembedding
 from lightning_repsim.functional.llv import draw_input_sets, llv_distance
+from lightning_repsim.functional.subspace import Subspace, pair_subspaces, restricted_cond
 
 __all__ = [
     "SVDResult",
@@ -66,8 +67,11 @@ class SVDResult:
         exhaustive: False when ``C(K-2, M) > max_label_subsets`` and a seeded sample of subsets
             was evaluated; ``f_part`` is then a lower estimate of the true maximum.
         num_label_subsets: ``C(K-2, M)``, the number of subsets in the definition.
-        cond_l: condition numbers of ``L`` for the worst subset, (model p, model q).
-        cond_n: condition numbers of ``N`` for the input set, (model p, model q).
+        cond_l: condition numbers of ``L`` for the worst subset, (model p, model q), restricted to the subspace
+            the embeddings occupy (``L V``).
+        cond_n: condition numbers of ``N`` for the input set, (model p, model q), restricted likewise.
+        embedding_rank: the ranks (r_p, r_q) of the two models' embeddings; the label subsets have
+            ``max(r_p, r_q)`` labels (M for full-rank embeddings).
         label_pivot, leave_out, input_set: the sets used.
     """
 
@@ -86,6 +90,7 @@ class SVDResult:
     label_pivot: int
     leave_out: int
     input_set: Tensor
+    embedding_rank: tuple[int, int] = (0, 0)
 
     def as_dict(self) -> dict[str, float]:
         return {"d_svd": float(self.value), "d_svd_f": float(self.f_part), "d_svd_g": float(self.g_part)}
@@ -146,21 +151,26 @@ def f_part_from_cov(
     leave_out: int,
     max_label_subsets: int = DEFAULT_MAX_LABEL_SUBSETS,
     seed: int = 0,
+    subspaces: tuple[Subspace, Subspace] | None = None,
 ) -> FPart:
-    """m_SVD of the f-part for every (or a sample of) M-subset(s) of kept labels.
+    """m_SVD of the f-part for every (or a sample of) r-subset(s) of kept labels, r the representation dimension
+    (the rank of the embeddings, :mod:`~lightning_repsim.functional.subspace`; M when they are full rank).
 
     ``cov_f``: covariance of ``[f_p; f_q]`` over inputs (2M x 2M); ``w_p``, ``w_q``: unembedding
     weights (K x M). Biases do not matter: they shift the log-odds by constants.
     """
     k, m = w_p.shape
-    check_num_labels(k, m, need_subsets=True)
+    if subspaces is None:
+        subspaces = pair_subspaces(cov_f, m)
+    r = max(subspaces[0].rank, subspaces[1].rank)
+    check_num_labels(k, r, need_subsets=True)
     keep = torch.ones(k, dtype=torch.bool, device=w_p.device)
     keep[[label_pivot, leave_out]] = False
     kept = torch.nonzero(keep).flatten()
     l_p = w_p[kept] - w_p[label_pivot]
     l_q = w_q[kept] - w_q[label_pivot]
     s_pp, s_pq, s_qq = cov_f[:m, :m], cov_f[:m, m:], cov_f[m:, m:]
-    subsets, exhaustive, total = _label_subsets(kept.numel(), m, max_label_subsets, seed, w_p.device)
+    subsets, exhaustive, total = _label_subsets(kept.numel(), r, max_label_subsets, seed, w_p.device)
     # the log-odds' variances of every kept label once (O(K M^2)), then each subset's M x M cross-covariance
     # block (one M^3 product; never the (K-2)^2 matrix: K = 50,257 is fine), in chunks of about 2^22 numbers
     used, local = torch.unique(subsets, return_inverse=True)  # only the labels some subset uses
@@ -177,13 +187,14 @@ def f_part_from_cov(
     msvd = torch.cat(msvd)
     worst = int(torch.argmin(msvd))
     rows = kept[subsets[worst]]
-    cond = torch.stack(
-        [torch.linalg.cond(w_p[rows] - w_p[label_pivot]), torch.linalg.cond(w_q[rows] - w_q[label_pivot])]
-    )
+    cond = torch.stack([
+        restricted_cond(w_p[rows] - w_p[label_pivot], subspaces[0]), restricted_cond(w_q[rows] - w_q[label_pivot], subspaces[1])
+    ])
     return FPart(msvd, subsets, kept, worst, exhaustive, total, cond)
 
 
-def g_part(w_p: Tensor, w_q: Tensor, f_p_set: Tensor, f_q_set: Tensor, cov_w: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def g_part(w_p: Tensor, w_q: Tensor, f_p_set: Tensor, f_q_set: Tensor, cov_w: Tensor | None = None,
+           subspaces: tuple[Subspace, Subspace] | None = None) -> tuple[Tensor, Tensor]:
     """``(m_SVD, cond(N) per model)`` of the g-part: samples are all K labels, coordinates
     ``(f(x_i) - f(x0))^T g(y)`` for the input set ``f_set`` (M+1 x M, first row = x0). With ``cov_w``, the
     covariance over labels of ``[g_p; g_q]`` (2M x 2M), it costs O(M^3) instead of O(K M^2):
@@ -195,11 +206,13 @@ def g_part(w_p: Tensor, w_q: Tensor, f_p_set: Tensor, f_q_set: Tensor, cov_w: Te
         count, _, m2 = batch_moments(torch.cat([w_p @ n_p.T, w_q @ n_q.T], dim=1))
         cov = covariance_from_moments(count, m2)
     else:
-        zero = n_p.new_zeros(m, m)
+        zero = n_p.new_zeros(n_p.shape)
         t = torch.cat([torch.cat([n_p, zero], 1), torch.cat([zero, n_q], 1)], 0)
         cov = t @ cov_w @ t.T
     msvd = m_svd_from_cov(cov[:m, :m], cov[m:, m:], cov[:m, m:], "the input-set log-odds over labels")
-    return msvd, torch.stack([torch.linalg.cond(n_p), torch.linalg.cond(n_q)])
+    if subspaces is None:
+        return msvd, torch.stack([torch.linalg.cond(n_p), torch.linalg.cond(n_q)])
+    return msvd, torch.stack([restricted_cond(n_p, subspaces[0]), restricted_cond(n_q, subspaces[1])])
 
 
 def warn_if_near_singular(cond: Tensor, what: str, threshold: float = DIVERSITY_COND_WARN) -> None:
@@ -259,12 +272,14 @@ def svd_dissimilarity(
     w_q, b_q = split_unembedding(unemb_q, m, "unemb_q")
     if w_p.shape != w_q.shape:
         raise ValueError(f"`unemb_p` and `unemb_q` must have the same number of labels, got {w_p.shape[0]} and {w_q.shape[0]}")
-    check_num_labels(w_p.shape[0], m, need_subsets=True)
+    cov_f = embedding_pair_covariance(f_p, f_q)
+    r = representation_dim(cov_f, m)  # M unless the embeddings are rank-deficient (e.g. LayerNorm-final)
+    check_num_labels(w_p.shape[0], r, need_subsets=True)
     if label_pivot is None or leave_out is None or input_set is None:
         llv = llv_distance(
             logits_from_parts(f_p, w_p, b_p),
             logits_from_parts(f_q, w_q, b_q),
-            rep_dim=m,
+            rep_dim=r,
             label_pivot=label_pivot,
             leave_out=leave_out,
             input_sets=None if input_set is None else torch.as_tensor(input_set)[None],
@@ -273,11 +288,15 @@ def svd_dissimilarity(
         )
         label_pivot, leave_out, input_set = llv.label_pivot, llv.leave_out, llv.input_set
     input_set = torch.as_tensor(input_set, device=f_p.device).to(torch.long).flatten()
-    if input_set.numel() != m + 1:
-        raise ValueError(f"`input_set` must hold M+1 = {m + 1} input indices, got {input_set.numel()}")
-    subsets = default_max_label_subsets(m) if max_label_subsets is None else max_label_subsets
+    if input_set.numel() != r + 1:
+        raise ValueError(
+            f"`input_set` must hold r+1 = {r + 1} input indices (r = {r}, the rank of the embeddings; M = {m}), "
+            f"got {input_set.numel()}"
+        )
+    subsets = default_max_label_subsets(r) if max_label_subsets is None else max_label_subsets
     return svd_from_parts(
         f_p, w_p, f_q, w_q, int(label_pivot), int(leave_out), input_set, f_p[input_set], f_q[input_set], subsets, seed,
+        cov_f=cov_f,
     )
 
 
@@ -300,10 +319,10 @@ def svd_from_parts(
     weights, the chosen sets and the embeddings of the input set; ``cov_w`` (optional), the covariance over labels
     of ``[g_p; g_q]``, makes the g-part O(M^3). Shared with the streaming metric."""
     if cov_f is None:
-        count, _, m2 = batch_moments(torch.cat([f_p, f_q], dim=1))
-        cov_f = covariance_from_moments(count, m2)
-    fp = f_part_from_cov(cov_f, w_p, w_q, label_pivot, leave_out, max_label_subsets, seed)
-    msvd_g, cond_n = g_part(w_p, w_q, f_p_set, f_q_set, cov_w)
+        cov_f = embedding_pair_covariance(f_p, f_q)
+    subspaces = pair_subspaces(cov_f, w_p.shape[1])
+    fp = f_part_from_cov(cov_f, w_p, w_q, label_pivot, leave_out, max_label_subsets, seed, subspaces)
+    msvd_g, cond_n = g_part(w_p, w_q, f_p_set, f_q_set, cov_w, subspaces)
     warn_if_near_singular(fp.cond, "L (displaced unembeddings of the worst label subset)")
     warn_if_near_singular(cond_n, "N (displaced embeddings of the input set)")
     f_part = 1.0 - fp.msvd[fp.worst]
@@ -324,4 +343,18 @@ def svd_from_parts(
         label_pivot=label_pivot,
         leave_out=leave_out,
         input_set=input_set,
+        embedding_rank=(subspaces[0].rank, subspaces[1].rank),
     )
+
+
+def embedding_pair_covariance(f_p: Tensor, f_q: Tensor) -> Tensor:
+    """Covariance over inputs of ``[f_p; f_q]`` (float64, centred two-pass)."""
+    count, _, m2 = batch_moments(torch.cat([f_p, f_q], dim=1).to(torch.float64))
+    return covariance_from_moments(count, m2)
+
+
+def representation_dim(cov_f: Tensor, dim_p: int) -> int:
+    """The representation dimension of a pair: the larger rank of the two embeddings (see
+    :mod:`~lightning_repsim.functional.subspace`); the input sets of d_LLV and d_SVD have this many inputs plus one."""
+    sub_p, sub_q = pair_subspaces(cov_f, dim_p)
+    return max(sub_p.rank, sub_q.rank)

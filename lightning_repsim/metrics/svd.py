@@ -14,7 +14,7 @@ from lightning_repsim.functional.family import log_partition, split_unembedding
 from lightning_repsim.functional.llv import LLVOptions, LLVResult
 from lightning_repsim.functional.llv_representation import embedding_covariance, label_covariance_of_h, representation_llv
 from lightning_repsim.functional.llv_terms import CHUNK_NUMBERS
-from lightning_repsim.functional.svd import SVDResult, default_max_label_subsets, svd_from_parts
+from lightning_repsim.functional.svd import SVDResult, default_max_label_subsets, representation_dim, svd_from_parts
 from lightning_repsim.metrics.base import DEFAULT_MEMORY_BUDGET_GB
 from lightning_repsim.metrics.candidates import DEFAULT_BUFFER_SIZE, CandidateMixin
 from lightning_repsim.metrics.inputs import embedding_rows
@@ -313,17 +313,22 @@ class SVDDissimilarity(CandidateMixin):
         m = (moments_dim(moments.numel()) - 2) // 2
         n, mean_u, cov_u = moments_covariance(moments)
         check_num_inputs(n, m)
+        cov_f = embedding_covariance(cov_u, m)
+        r = representation_dim(cov_f, m)  # M unless the embeddings are rank-deficient (LayerNorm-final, dead units)
         device = cov_u.device
         w_p, b_p, w_q, b_q = self._unembeddings(m, device)
-        rows, pos, reported = self._candidate_sets(states["candidates"], m + 1)
+        check_num_labels(w_p.shape[0], r, need_subsets=True)
+        rows, pos, reported = self._candidate_sets(states["candidates"], r + 1)
         fp_rows, fq_rows = rows[:, META : META + m], rows[:, META + m :]
         sigma_h = label_covariance_of_h(w_p, b_p, w_q, b_q)  # shared by the input terms and the g-part
-        llv = representation_llv(n, mean_u, cov_u, w_p, b_p, w_q, b_q, fp_rows, fq_rows, pos, reported, self.options, sigma_h)
+        llv = representation_llv(
+            n, mean_u, cov_u, w_p, b_p, w_q, b_q, fp_rows, fq_rows, pos, reported, self.options, sigma_h, rep_dim=r
+        )
         chosen = pos[llv.chosen_candidate]
-        subsets = self.max_label_subsets if self.max_label_subsets is not None else default_max_label_subsets(m)
+        subsets = self.max_label_subsets if self.max_label_subsets is not None else default_max_label_subsets(r)
         svd = svd_from_parts(
             None, w_p, None, w_q, llv.label_pivot, llv.leave_out, llv.input_set, fp_rows[chosen], fq_rows[chosen],
-            int(subsets), self.options.seed, cov_f=embedding_covariance(cov_u, m), cov_w=embedding_covariance(sigma_h, m),
+            int(subsets), self.options.seed, cov_f=cov_f, cov_w=embedding_covariance(sigma_h, m),
         )
         return SVDDissimilarityResult(value=svd.value, f_part=svd.f_part, g_part=svd.g_part, llv=llv, svd=svd)
 
