@@ -8,7 +8,14 @@ from lightning_repsim.functional.cca import canonical_correlations, mean_cca
 from lightning_repsim.functional.compare import ComparisonReport, compare
 from lightning_repsim.functional.family import log_partition, logits_from_representations, split_unembedding
 from lightning_repsim.functional.kl import mean_kl_divergence
-from lightning_repsim.functional.llv import LLVOptions, LLVResult, draw_input_sets, llv_distance, log_probabilities
+from lightning_repsim.functional.llv import (
+    LLVOptions,
+    LLVResult,
+    draw_input_sets,
+    llv_distance,
+    llv_seed_spread,
+    log_probabilities,
+)
 from lightning_repsim.functional.svd import DiversityWarning, SVDResult, svd_dissimilarity
 
 __all__ = [
@@ -23,6 +30,7 @@ __all__ = [
     "covariance_from_moments",
     "draw_input_sets",
     "llv_distance",
+    "llv_seed_spread",
     "log_partition",
     "log_probabilities",
     "logits_from_representations",

@@ -194,7 +194,7 @@ def compare(
             sets = check_input_sets(opts.input_sets, r, n)
         sets = sets.to(f_p.device)
         sigma_h = label_covariance_of_h(w_p, b_p, w_q, b_q)  # shared by the input terms and the g-part
-        llv = representation_llv(n, mean_u, cov_u, w_p, b_p, w_q, b_q, f_p, f_q, sets, sets, opts, sigma_h, rep_dim=r)
+        llv, _ = representation_llv(n, mean_u, cov_u, w_p, b_p, w_q, b_q, f_p, f_q, sets, lambda s: s, opts, sigma_h, rep_dim=r)
         cov_w = embedding_covariance(sigma_h, m)
     check_num_labels(k, r, need_subsets=True)
     subsets = default_max_label_subsets(r) if max_label_subsets is None else max_label_subsets

@@ -16,6 +16,7 @@ terms from embeddings and unembeddings for large vocabularies.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from functools import partial
 from typing import Any
@@ -33,7 +34,16 @@ from lightning_repsim.functional._validation import (
     check_positive_int,
     check_rep_dim,
 )
-from lightning_repsim.functional.llv_terms import TIE_RTOL, InputPart, LabelPart, input_part, label_cov_from_blocks, label_part
+from lightning_repsim.functional.input_search import PairStatistics, SearchInfo, choose_input_set
+from lightning_repsim.functional.llv_terms import (
+    TIE_RTOL,
+    InputPart,
+    LabelPart,
+    input_part,
+    label_cov_from_blocks,
+    label_part,
+    set_entries,
+)
 
 __all__ = [
     "LLVOptions",
@@ -42,11 +52,13 @@ __all__ = [
     "choose_pivots",
     "draw_input_sets",
     "llv_distance",
+    "llv_seed_spread",
     "log_probabilities",
 ]
 
 REDUCTIONS = ("max", "mean")
 COMBINATIONS = ("max", "sum")
+INPUT_SET_SEARCHES = ("optimise", "sample")
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,6 +89,11 @@ class LLVOptions:
             indices for the functional core, input ids (``update(..., ids=...)``) for the metrics. The
             chosen set is the true argmin of T2 over them.
         num_input_sets: candidate sets drawn (seeded) when ``input_sets`` is None (default 200).
+        input_set_search: how the input set is chosen when ``input_sets`` is None: ``"optimise"`` (default) starts
+            from the sampled sets and finds, for a set of pivots (all candidate inputs when that is cheap), the exact
+            best partners of each, which only ever lowers T2 (:mod:`~lightning_repsim.functional.input_search`);
+            ``"sample"`` keeps the best sampled set (the authors' procedure). Either way, sets whose inputs repeat a
+            content are never chosen, and ``result.search`` says what the search did.
         seed: seed of the draws (candidate sets, label subsets for d_SVD, the metrics' hash).
 
     Example:
@@ -98,6 +115,7 @@ class LLVOptions:
     max_pivot_candidates: int | None = None
     input_sets: Tensor | None = field(default=None, repr=False)
     num_input_sets: int = 200
+    input_set_search: str = "optimise"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -119,6 +137,7 @@ class LLVOptions:
         if self.input_sets is not None:
             set_("input_sets", check_input_sets(self.input_sets))
         check_positive_int(self.num_input_sets, "num_input_sets")
+        check_choice(self.input_set_search, "input_set_search", INPUT_SET_SEARCHES)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"`seed` must be an int, got {self.seed!r}")
 
@@ -226,6 +245,9 @@ class LLVResult:
             ``"partial"`` (one given) or ``"restricted"`` (a bounded list of pivots searched).
         num_pivots_searched: how many pivots the label search evaluated.
         labels: the label subset the distance was computed on (an estimate), or None for all K labels.
+        search: how the input set was chosen (a dict: ``method`` "optimise"/"sample"/"given", the sampled sets and
+            the best sampled T2, pivots evaluated, whether all were, rounds, whether it converged, the number of
+            distinct candidate inputs). An optimised set better than every sampled one is the last candidate set.
         num_inputs, num_labels, rep_dim, lam, reduce, combine: the configuration (``num_labels`` = K of
             the models, whatever ``labels``).
     """
@@ -249,6 +271,7 @@ class LLVResult:
     label_search: str
     num_pivots_searched: int
     labels: Tensor | None
+    search: dict = field(repr=False)
     num_inputs: int
     num_labels: int
     rep_dim: int
@@ -328,7 +351,7 @@ def combine_terms(t1: Tensor, t2: Tensor, t3: Tensor, t4: Tensor, lam: float, co
 
 
 def llv_result(labels: LabelPart, inputs: InputPart, resolved: ResolvedLabels, n: int, k: int, m: int,
-               options: LLVOptions) -> LLVResult:
+               options: LLVOptions, search: SearchInfo | None = None) -> LLVResult:
     """Assemble an :class:`LLVResult` from its label and input parts (shared with the streaming metrics);
     label positions are mapped back to label indices."""
     return LLVResult(
@@ -351,6 +374,7 @@ def llv_result(labels: LabelPart, inputs: InputPart, resolved: ResolvedLabels, n
         label_search=labels.search,
         num_pivots_searched=labels.num_pivots,
         labels=resolved.labels,
+        search={"method": "given", **({} if search is None else search.as_dict()), "label_pivots_refined": labels.refined_pivots},
         num_inputs=n,
         num_labels=k,
         rep_dim=m,
@@ -413,12 +437,42 @@ def llv_distance(logits_p: Tensor, logits_q: Tensor, rep_dim: int, **options: An
     pivots = choose_pivots(lp.mean(0), lq.mean(0), resolved, opts.max_pivot_candidates)
     labels = label_part(
         partial(label_cov_from_blocks, *_covariance_blocks(lp, lq)), kk, lp.device, opts.reduce,
-        resolved.label_pivot, resolved.leave_out, pivots,
+        resolved.label_pivot, resolved.leave_out, pivots, refine=resolved.pivot_candidates is None,
     )
     if opts.input_sets is None:
-        sets = draw_input_sets(n, rep_dim + 1, opts.num_input_sets, opts.seed)
+        sampled = draw_input_sets(n, rep_dim + 1, opts.num_input_sets, opts.seed).to(lp.device)
+        inputs, search, _ = choose_input_set(
+            partial(set_entries, lp, lq), partial(PairStatistics.from_log_probabilities, lp, lq), sampled,
+            lambda positions: positions, torch.cat([lp, lq], 1), opts.input_set_search, opts.reduce,
+        )
     else:
-        sets = check_input_sets(opts.input_sets, rep_dim, n)
-    sets = sets.to(lp.device)
-    inputs = input_part(lp, lq, sets, sets, opts.reduce)
-    return llv_result(labels, inputs, resolved, n, k, rep_dim, opts)
+        sets = check_input_sets(opts.input_sets, rep_dim, n).to(lp.device)
+        inputs, search = input_part(lp, lq, sets, sets, opts.reduce), None
+    return llv_result(labels, inputs, resolved, n, k, rep_dim, opts, search)
+
+
+def llv_seed_spread(logits_p: Tensor, logits_q: Tensor, rep_dim: int, seeds: Iterable[int] = range(10),
+                    **options: Any) -> dict[str, float | list[float]]:
+    """How much d_LLV moves with the seed of the candidate draw: :func:`llv_distance` for each seed (the other options
+    as given), and the mean, standard deviation, minimum, maximum and relative spread ``(max - min) / mean`` of d_LLV
+    and of T2 (the term the input set decides). With the default ``input_set_search="optimise"`` the spread is 0
+    whenever every candidate input is tried as a pivot; compare with ``input_set_search="sample"``.
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> z = torch.randn(300, 6, generator=g, dtype=torch.float64)
+        >>> spread = llv_seed_spread(z, z + torch.randn(300, 6, generator=g, dtype=torch.float64), rep_dim=2, seeds=range(3))
+        >>> spread["t2_relative_spread"]
+        0.0
+    """
+    results = [llv_distance(logits_p, logits_q, rep_dim, **{**options, "seed": int(seed)}) for seed in seeds]
+    out: dict[str, float | list[float]] = {}
+    for name, values in (("d_llv", [float(r.value) for r in results]), ("t2", [float(r.t2) for r in results])):
+        t = torch.tensor(values, dtype=torch.float64)
+        out.update({
+            f"{name}_values": values, f"{name}_mean": float(t.mean()), f"{name}_std": float(t.std()) if t.numel() > 1 else 0.0,
+            f"{name}_min": float(t.min()), f"{name}_max": float(t.max()),
+            f"{name}_relative_spread": float((t.max() - t.min()) / t.mean()) if float(t.mean()) else 0.0,
+        })
+    return out

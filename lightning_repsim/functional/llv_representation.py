@@ -9,10 +9,13 @@ size K. The entries then follow the shared formula of :mod:`~lightning_repsim.fu
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from lightning_repsim.functional._moments import batch_moments, covariance_from_moments, merge_moments
+from lightning_repsim.functional.input_search import PairStatistics, choose_input_set
 from lightning_repsim.functional.llv import LLVOptions, LLVResult, choose_pivots, llv_result
 from lightning_repsim.functional.llv_terms import CHUNK_NUMBERS, LabelCov, entries, label_part, normalisers, select_input_set
 
@@ -200,15 +203,36 @@ def representation_pivot_budget(k: int, m: int) -> int:
     return int(min(k, max(128, 2**31 // (8 * k * (2 * m + 2)))))
 
 
+def representation_pair_statistics(f_p_rows: Tensor, f_q_rows: Tensor, sigma: Tensor) -> PairStatistics:
+    """The pair statistics of the input-set search (:mod:`~lightning_repsim.functional.input_search`) for candidate
+    inputs given by their embeddings, with ``sigma`` the label covariance of :func:`label_covariance_of_h`."""
+    m = f_p_rows.shape[1]
+    fp, fq = f_p_rows, f_q_rows
+    df = fq - fp
+    r = fp.shape[0]
+    zero, one = fp.new_zeros(r, 1), fp.new_ones(r, 1)
+    x = torch.cat([fp, one, fp.new_zeros(r, m + 1)], dim=1)
+    e = torch.cat([df, zero, fq, one], dim=1)
+    x_s, e_s = x @ sigma, e @ sigma
+    ac = torch.cat([fp - fp.mean(0), fp.new_zeros(r, m + 2)], dim=1)
+    dc = torch.cat([df - df.mean(0), zero, fq - fq.mean(0), zero], dim=1)
+    return PairStatistics(
+        a=ac, d=dc, a_w=ac @ sigma, d_w=dc @ sigma, var_x=(x_s * x).sum(1), cov_xd=(x_s * e).sum(1),
+        var_d=(e_s * e).sum(1), directions_p=fp, directions_q=fq, center_directions=False,
+    )
+
+
 def representation_llv(
     n: int, mean_u: Tensor, cov_u: Tensor, w_p: Tensor, b_p: Tensor | None, w_q: Tensor, b_q: Tensor | None,
-    f_p_rows: Tensor, f_q_rows: Tensor, positions: Tensor, reported: Tensor, options: LLVOptions,
+    f_p_rows: Tensor, f_q_rows: Tensor, positions: Tensor, report: Callable[[Tensor], Tensor], options: LLVOptions,
     sigma_h: Tensor | None = None, rep_dim: int | None = None,
-) -> LLVResult:
+) -> tuple[LLVResult, Tensor]:
     """d_LLV by the representation route from the moments of ``u`` over ``n`` inputs (mean, unbiased covariance),
-    the unembedding weights/biases and the candidate inputs' embeddings (``positions``: candidate sets as rows of
-    ``f_*_rows``; ``reported``: the same sets as the result reports them; ``rep_dim``: the representation dimension
-    reported, M by default, the embeddings' rank when they are rank-deficient). Shared by
+    the unembedding weights/biases and the candidate inputs' embeddings (``positions``: the given ``input_sets`` or
+    the sampled sets, as rows of ``f_*_rows``; ``report(positions)``: sets as the result reports them; ``rep_dim``:
+    the representation dimension, M by default, the embeddings' rank when they are rank-deficient). The input set is
+    searched as ``options.input_set_search`` says unless ``options.input_sets`` were given. Returns the result and the
+    chosen input set as row positions. Shared by
     :func:`~lightning_repsim.functional.compare` and :class:`~lightning_repsim.metrics.SVDDissimilarity`."""
     k, m = w_p.shape
     resolved = options.resolve(k)
@@ -218,8 +242,20 @@ def representation_llv(
     pivots = choose_pivots(*label_means_from_representation(mean_u, w_p, b_p, w_q, b_q), resolved, budget)
     labels = label_part(
         RepresentationLabelCov(cov_u, w_p, w_q), k, cov_u.device, options.reduce, resolved.label_pivot,
-        resolved.leave_out, pivots,
+        resolved.leave_out, pivots, refine=resolved.pivot_candidates is None,
     )
-    b, b_piv, t4, valid = input_terms_from_representation(f_p_rows, f_q_rows, w_p, b_p, w_q, b_q, positions, sigma=sigma_h)
-    inputs = select_input_set(b, b_piv, t4, valid, reported, options.reduce)
-    return llv_result(labels, inputs, resolved, n, k, m if rep_dim is None else rep_dim, options)
+    if sigma_h is None:
+        sigma_h = label_covariance_of_h(w_p, b_p, w_q, b_q)
+
+    def entries_of(sets: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return input_terms_from_representation(f_p_rows, f_q_rows, w_p, b_p, w_q, b_q, sets, sigma=sigma_h)
+
+    if options.input_sets is not None:
+        inputs, search = select_input_set(*entries_of(positions), report(positions), options.reduce), None
+        chosen = positions[inputs.chosen_candidate]
+    else:
+        inputs, search, chosen = choose_input_set(
+            entries_of, lambda: representation_pair_statistics(f_p_rows, f_q_rows, sigma_h), positions, report,
+            torch.cat([f_p_rows, f_q_rows], 1), options.input_set_search, options.reduce,
+        )
+    return llv_result(labels, inputs, resolved, n, k, m if rep_dim is None else rep_dim, options, search), chosen

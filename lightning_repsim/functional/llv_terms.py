@@ -229,6 +229,7 @@ class LabelPart:
     t3: Tensor
     search: str
     num_pivots: int
+    refined_pivots: int = 0
 
 
 def label_part(
@@ -239,6 +240,7 @@ def label_part(
     label_pivot: int | None = None,
     leave_out: int | None = None,
     pivot_candidates: Tensor | None = None,
+    refine: bool = False,
 ) -> LabelPart:
     """Choose ``(y0, lo)`` (unless given) and compute T1/T3 (label indices are positions ``0..K-1``).
 
@@ -247,7 +249,8 @@ def label_part(
 
     The search is the argmin over pivots and left-out labels of T1 (``reduce`` of its entries), ties
     (within ``TIE_RTOL`` relative) broken by the smallest pivot, then the smallest left-out label.
-    ``pivot_candidates`` restricts the pivots searched. Pivots are evaluated in chunks of about
+    ``pivot_candidates`` restricts the pivots searched; with ``refine`` (a restriction that only bounds the cost), a
+    local search then tries the labels nearest to the best pivot (:func:`_refine_pivots`). Pivots are evaluated in chunks of about
     :data:`CHUNK_NUMBERS` / K, keeping only each pivot's best score, so memory is O(chunk K) for any K;
     the chosen pivot's row is then evaluated again to find its left-out label.
     """
@@ -278,18 +281,17 @@ def label_part(
         return table, scores
 
     chunk_size = max(1, CHUNK_NUMBERS // max(k, 1))
-    if pivots.numel() <= chunk_size:
-        table, scores = scores_of(pivots)
-        row, lo = divmod(first_argmin(scores), k)
-        row_t = row
-    else:  # the first (row-major) entry within TIE_RTOL of the minimum, exactly as first_argmin on the whole table
-        row_min = torch.cat([scores_of(chunk)[1].amin(dim=1) for chunk in pivots.split(chunk_size)])
-        best = row_min.min()
-        finite = bool(torch.isfinite(best))
-        row = int(torch.nonzero(row_min <= best + TIE_RTOL * best.abs())[0]) if finite else 0
-        table, scores = scores_of(pivots[row : row + 1])
-        row_t = 0
-        lo = int(torch.nonzero(scores[0] <= best + TIE_RTOL * best.abs())[0]) if finite else int(torch.argmin(scores[0]))
+    row_min = torch.cat([scores_of(chunk)[1].amin(dim=1) for chunk in pivots.split(chunk_size)])
+    refined = 0
+    if search == "restricted" and refine:  # local search: the labels closest to the best pivot, as pivots, while that improves T1
+        pivots, row_min, refined = _refine_pivots(pivots, row_min, scores_of, leave_out, k)
+    # the first (row-major) entry within TIE_RTOL of the minimum, exactly as first_argmin on the whole table
+    best = row_min.min()
+    finite = bool(torch.isfinite(best))
+    row = int(torch.nonzero(row_min <= best + TIE_RTOL * best.abs())[0]) if finite else 0
+    table, scores = scores_of(pivots[row : row + 1])
+    row_t = 0
+    lo = int(torch.nonzero(scores[0] <= best + TIE_RTOL * best.abs())[0]) if finite else int(torch.argmin(scores[0]))
     y0 = int(pivots[row])
     keep = torch.ones(k, dtype=torch.bool, device=device)
     keep[[y0, lo]] = False
@@ -310,7 +312,42 @@ def label_part(
         t3=red(t3_terms),
         search=search,
         num_pivots=int(pivots.numel()),
+        refined_pivots=refined,
     )
+
+
+#: Labels tried per round, and rounds at most, when a restricted pivot search is refined locally.
+REFINE_PIVOTS = 32
+REFINE_ROUNDS = 3
+
+
+def _refine_pivots(pivots: Tensor, row_min: Tensor, scores_of: Callable, leave_out: int | None, k: int):
+    """Local search over pivots after a restricted search: try as pivots the labels whose T1 entries against the best
+    pivot so far are smallest (its nearest labels), round after round while that lowers T1. Returns the pivots and
+    their best scores, extended, and how many were added."""
+    added = 0
+    evaluated = torch.zeros(k, dtype=torch.bool, device=pivots.device)
+    evaluated[pivots] = True
+    if leave_out is not None:
+        evaluated[leave_out] = True
+    for _ in range(REFINE_ROUNDS):
+        best = row_min.min()
+        if not bool(torch.isfinite(best)):
+            break
+        row = int(torch.nonzero(row_min <= best + TIE_RTOL * best.abs())[0])
+        table, _ = scores_of(pivots[row : row + 1])
+        closeness = torch.maximum(table.a[0], table.a_piv[0]).masked_fill(evaluated, float("inf"))
+        order = torch.argsort(closeness, stable=True)[:REFINE_PIVOTS]
+        neighbours = order[torch.isfinite(closeness[order])]
+        if neighbours.numel() == 0:
+            break
+        evaluated[neighbours] = True
+        new_min = scores_of(neighbours)[1].amin(dim=1)
+        pivots, row_min = torch.cat([pivots, neighbours]), torch.cat([row_min, new_min])
+        added += int(neighbours.numel())
+        if not bool(new_min.min() < best - TIE_RTOL * best.abs()):
+            break
+    return pivots, row_min, added
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,13 +392,10 @@ class InputPart:
     t4: Tensor
 
 
-def input_part(lp_rows: Tensor, lq_rows: Tensor, positions: Tensor, reported: Tensor, reduce: str = "max") -> InputPart:
-    """T2/T4 for every candidate set and the argmin of T2 (first on ties).
-
-    ``lp_rows``/``lq_rows``: log-probabilities (R, K) of the candidate inputs; ``positions``: (S, M+1) candidate
-    sets as row positions (first = the set's pivot input ``x0``); ``reported``: the same sets as reported in the
-    result (row indices or input ids). Sets are evaluated in chunks (memory O(chunk M K)).
-    """
+def set_entries(lp_rows: Tensor, lq_rows: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Term-2/term-4 entries ``(b, b_piv, |tau_p - tau_q|, valid)``, each (S, M), of candidate sets ``positions``
+    (S, M+1; first = the set's pivot input ``x0``) of rows of the log-probabilities ``lp_rows``/``lq_rows`` (R, K).
+    Sets are evaluated in chunks (memory O(chunk M K))."""
     s, size = positions.shape
     k = lp_rows.shape[1]
     step = max(1, CHUNK_NUMBERS // (size * k))
@@ -369,8 +403,13 @@ def input_part(lp_rows: Tensor, lq_rows: Tensor, positions: Tensor, reported: Te
     for chunk in positions.split(step):
         lp, lq = lp_rows[chunk], lq_rows[chunk]
         parts.append(input_entries(lp[:, 1:], lq[:, 1:], lp[:, :1], lq[:, :1]))
-    b, b_piv, t4, valid = (torch.cat(t) for t in zip(*parts))
-    return select_input_set(b, b_piv, t4, valid, reported, reduce)
+    return tuple(torch.cat(t) for t in zip(*parts))  # type: ignore[return-value]
+
+
+def input_part(lp_rows: Tensor, lq_rows: Tensor, positions: Tensor, reported: Tensor, reduce: str = "max") -> InputPart:
+    """T2/T4 for every candidate set (:func:`set_entries`) and the argmin of T2 (first on ties); ``reported``: the
+    sets as the result reports them (row indices or input ids)."""
+    return select_input_set(*set_entries(lp_rows, lq_rows, positions), reported, reduce)
 
 
 def select_input_set(

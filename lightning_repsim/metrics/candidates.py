@@ -12,7 +12,9 @@ import torch
 from torch import Tensor
 
 from lightning_repsim.functional._validation import check_positive_int
+from lightning_repsim.functional.input_search import choose_input_set
 from lightning_repsim.functional.llv import LLVOptions, draw_input_sets
+from lightning_repsim.functional.llv_terms import select_input_set
 from lightning_repsim.metrics.base import StreamingMetric
 from lightning_repsim.metrics.sketch import META, buffer_content, empty_buffer, hash_keys
 
@@ -90,5 +92,21 @@ class CandidateMixin(StreamingMetric):
                 "input set: update() with more (distinct) inputs"
             )
         pos = draw_input_sets(rows.shape[0], set_size, self.options.num_input_sets, self.options.seed).to(rows.device)
-        reported = ids[pos] if bool((ids >= 0).all()) else pos
-        return rows, pos, reported
+        return rows, pos, self._report(rows, pos)
+
+    @staticmethod
+    def _report(rows: Tensor, positions: Tensor) -> Tensor:
+        """Sets of buffer positions as the result reports them: input ids when every buffered input has one."""
+        ids = rows[:, 2].to(torch.long)
+        return ids[positions] if bool((ids >= 0).all()) else positions
+
+    def _choose(self, rows: Tensor, positions: Tensor, reported: Tensor, entries_of, stats, content: Tensor):
+        """``(InputPart, SearchInfo or None)``: the given ``input_sets`` as they are, else the search of
+        :func:`~lightning_repsim.functional.input_search.choose_input_set` over the buffered inputs."""
+        if self.options.input_sets is not None:
+            return select_input_set(*entries_of(positions), reported, self.options.reduce), None
+        inputs, info, _ = choose_input_set(
+            entries_of, stats, positions, lambda p: self._report(rows, p), content, self.options.input_set_search,
+            self.options.reduce,
+        )
+        return inputs, info

@@ -10,8 +10,9 @@ import torch
 from torch import Tensor
 
 from lightning_repsim.functional._validation import check_num_inputs, check_num_labels, check_positive_int, check_rep_dim
+from lightning_repsim.functional.input_search import PairStatistics
 from lightning_repsim.functional.llv import LLVOptions, LLVResult, ResolvedLabels, choose_pivots, llv_result
-from lightning_repsim.functional.llv_terms import CHUNK_NUMBERS, input_part, label_cov_from_full, label_part
+from lightning_repsim.functional.llv_terms import CHUNK_NUMBERS, label_cov_from_full, label_part, set_entries
 from lightning_repsim.metrics.base import DEFAULT_MEMORY_BUDGET_GB
 from lightning_repsim.metrics.candidates import DEFAULT_BUFFER_SIZE, CandidateMixin
 from lightning_repsim.metrics.inputs import logit_rows
@@ -189,11 +190,15 @@ class LLVDistance(CandidateMixin):
         pivots = choose_pivots(mean[:kk], mean[:kk] + mean[kk:], resolved, self.options.max_pivot_candidates)
         labels = label_part(
             partial(label_cov_from_full, cov), kk, cov.device, self.options.reduce, resolved.label_pivot,
-            resolved.leave_out, pivots,
+            resolved.leave_out, pivots, refine=resolved.pivot_candidates is None,
         )
         rows, pos, reported = self._candidate_sets(states["candidates"], self.rep_dim + 1)
-        inputs = input_part(rows[:, META : META + kk], rows[:, META + kk :], pos, reported, self.options.reduce)
-        return llv_result(labels, inputs, resolved, n, k, self.rep_dim, self.options)
+        lp_rows, lq_rows = rows[:, META : META + kk], rows[:, META + kk :]
+        inputs, search = self._choose(
+            rows, pos, reported, partial(set_entries, lp_rows, lq_rows),
+            partial(PairStatistics.from_log_probabilities, lp_rows, lq_rows), rows[:, META:],
+        )
+        return llv_result(labels, inputs, resolved, n, k, self.rep_dim, self.options, search)
 
     def compute_result(self) -> LLVResult:
         """The full :class:`~lightning_repsim.functional.LLVResult` (``.value`` is what ``compute()`` returns)."""

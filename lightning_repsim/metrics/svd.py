@@ -321,10 +321,10 @@ class SVDDissimilarity(CandidateMixin):
         rows, pos, reported = self._candidate_sets(states["candidates"], r + 1)
         fp_rows, fq_rows = rows[:, META : META + m], rows[:, META + m :]
         sigma_h = label_covariance_of_h(w_p, b_p, w_q, b_q)  # shared by the input terms and the g-part
-        llv = representation_llv(
-            n, mean_u, cov_u, w_p, b_p, w_q, b_q, fp_rows, fq_rows, pos, reported, self.options, sigma_h, rep_dim=r
+        llv, chosen = representation_llv(
+            n, mean_u, cov_u, w_p, b_p, w_q, b_q, fp_rows, fq_rows, pos, lambda p: self._report(rows, p), self.options,
+            sigma_h, rep_dim=r,
         )
-        chosen = pos[llv.chosen_candidate]
         subsets = self.max_label_subsets if self.max_label_subsets is not None else default_max_label_subsets(r)
         svd = svd_from_parts(
             None, w_p, None, w_q, llv.label_pivot, llv.leave_out, llv.input_set, fp_rows[chosen], fq_rows[chosen],

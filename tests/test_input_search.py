@@ -1,0 +1,94 @@
+"""The optimised input-set search of d_LLV (term 2): exact when every pivot is tried, never above the sampled
+value, stable over seeds, distinct content only, reported; the restricted label search refines locally."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from lightning_repsim.functional import llv_distance, llv_seed_spread
+from lightning_repsim.functional.llv_terms import set_entries
+from lightning_repsim.metrics import LLVDistance, SVDDissimilarity
+from tests.conftest import REFERENCE_FILES, load_reference
+
+
+def pair(n=200, k=6, seed=0, noise=0.5):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, k, generator=g, dtype=torch.float64)
+    return z, z + noise * torch.randn(n, k, generator=g, dtype=torch.float64)
+
+
+def test_repeated_inputs_never_share_a_set():
+    """10 distinct inputs, each repeated 20 times (as the first token of every sequence is): the chosen set holds
+    inputs of distinct content, for the functional core and the streaming metric (ids given, so the buffer keeps
+    the repeats)."""
+    base_p, base_q = pair(n=10, k=6, seed=1)
+    z_p, z_q = base_p.repeat(20, 1), base_q.repeat(20, 1)
+    for method in ("optimise", "sample"):
+        res = llv_distance(z_p, z_q, rep_dim=2, input_set_search=method)
+        assert len({int(i) % 10 for i in res.input_set.tolist()}) == 3, (method, res.input_set)
+        assert res.search["distinct_candidates"] == 10
+    metric = LLVDistance(rep_dim=2)
+    metric.update(z_p, z_q, ids=torch.arange(200))
+    res = metric.compute_result()
+    assert len({int(i) % 10 for i in res.input_set.tolist()}) == 3
+    # the optimum over distinct inputs equals the search on the distinct inputs alone
+    assert float(res.t2) == pytest.approx(float(llv_distance(base_p, base_q, rep_dim=2).t2), rel=1e-9)
+
+
+def test_too_few_distinct_inputs_is_a_clear_error():
+    base_p, base_q = pair(n=2, k=6)
+    with pytest.raises(ValueError, match="only 2 candidate input.*distinct content.*M\\+1 = 3"):
+        llv_distance(base_p.repeat(10, 1), base_q.repeat(10, 1), rep_dim=2)
+
+
+def test_the_search_is_the_exact_argmin_when_every_pivot_is_tried():
+    """Brute force over every set of 3 distinct inputs (each as pivot) of 9 inputs."""
+    z_p, z_q = pair(n=9, k=5, seed=2)
+    res = llv_distance(z_p, z_q, rep_dim=2, num_input_sets=3)
+    assert res.search["all_pivots"]
+    lp, lq = torch.log_softmax(z_p, -1), torch.log_softmax(z_q, -1)
+    sets = torch.tensor([[p, *others] for p in range(9) for others in itertools.combinations([i for i in range(9) if i != p], 2)])
+    b, b_piv, _, valid = set_entries(lp, lq, sets)
+    t2 = torch.where(valid.all(1), torch.maximum(b.amax(1), b_piv.amax(1)), torch.inf)
+    assert float(res.t2) == pytest.approx(float(t2.min()), rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_never_above_the_sampled_value(seed):
+    z_p, z_q = pair(n=3000, k=40, seed=seed)  # 3000^2 x 40 > the all-pivots budget: the pivot search runs
+    optimised = llv_distance(z_p, z_q, rep_dim=4, seed=seed)
+    sampled = llv_distance(z_p, z_q, rep_dim=4, seed=seed, input_set_search="sample")
+    assert not optimised.search["all_pivots"] and optimised.search["pivots_evaluated"] > 0
+    assert float(optimised.t2) <= float(sampled.t2) + 1e-12
+    assert optimised.search["sampled_best"] == pytest.approx(float(sampled.t2), rel=1e-12)
+
+
+@pytest.mark.parametrize("path", REFERENCE_FILES, ids=[p.stem for p in REFERENCE_FILES])
+def test_t2_is_stable_over_seeds_on_the_reference_cases(path):
+    ref = load_reference(path)
+    optimised = llv_seed_spread(ref["logits1"], ref["logits2"], rep_dim=int(ref["rep_dim"]))
+    sampled = llv_seed_spread(ref["logits1"], ref["logits2"], rep_dim=int(ref["rep_dim"]), input_set_search="sample")
+    assert optimised["t2_relative_spread"] <= 0.05
+    assert optimised["t2_mean"] <= sampled["t2_mean"] + 1e-12
+
+
+def test_streaming_search_is_independent_of_batching_and_route():
+    g = torch.Generator().manual_seed(3)
+    f_p = torch.randn(500, 3, generator=g, dtype=torch.float64)
+    f_q = f_p + 0.4 * torch.randn(500, 3, generator=g, dtype=torch.float64)
+    w_p, w_q = torch.randn(2, 9, 3, generator=g, dtype=torch.float64).unbind(0)
+    results = []
+    for size in (1, 64, 500):
+        llv, svd = LLVDistance(rep_dim=3), SVDDissimilarity(unemb_p=w_p, unemb_q=w_q)
+        for i in range(0, 500, size):
+            sl = slice(i, i + size)
+            llv.update(f_p[sl] @ w_p.T, f_q[sl] @ w_q.T, ids=torch.arange(500)[sl])
+            svd.update(f_p[sl], f_q[sl], ids=torch.arange(500)[sl])
+        results.append((llv.compute_result(), svd.compute_result().llv))
+    for llv_res, svd_res in results:
+        assert llv_res.input_set.tolist() == results[0][0].input_set.tolist() == svd_res.input_set.tolist()
+        assert float(llv_res.t2) == pytest.approx(float(svd_res.t2), rel=1e-9)
+        assert llv_res.search == results[0][0].search
