@@ -1,8 +1,8 @@
 """lightning_repsim: do two models that *predict* alike also *represent* alike?
 
-Exact d_LLV, d_SVD, mean KL and mCCA (Nielsen, Marconato, Dittadi, Gresele, NeurIPS 2025) in three
-layers: a pure-torch functional core (:mod:`lightning_repsim.functional`), streaming torchmetrics
-metrics (:mod:`lightning_repsim.metrics`), and Lightning integration (the
+Exact d_LLV, d_SVD, mean KL and mCCA (Nielsen, Marconato, Dittadi, Gresele, NeurIPS 2025), the logit
+distance and the CKA family in three layers: a pure-torch functional core (:mod:`lightning_repsim.functional`),
+streaming torchmetrics metrics (:mod:`lightning_repsim.metrics`), and Lightning integration (the
 :class:`ReferenceComparison` callback, the distillation losses).
 """
 
@@ -10,7 +10,16 @@ from lightning_repsim import functional
 from lightning_repsim.callbacks import ReferenceComparison
 from lightning_repsim.constructions import radial_dataset, theorem31_pair
 from lightning_repsim.losses import KDLoss, LLVLoss, LogitDistanceLoss
-from lightning_repsim.metrics import LLVDistance, MeanCCA, MeanKLDivergence, SVDDissimilarity, SVDDissimilarityResult
+from lightning_repsim.metrics import (
+    LinearCKA,
+    LLVDistance,
+    LogitDistance,
+    MeanCCA,
+    MeanKLDivergence,
+    ProcrustesDistance,
+    SVDDissimilarity,
+    SVDDissimilarityResult,
+)
 
 __version__ = "0.1.0"
 
@@ -18,9 +27,12 @@ __all__ = [
     "KDLoss",
     "LLVDistance",
     "LLVLoss",
+    "LinearCKA",
+    "LogitDistance",
     "LogitDistanceLoss",
     "MeanCCA",
     "MeanKLDivergence",
+    "ProcrustesDistance",
     "ReferenceComparison",
     "SVDDissimilarity",
     "SVDDissimilarityResult",

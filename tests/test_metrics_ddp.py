@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from lightning_repsim.metrics import LLVDistance, MeanCCA, MeanKLDivergence, SVDDissimilarity
+from lightning_repsim.metrics import LinearCKA, LLVDistance, LogitDistance, MeanCCA, MeanKLDivergence, SVDDissimilarity
 from tests.conftest import REFERENCE_DIR, load_reference
 from tests.test_metrics import assert_same, reference_collection, results
 
@@ -39,19 +39,27 @@ def run_checks(rank: int, world: int) -> dict:
         hashed = reference_collection(ref)  # buffer by content hash
         by_id = LLVDistance(rep_dim=int(ref["rep_dim"]), buffer_size=64)  # buffer by id, smaller than a shard
         pinned = SVDDissimilarity(unemb_p=ref["g1"], unemb_q=ref["g2"], input_sets=ref["candidate_sets"])
+        cka, cka_debiased, d_logit = LinearCKA(), LinearCKA(debiased=True), LogitDistance()
+        offset = 1e3 * torch.arange(1, ref["f1"].shape[1] + 1, dtype=torch.float64)  # large offsets: re-shifted merges
         for idx in mine.split(50):
+            cka.update(ref["f1"][idx] + offset, ref["logits2"][idx])  # unequal widths
+            cka_debiased.update(ref["f1"][idx] + offset, ref["logits2"][idx])
+            d_logit.update(ref["logits1"][idx], ref["logits2"][idx])
             hashed.update(logits_p=ref["logits1"][idx], logits_q=ref["logits2"][idx], emb_p=ref["f1"][idx], emb_q=ref["f2"][idx])
             by_id.update(ref["logits1"][idx], ref["logits2"][idx], ids=idx)
             pinned.update(ref["f1"][idx], ref["f2"][idx], ids=idx)
         res = results(hashed)
         res["by_id"] = by_id.compute_result()
         res["pinned"] = pinned.compute_result()
+        res["cka"], res["cka_debiased"], res["d_logit"] = (m.compute_result() for m in (cka, cka_debiased, d_logit))
         res["local_n_after_sync"] = hashed["llv"].num_inputs  # unsynced again after compute()
         out[case] = res
     # lazily sized metrics where one process sees no data at all
     ref = load_reference(REFERENCE_DIR / f"{CASES[0]}.npz")
-    lazy = {"llv": LLVDistance(rep_dim=2), "cca": MeanCCA(), "kl": MeanKLDivergence(), "svd": SVDDissimilarity()}
+    lazy = {"llv": LLVDistance(rep_dim=2), "cca": MeanCCA(), "kl": MeanKLDivergence(), "svd": SVDDissimilarity(),
+            "cka": LinearCKA()}
     if rank == 0:
+        lazy["cka"].update(ref["f1"], ref["logits2"])
         lazy["llv"].update(ref["logits1"], ref["logits2"])
         lazy["cca"].update(ref["f1"], ref["f2"])
         lazy["kl"].update(ref["logits1"], ref["logits2"])
@@ -91,9 +99,9 @@ def test_two_processes_equal_one(tmp_path):
         multi = torch.load(f"{path}.{rank}", weights_only=False)
         for case in CASES:
             n = load_reference(REFERENCE_DIR / f"{case}.npz")["f1"].shape[0]
-            for name in ("llv", "svd", "kl", "mcca", "by_id", "pinned"):
+            for name in ("llv", "svd", "kl", "mcca", "by_id", "pinned", "cka", "cka_debiased", "d_logit"):
                 assert_same(multi[case][name], single[case][name], path=f"rank {rank} {case} {name}")
             assert multi[case]["llv"].num_inputs == n
             assert multi[case]["local_n_after_sync"] == ((2 * n) // 5 if rank == 0 else n - (2 * n) // 5)
-        for name in ("llv", "cca", "kl", "svd"):
+        for name in ("llv", "cca", "kl", "svd", "cka"):
             assert_same(multi["empty_rank"][name], single["empty_rank"][name], path=f"rank {rank} empty_rank {name}")

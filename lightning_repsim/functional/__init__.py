@@ -5,6 +5,7 @@
 
 from lightning_repsim.functional._moments import batch_moments, covariance_from_moments, merge_moments
 from lightning_repsim.functional.cca import canonical_correlations, mean_cca
+from lightning_repsim.functional.cka import linear_cka, logit_distance, procrustes_distance
 from lightning_repsim.functional.compare import ComparisonReport, compare
 from lightning_repsim.functional.family import log_partition, logits_from_representations, split_unembedding
 from lightning_repsim.functional.kl import mean_kl_divergence
@@ -29,14 +30,17 @@ __all__ = [
     "compare",
     "covariance_from_moments",
     "draw_input_sets",
+    "linear_cka",
     "llv_distance",
     "llv_seed_spread",
     "log_partition",
     "log_probabilities",
+    "logit_distance",
     "logits_from_representations",
     "mean_cca",
     "mean_kl_divergence",
     "merge_moments",
+    "procrustes_distance",
     "split_unembedding",
     "svd_dissimilarity",
 ]

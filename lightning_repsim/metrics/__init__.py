@@ -6,6 +6,8 @@ batching and any number of processes, from float64 sufficient statistics (SPEC Â
   ``compute_result().llv`` is d_LLV by the representation route (state O(M^2)): the choice for large
   vocabularies.
 * :class:`MeanKLDivergence`, :class:`MeanCCA` -- the baselines.
+* :class:`LinearCKA` (biased or debiased), :class:`ProcrustesDistance` -- the covariance family, from one exact
+  shifted statistic (state O((d_p + d_q)^2), any widths); :class:`LogitDistance` -- d_logit (3 numbers).
 
 ``compute()`` returns the headline value as a float64 scalar tensor (so ``self.log(name, metric)``,
 ``MetricCollection``, ``MetricTracker`` work); ``compute_result()`` returns everything (terms, sets, parts).
@@ -35,16 +37,22 @@ True
 """
 
 from lightning_repsim.metrics.cca import CCAResult, MeanCCA
+from lightning_repsim.metrics.cka import CKAResult, LinearCKA, LogitDistance, LogitDistanceResult, ProcrustesDistance
 from lightning_repsim.metrics.kl import KLResult, MeanKLDivergence
 from lightning_repsim.metrics.llv import LLVDistance
 from lightning_repsim.metrics.svd import SVDDissimilarity, SVDDissimilarityResult
 
 __all__ = [
     "CCAResult",
+    "CKAResult",
     "KLResult",
     "LLVDistance",
+    "LinearCKA",
+    "LogitDistance",
+    "LogitDistanceResult",
     "MeanCCA",
     "MeanKLDivergence",
+    "ProcrustesDistance",
     "SVDDissimilarity",
     "SVDDissimilarityResult",
 ]

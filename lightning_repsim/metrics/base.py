@@ -1,7 +1,8 @@
 """``StreamingMetric``: the torchmetrics plumbing every metric of this package shares.
 
-* **States** are float64 sufficient statistics of four kinds: packed centred moments (merged by an exact
-  Chan merge), candidate buffers (bottom-k union), counters (sum) and dimensions (must agree). The same
+* **States** are float64 sufficient statistics of five kinds: packed centred moments (merged by an exact
+  Chan merge), candidate buffers (bottom-k union), counters (sum), dimensions (must agree) and ``merged``
+  statistics with their own exact merge (the shifted CKA statistic). The same
   merge serves ``update``, ``merge_state`` and DDP sync, so the result does not depend on batching or on
   the number of processes. States are not persistent (torchmetrics' default); ``metric.persistent(True)``
   puts them into ``state_dict`` (checkpoints), and loading checks that they fit the metric.
@@ -18,6 +19,7 @@ line (``_forward_cache``, ``_update_count``, ``_computed``, the ``_apply`` overr
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -57,6 +59,16 @@ def _fold_config(stacked: Tensor) -> Tensor:
     if bool((stacked != stacked[:1]).any()):
         raise ValueError(f"the processes run this metric with different configurations: {stacked.tolist()}")
     return stacked[0]
+
+
+def _fold_merged(merge: Callable[[Tensor, Tensor], Tensor], stacked: Tensor) -> Tensor:
+    """States of a ``merged`` kind gathered from all processes, folded with their own exact merge."""
+    if stacked.ndim == 1:
+        return stacked
+    out = stacked[0]
+    for state in stacked[1:]:
+        out = merge(out, state)
+    return out
 
 
 _REDUCE = {"moments": fold_moments, "buffer": fold_buffers, "count": "sum", "dims": _fold_dims, "config": _fold_config}
@@ -106,6 +118,7 @@ class StreamingMetric(Metric):
         self._kinds: dict[str, str] = {}
         self._empty: dict[str, Tensor] = {}
         self._capacity: dict[str, int] = {}
+        self._merge: dict[str, Callable[[Tensor, Tensor], Tensor]] = {}
         self._config_names: tuple[str, ...] = ()
         self._version = 0
         self._result: Any = None
@@ -121,10 +134,20 @@ class StreamingMetric(Metric):
         self._add_state_kind("num_dropped", "count", torch.zeros((), dtype=torch.int64))
 
     # -- states ---------------------------------------------------------------------------------
-    def _add_state_kind(self, name: str, kind: str, default: Tensor, capacity: int | None = None) -> None:
+    def _add_state_kind(self, name: str, kind: str, default: Tensor, capacity: int | None = None,
+                        merge: Callable[[Tensor, Tensor], Tensor] | None = None) -> None:
         """Declare a state of one of the kinds ``moments``, ``buffer`` (of ``capacity`` rows), ``count``, ``dims``,
-        ``config`` (not persistent, like every torchmetrics state; ``persistent(True)`` changes that)."""
-        self.add_state(name, default, dist_reduce_fx=_REDUCE[kind], persistent=False)
+        ``config``, or ``merged``: a flat statistic with its own exact ``merge(a, b)`` whose all-zero value is the
+        empty statistic (contributions are whole batch statistics). Not persistent, like every torchmetrics state;
+        ``persistent(True)`` changes that."""
+        if kind == "merged":
+            if merge is None:
+                raise ValueError("a `merged` state needs its `merge` function")
+            self._merge[name] = merge
+            reduce: Any = functools.partial(_fold_merged, merge)
+        else:
+            reduce = _REDUCE[kind]
+        self.add_state(name, default, dist_reduce_fx=reduce, persistent=False)
         self._kinds[name] = kind
         self._empty[name] = default.detach().clone()
         if capacity is not None:
@@ -134,6 +157,8 @@ class StreamingMetric(Metric):
         """The empty (merge-identity) value of a lazily sized state of the given shape."""
         if self._kinds[name] == "moments":
             return empty_moments(moments_dim(shape[0]), self.device)
+        if self._kinds[name] == "merged":
+            return torch.zeros(shape, dtype=torch.float64, device=self.device)
         return empty_buffer(shape[0], shape[1] - META, self.device)
 
     def _sized(self, name: str, shape: tuple[int, ...], state: Tensor | None = None) -> Tensor:
@@ -172,6 +197,8 @@ class StreamingMetric(Metric):
             return self._sized(name, (1 + dim + dim * dim,), state)
         if kind == "buffer":
             return self._sized(name, (self._capacity[name], value.shape[1]), state)
+        if kind == "merged":
+            return self._sized(name, tuple(value.shape), state)
         if kind == "dims":
             value = value.to(state.device)
             if bool(((state != 0) & (value != 0) & (state != value)).any()):
@@ -189,6 +216,8 @@ class StreamingMetric(Metric):
             return moments_add(state, value)
         if kind == "buffer":
             return buffer_insert(state, value)
+        if kind == "merged":
+            return self._merge[name](state, value.to(state.device))
         if kind == "count":
             return state + value
         if kind == "dims":
@@ -331,7 +360,7 @@ class StreamingMetric(Metric):
             local, other = getattr(self, name), state[name]
             if not isinstance(other, Tensor):
                 raise ValueError(f"{type(self).__name__}: state `{name}` of {source} is not a tensor")
-            if kind in ("moments", "buffer") and local.numel() and other.numel() and local.shape != other.shape:
+            if kind in ("moments", "buffer", "merged") and local.numel() and other.numel() and local.shape != other.shape:
                 raise ValueError(
                     f"{type(self).__name__}: cannot combine with {source}: it has {self._describe(name, tuple(other.shape))}, "
                     f"this metric {self._describe(name, tuple(local.shape))}"
@@ -364,6 +393,9 @@ class StreamingMetric(Metric):
             elif kind == "buffer":
                 if other.numel():
                     setattr(self, name, buffer_insert(self._sized(name, tuple(other.shape)), other))
+            elif kind == "merged":
+                if other.numel():
+                    setattr(self, name, self._merge[name](self._sized(name, tuple(other.shape)), other))
             elif kind == "count":
                 setattr(self, name, local + other)
             elif kind == "dims":

@@ -1,0 +1,244 @@
+"""Streaming linear CKA (biased and debiased), orthogonal Procrustes distance and logit distance.
+
+The CKA family is computed from the shifted statistic of :mod:`lightning_repsim.functional.cka`: the count, mean
+and centred co-moment of ``u = [x - c_x, y - c_y, |x - c_x|^2, |y - c_y|^2]`` relative to a shift ``c`` (the first
+batch's mean). Each update adds its batch relative to the state's own shift (no re-shift); states of other
+processes or of ``merge_state`` are re-shifted exactly (an O(D^2) affine map) and Chan-merged, so the values do not
+depend on batching or on the number of processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_repsim.functional.cka import (
+    _unpack,
+    check_cka_state,
+    cka_batch_state,
+    cka_merge,
+    cka_shift,
+    cka_state_size,
+    cka_values,
+    logit_distance_rows,
+)
+from lightning_repsim.functional.kl import check_num_classes
+from lightning_repsim.metrics.base import DEFAULT_MEMORY_BUDGET_GB, StreamingMetric
+from lightning_repsim.metrics.inputs import embedding_rows, logit_rows
+from lightning_repsim.metrics.moment_state import empty_moments
+
+__all__ = ["CKAResult", "LinearCKA", "LogitDistance", "LogitDistanceResult", "ProcrustesDistance"]
+
+
+@dataclass(frozen=True)
+class CKAResult:
+    """What :class:`LinearCKA` / :class:`ProcrustesDistance` computed from one statistic: ``value`` (the metric's
+    headline), ``cka`` (biased linear CKA), ``cka_debiased``, ``procrustes`` (float64 scalars) and ``num_inputs``."""
+
+    value: Tensor
+    cka: Tensor
+    cka_debiased: Tensor
+    procrustes: Tensor
+    num_inputs: int
+
+    def as_dict(self) -> dict[str, float]:
+        return {"cka": float(self.cka), "cka_debiased": float(self.cka_debiased), "procrustes": float(self.procrustes)}
+
+
+class LinearCKA(StreamingMetric):
+    r"""Streaming linear CKA between two embeddings of the same inputs, exact over the whole data set:
+    equal to :func:`~lightning_repsim.functional.linear_cka` on the concatenated data for any batching and any
+    number of processes.
+
+    As input to ``forward`` and ``update``: ``emb_p`` (B, d_p) and ``emb_q`` (B, d_q) (the widths may differ), or
+    (B, T, .) (every position is an input), any float dtype and device; ``mask`` (optional, boolean or 0/1
+    integers over the leading dimensions, 1 = use the input).
+
+    As output of ``forward`` and ``compute``: linear CKA (``debiased=False``, Kornblith et al. 2019) or debiased
+    linear CKA (``debiased=True``, the unbiased HSIC of Song et al. 2012 as in Nguyen et al. 2021) as a float64
+    scalar tensor; ``forward`` gives the batch's own value (which needs at least 4 inputs).
+    :meth:`compute_result` gives both CKAs and the Procrustes distance of the same statistic (:class:`CKAResult`).
+
+    State: ``2 + (d_p + d_q) + 1 + D + D^2`` float64 numbers with ``D = d_p + d_q + 2`` (independent of the number
+    of inputs; sized at the first update), merged exactly across processes.
+
+    Args:
+        debiased: report debiased CKA instead of the (biased) linear CKA.
+        nan_strategy: ``"error"`` (default) or ``"ignore"`` (drop rows with a non-finite value, counted in
+            ``num_dropped``).
+        memory_budget_gb: refuse (before allocating) widths whose state and compute need more than this.
+        kwargs: passed to :class:`torchmetrics.Metric`.
+
+    Example:
+        >>> import torch
+        >>> from lightning_repsim.functional import linear_cka
+        >>> x = torch.randn(300, 6, dtype=torch.float64)
+        >>> y = torch.tanh(x @ torch.randn(6, 4, dtype=torch.float64)) + 100.0
+        >>> metric = LinearCKA()
+        >>> for i in range(0, 300, 64):
+        ...     metric.update(x[i : i + 64], y[i : i + 64])
+        >>> bool(torch.isclose(metric.compute(), linear_cka(x, y), rtol=1e-10))
+        True
+        >>> sorted(metric.compute_result().as_dict())
+        ['cka', 'cka_debiased', 'procrustes']
+    """
+
+    higher_is_better = True
+    plot_upper_bound = 1.0
+    _headline = "cka"
+
+    def __init__(self, debiased: bool = False, nan_strategy: str = "error",
+                 memory_budget_gb: float | None = DEFAULT_MEMORY_BUDGET_GB, **kwargs: Any) -> None:
+        if not isinstance(debiased, bool):
+            raise ValueError(f"`debiased` must be a bool, got {debiased!r}")
+        super().__init__(nan_strategy=nan_strategy, memory_budget_gb=memory_budget_gb, **kwargs)
+        self.debiased = debiased
+        self._add_state_kind("cka_state", "merged", torch.zeros(0, dtype=torch.float64), merge=cka_merge)
+
+    @property
+    def num_inputs(self) -> int:
+        state = self.cka_state
+        return 0 if cka_shift(state) is None else int(_unpack(state)[3])
+
+    def _describe(self, name: str, shape: tuple[int, ...]) -> str:
+        if name == "cka_state":
+            return f"a statistic of {shape[0]} numbers"
+        return super()._describe(name, shape)
+
+    def update(self, emb_p: Tensor, emb_q: Tensor, mask: Tensor | None = None) -> None:
+        """Accumulate a batch of both models' embeddings (see the class docstring)."""
+        p, q, _, dropped = embedding_rows(emb_p, emb_q, mask, None, self.nan_strategy, same_dim=False)
+        dim_p, dim_q = p.shape[1], q.shape[1]
+        d = dim_p + dim_q + 2
+        self._check_memory(8.0 * cka_state_size(dim_p, dim_q), 8.0 * (3 * d * d + p.shape[0] * d),
+                           f"with embedding widths {dim_p} + {dim_q}",
+                           "Pool or project the embeddings to a smaller width first.")
+        state = self.cka_state
+        if state.numel() and (int(state[0]), int(state[1])) != (dim_p, dim_q):
+            raise ValueError(
+                f"{type(self).__name__}: the inputs changed size between updates (embedding widths "
+                f"{int(state[0])} + {int(state[1])} so far, {dim_p} + {dim_q} now); call reset() first"
+            )
+        contributions: dict[str, Any] = {}
+        if dropped:
+            contributions["num_dropped"] = dropped
+        if p.shape[0]:
+            shift = cka_shift(state)
+            contributions["cka_state"] = cka_batch_state(p, q, None if shift is None else shift.to(p.device))
+        self._accumulate(contributions)
+
+    def _result_from(self, states: dict[str, Tensor]) -> CKAResult:
+        state = states["cka_state"]
+        if cka_shift(state) is None:
+            raise ValueError(f"{type(self).__name__} needs at least 4 inputs, got N=0")
+        check_cka_state(state)
+        values = cka_values(state)
+        headline = "cka_debiased" if self._headline == "cka" and self.debiased else self._headline
+        return CKAResult(value=values[headline], num_inputs=int(_unpack(state)[3]), **values)
+
+    def compute_result(self) -> CKAResult:
+        """The :class:`CKAResult` (``.value`` is what ``compute()`` returns)."""
+        return super().compute_result()
+
+
+class ProcrustesDistance(LinearCKA):
+    r"""Streaming orthogonal Procrustes distance (Williams et al. 2021) between two embeddings of the same inputs:
+    ``sqrt(2 - 2 ||X^T Y||_* / (||X||_F ||Y||_F))`` on the embeddings centred over inputs, in ``[0, sqrt(2)]``; 0 when
+    one is a rotation (or reflection) of the other times a scale, plus an offset. Equal to
+    :func:`~lightning_repsim.functional.procrustes_distance` on the concatenated data.
+
+    Same inputs, state and exactness as :class:`LinearCKA` (of which it is the other headline:
+    :meth:`compute_result` carries both CKAs too).
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(200, 3, dtype=torch.float64)
+        >>> q, _ = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64))
+        >>> metric = ProcrustesDistance()
+        >>> metric.update(x, 2 * x @ q + 1)
+        >>> float(metric.compute()) < 1e-6
+        True
+    """
+
+    higher_is_better = False
+    plot_upper_bound = 2**0.5
+    _headline = "procrustes"
+
+    def __init__(self, nan_strategy: str = "error", memory_budget_gb: float | None = DEFAULT_MEMORY_BUDGET_GB,
+                 **kwargs: Any) -> None:
+        super().__init__(debiased=False, nan_strategy=nan_strategy, memory_budget_gb=memory_budget_gb, **kwargs)
+
+
+@dataclass(frozen=True)
+class LogitDistanceResult:
+    """What :class:`LogitDistance` computed: ``value`` = d_logit (float64 scalar), ``mean_squared`` = d_logit^2,
+    its standard deviation over inputs ``std_squared`` and ``num_inputs``."""
+
+    value: Tensor
+    mean_squared: Tensor
+    std_squared: Tensor
+    num_inputs: int
+
+    def as_dict(self) -> dict[str, float]:
+        return {"d_logit": float(self.value)}
+
+
+class LogitDistance(StreamingMetric):
+    r"""Streaming logit distance of Nielsen et al. (2026), ``d_logit = sqrt(mean_x sum_y (c(z_p)_y - c(z_q)_y)^2)``
+    with ``c`` the centring over classes: 0 exactly when the two models' log-probabilities coincide (it ignores
+    each input's log-partition). Equal to :func:`~lightning_repsim.functional.logit_distance` on the concatenated
+    data; the quantity :class:`~lightning_repsim.losses.LogitDistanceLoss` trains on.
+
+    As input to ``forward`` and ``update``: ``logits_p``, ``logits_q`` (B, K) or (B, T, K), any float dtype and
+    device (cast to float64 in blocks of rows); ``mask`` (optional, 1 = use the input).
+
+    State: a float64 Welford/Chan triple of the per-input squared distance (3 numbers) and K.
+
+    Example:
+        >>> import torch
+        >>> from lightning_repsim.functional import logit_distance
+        >>> z_p, z_q = torch.randn(2, 100, 7, dtype=torch.float64).unbind(0)
+        >>> metric = LogitDistance()
+        >>> metric.update(z_p[:40], z_q[:40] + 3.0)  # a shift per input changes nothing
+        >>> metric.update(z_p[40:], z_q[40:] - 1.0)
+        >>> bool(torch.isclose(metric.compute(), logit_distance(z_p, z_q), rtol=1e-12))
+        True
+    """
+
+    _count_state = "logit_moments"
+
+    def __init__(self, nan_strategy: str = "error", memory_budget_gb: float | None = DEFAULT_MEMORY_BUDGET_GB,
+                 **kwargs: Any) -> None:
+        super().__init__(nan_strategy=nan_strategy, memory_budget_gb=memory_budget_gb, **kwargs)
+        self._add_state_kind("logit_moments", "moments", empty_moments(1))
+        self._add_state_kind("num_classes", "dims", torch.zeros(1, dtype=torch.int64))
+
+    def _describe(self, name: str, shape: tuple[int, ...]) -> str:
+        return f"K={shape[0]} classes" if name == "num_classes" else super()._describe(name, shape)
+
+    def update(self, logits_p: Tensor, logits_q: Tensor, mask: Tensor | None = None) -> None:
+        """Accumulate a batch of both models' logits (see the class docstring)."""
+        p, q, _, dropped = logit_rows(logits_p, logits_q, mask, None, self.nan_strategy)
+        check_num_classes(p.shape[1])
+        contributions: dict[str, Any] = {"num_classes": torch.tensor([p.shape[1]], dtype=torch.int64)}
+        if dropped:
+            contributions["num_dropped"] = dropped
+        if p.shape[0]:
+            contributions["logit_moments"] = logit_distance_rows(p, q)[:, None]
+        self._accumulate(contributions)
+
+    def _result_from(self, states: dict[str, Tensor]) -> LogitDistanceResult:
+        moments = states["logit_moments"]
+        n = int(moments[0])
+        if n == 0:
+            raise ValueError("logit_distance needs at least one input, got N=0")
+        std = (moments[2] / (n - 1)).sqrt() if n > 1 else torch.zeros_like(moments[2])
+        mean = moments[1].clamp_min(0)
+        return LogitDistanceResult(value=mean.sqrt(), mean_squared=mean.clone(), std_squared=std, num_inputs=n)
+
+    def compute_result(self) -> LogitDistanceResult:
+        """The :class:`LogitDistanceResult` (``.value`` is what ``compute()`` returns)."""
+        return super().compute_result()
