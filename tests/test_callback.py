@@ -18,7 +18,7 @@ from lightning_repsim.callbacks.plotting import figure_to_array
 from lightning_repsim.constructions import radial_dataset
 from lightning_repsim.functional import compare, llv_distance, mean_kl_divergence
 
-KEYS = ("kl", "d_llv", "llv_t1", "llv_t2", "llv_t3", "llv_t4", "d_svd", "d_svd_f", "d_svd_g", "mcca", "bound_paper",
+KEYS = ("kl", "d_logit", "d_llv", "llv_t1", "llv_t2", "llv_t3", "llv_t4", "d_svd", "d_svd_f", "d_svd_g", "mcca", "bound_paper",
         "bound_sharp")
 
 
@@ -304,9 +304,9 @@ def test_resnet_fc_found_and_undefined_values_skipped():
         expected_kl = mean_kl_divergence(torch.cat([ref(b) for b, _ in val]), torch.cat([student(b) for b, _ in val]))
     assert_close(h["kl"], float(expected_kl), "kl")  # the models' own logits
     # M = 512 > N: d_LLV, mCCA and d_SVD (K = 10 < M + 2) are undefined, reported as NaN and not logged
-    for key in KEYS[1:]:
+    for key in KEYS[2:]:
         assert math.isnan(h[key])
-    assert set(k for k in tr.callback_metrics if k.startswith("repsim/")) == {"repsim/kl"}
+    assert set(k for k in tr.callback_metrics if k.startswith("repsim/")) == {"repsim/kl", "repsim/d_logit"}
 
 
 class TinyLM(pl.LightningModule):

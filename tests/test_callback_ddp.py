@@ -68,7 +68,7 @@ def run(tmp_path, devices: int) -> list[dict[str, float]]:
         strategy="ddp_spawn" if devices > 1 else "auto",
         max_epochs=2,
         logger=logger,
-        callbacks=[ReferenceComparison(ref)],
+        callbacks=[ReferenceComparison(ref, layers=["body.1", "body.3"])],  # + layer-wise CKA, the padded copy dropped
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -87,7 +87,8 @@ def test_ddp_spawn_two_processes_log_the_same_values_as_one(tmp_path):
     assert len(single) == len(double) == 2
     for one, two in zip(single, double):
         assert one["epoch"] == two["epoch"]
-        for key in KEYS:
+        layer_keys = [f"layers/{n}/{m}" for n in ("body.1", "body.3") for m in ("cka", "cka_debiased", "procrustes")]
+        for key in (*KEYS, *layer_keys):
             a, b = one[f"repsim/{key}"], two[f"repsim/{key}"]
             assert math.isfinite(a), key
             assert abs(a - b) <= 1e-9 * max(abs(a), 1e-12), f"epoch {one['epoch']} {key}: 1 process {a!r}, 2 processes {b!r}"

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from lightning_repsim.callbacks.extraction import Representations
 
-__all__ = ["EmbeddingPoints", "log_wandb_media", "wandb_loggers"]
+__all__ = ["EmbeddingPoints", "log_wandb_layer_matrix", "log_wandb_media", "wandb_loggers"]
 
 
 class EmbeddingPoints:
@@ -104,3 +104,23 @@ def log_wandb_media(
                 step=step,
                 caption=[f"epoch {entry['epoch']}: reference (left) vs student (right), coloured by class"],
             )
+
+
+def log_wandb_layer_matrix(trainer: pl.Trainer, prefix: str, entry: Mapping[str, Any], fig: Any | None) -> None:
+    """The layer-by-layer matrix of ``entry["layer_matrix"]`` as a heatmap image and a long-format table
+    (reference layer, student layer, value) to every ``WandbLogger`` of the trainer."""
+    loggers = wandb_loggers(trainer)
+    matrix = entry.get("layer_matrix")
+    if not loggers or not matrix:
+        return
+    from lightning_repsim.callbacks.plotting import figure_to_array
+
+    measure, step = matrix["measure"], int(trainer.global_step)
+    rows = [[r, s, v if math.isfinite(v) else None]
+            for r, row in zip(matrix["reference"], matrix["values"]) for s, v in zip(matrix["student"], row)]
+    for lg in loggers:
+        lg.log_table(key=f"{prefix}/layers/{measure}_table", columns=["reference_layer", "student_layer", measure],
+                     data=rows, step=step)
+        if fig is not None:
+            lg.log_image(key=f"{prefix}/layers/{measure}_matrix", images=[figure_to_array(fig)], step=step,
+                         caption=[f"epoch {entry['epoch']}: {measure}, reference layers (rows) vs student layers (columns)"])

@@ -29,6 +29,7 @@ __all__ = ["METRIC_KEYS", "MetricSuite"]
 #: Keys of the logged values (``ComparisonReport.as_dict()`` order).
 METRIC_KEYS = (
     "kl",
+    "d_logit",
     "d_llv",
     "llv_t1",
     "llv_t2",
@@ -75,15 +76,15 @@ def logits_for_statistics(reps: Representations, keep: Tensor | None) -> Tensor:
 
 
 class MetricSuite:
-    """KL, d_LLV (+ terms), d_SVD (+ parts), mCCA between a reference (p) and a student (q).
+    """KL, d_logit, d_LLV (+ terms), d_SVD (+ parts), mCCA between a reference (p) and a student (q).
 
     The metrics are created at the first :meth:`update`, once the shapes are known:
 
-    * both models give embeddings of the same width M and K >= M + 2: ``MeanKLDivergence`` on the logits,
+    * always ``MeanKLDivergence`` and ``LogitDistance`` on the logits;
+    * both models give embeddings of the same width M and K >= M + 2:
       ``SVDDissimilarity`` (its ``.llv`` is d_LLV by the representation route, O(M^2) state, any K) fed with
       the embeddings and each input's ``logZ`` from the logits, ``MeanCCA`` on the embeddings;
-    * otherwise (logits only, different widths, or K < M + 2): ``MeanKLDivergence`` and ``LLVDistance`` on the
-      logits with ``rep_dim`` (default: M, or ``K - 1`` for logits only), plus ``MeanCCA`` when both have
+    * otherwise (logits only, different widths, or K < M + 2): ``LLVDistance`` on the logits with ``rep_dim`` (default: M, or ``K - 1`` for logits only), plus ``MeanCCA`` when both have
       embeddings.
 
     ``ids`` (global sample positions from the callback) are given to the metrics with a candidate buffer,
@@ -94,7 +95,7 @@ class MetricSuite:
         from lightning_repsim import metrics as M
 
         known = set(_TORCHMETRICS_KWARGS) | set(LLVOptions.names())
-        for cls in (M.MeanKLDivergence, M.LLVDistance, M.SVDDissimilarity, M.MeanCCA):
+        for cls in (M.MeanKLDivergence, M.LogitDistance, M.LLVDistance, M.SVDDissimilarity, M.MeanCCA):
             known |= _own_params(cls)
         unknown = sorted(set(metric_kwargs) - known)
         if unknown:
@@ -146,7 +147,10 @@ class MetricSuite:
         else:
             self.m = self.k - 1
         self.mode = "representations" if same_width and self.k >= self.m + 2 else "logits"
-        metrics: dict[str, Any] = {"kl": M.MeanKLDivergence(**self._kwargs_for(M.MeanKLDivergence))}
+        metrics: dict[str, Any] = {
+            "kl": M.MeanKLDivergence(**self._kwargs_for(M.MeanKLDivergence)),
+            "logit": M.LogitDistance(**self._kwargs_for(M.LogitDistance)),
+        }
         if self.mode == "representations":
             # d_SVD on the sets d_LLV chooses; its .llv is d_LLV by the representation route (O(M^2) state)
             metrics["svd"] = M.SVDDissimilarity(rep_dim=self.m, **self._kwargs_for(M.SVDDissimilarity))
@@ -200,6 +204,7 @@ class MetricSuite:
         if z_p.shape[0] == 0:
             return 0
         self.metrics["kl"].update(z_p, z_q, logz_p=lz_p, logz_q=lz_q)
+        self.metrics["logit"].update(z_p, z_q)
         if "svd" in self.metrics:
             unemb_p, unemb_q = ref.unembedding.to(z_p.device), stu.unembedding.to(z_p.device)
             self.metrics["svd"].update(f_p, f_q, unemb_p=unemb_p, unemb_q=unemb_q, ids=ids, logz_p=lz_p, logz_q=lz_q)
@@ -235,12 +240,14 @@ class MetricSuite:
             try:
                 results[name] = metric.compute_result()
             except (ValueError, torch.linalg.LinAlgError) as err:
-                problems[{"kl": "kl", "llv": "d_llv", "svd": "d_svd", "cca": "mcca"}[name]] = str(err)
+                problems[{"kl": "kl", "logit": "d_logit", "llv": "d_llv", "svd": "d_svd", "cca": "mcca"}[name]] = str(err)
         if "d_svd" in problems and "svd" in self.metrics:
             problems["d_llv"] = problems["d_svd"]  # d_LLV comes from the same metric
         if "kl" in results:
             values["kl"] = float(results["kl"].value)
             info["num_inputs"] = int(results["kl"].num_inputs)
+        if "logit" in results:
+            values["d_logit"] = float(results["logit"].value)
         info["num_dropped"] = rows - info["num_inputs"] if "kl" in results else rows
         llv = results.get("llv")
         if llv is None and "svd" in results:

@@ -1,4 +1,5 @@
-"""Side-by-side scatter of two models' 2-D embeddings, coloured by class (the paper's Figure 3, left)."""
+"""Side-by-side scatter of two models' 2-D embeddings, coloured by class (the paper's Figure 3, left), and the
+layer-by-layer similarity heatmap of the CKA literature."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["plot_embeddings", "figure_to_array"]
+__all__ = ["figure_to_array", "plot_embeddings", "plot_layer_matrix"]
 
 
 def _np(x: Tensor | np.ndarray) -> np.ndarray:
@@ -77,6 +78,50 @@ def plot_embeddings(
         heading = f"{heading}\n{text}" if heading else text
     if heading:
         fig.suptitle(heading, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_layer_matrix(
+    values: Tensor | np.ndarray,
+    reference_layers: list[str],
+    student_layers: list[str],
+    measure: str = "cka",
+    title: str | None = None,
+) -> Any:
+    """A matplotlib ``Figure``: the heatmap of a layer-by-layer similarity matrix (rows: reference layers, columns:
+    student layers), each cell annotated with its value (NaN cells, undefined values, are left blank).
+
+    Example:
+        >>> import numpy as np
+        >>> fig = plot_layer_matrix(np.eye(2), ["body.1", "body.3"], ["body.1", "body.3"])
+        >>> len(fig.axes)  # the heatmap and its colour bar
+        2
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    v = _np(values)
+    if v.shape != (len(reference_layers), len(student_layers)):
+        raise ValueError(f"plot_layer_matrix: values of shape {v.shape} for {len(reference_layers)} x {len(student_layers)} layers")
+    size = 2.0 + 0.6 * max(v.shape)
+    fig = Figure(figsize=(size + 1.5, size), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    bounded = measure.startswith("cka")
+    image = ax.imshow(v, cmap="magma", vmin=0.0 if bounded else None, vmax=1.0 if bounded else None, origin="lower")
+    fig.colorbar(image, ax=ax, label=measure)
+    ax.set_yticks(range(v.shape[0]), reference_layers, fontsize=7)
+    ax.set_xticks(range(v.shape[1]), student_layers, fontsize=7, rotation=45, ha="right")
+    ax.set_ylabel("reference layer")
+    ax.set_xlabel("student layer")
+    if max(v.shape) <= 16:
+        for i in range(v.shape[0]):
+            for j in range(v.shape[1]):
+                if np.isfinite(v[i, j]):
+                    light = bounded and v[i, j] < 0.6
+                    ax.text(j, i, f"{v[i, j]:.2f}", ha="center", va="center", fontsize=7, color="white" if light else "black")
+    ax.set_title(title or f"{measure}: reference vs student layers", fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -3,8 +3,8 @@
 Direction: ``p`` is the **reference** (model 1), ``q`` the **student** (model 2); the KL is
 ``KL(reference || student)``, the distillation reading. The concerns live in their own modules:
 :mod:`.reference` (loading, freezing, precision, inputs), :mod:`.positions` (global sample ids, DDP padding),
-:mod:`.capture` (reusing the student's forward), :mod:`.metric_suite` (feeding the metrics), :mod:`.media`
-(the picture and wandb media).
+:mod:`.capture` (reusing the student's forward), :mod:`.metric_suite` (feeding the metrics), :mod:`.layers`
+(layer-wise CKA from forward hooks), :mod:`.media` (the pictures and wandb media).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from typing_extensions import override
 
 from lightning_repsim.callbacks.capture import HeadCapture, reused_representations
 from lightning_repsim.callbacks.extraction import FinalLinear, Representations, default_label_fn, default_mask_fn
-from lightning_repsim.callbacks.media import EmbeddingPoints, log_wandb_media
+from lightning_repsim.callbacks.layers import LayerComparison, parse_layers
+from lightning_repsim.callbacks.media import EmbeddingPoints, log_wandb_layer_matrix, log_wandb_media
 from lightning_repsim.callbacks.metric_suite import METRIC_KEYS, MetricSuite
 from lightning_repsim.callbacks.positions import SamplePositions, rows_and_ids
 from lightning_repsim.callbacks.reference import (
@@ -104,6 +105,22 @@ class ReferenceComparison(Callback):
         log_media: with a ``WandbLogger``: log the table, the line plots and the embedding image.
         plot_max_points: at most this many points (of process 0) in the embedding image.
         reference_load_kwargs: keyword arguments of ``load_from_checkpoint`` for a path ``reference``.
+        layers: compare these layers too: module names present in both models (``"body.1"``; names as in
+            ``named_modules()`` of the reference and of the LightningModule), or ``(reference_name, student_name)``
+            pairs. Their outputs are captured by forward hooks during the forward passes the comparison runs anyway
+            (no extra pass) and compared with linear CKA, debiased CKA and the Procrustes distance, exact over the
+            epoch, logged as ``f"{prefix}/layers/{name}/{measure}"`` (``name`` is ``ref~student`` for a pair of
+            different names). How outputs become rows (tokens masked like the logits; ``(B, C, H, W)`` flattened or
+            pooled): :mod:`lightning_repsim.callbacks.layers`.
+        layer_matrix: also compare every listed reference layer with every listed student layer: the matrix (of
+            ``"cka"`` for True, or of the named measure) goes to ``history[i]["layer_matrix"]`` and, with a
+            ``WandbLogger``, to a heatmap image ``f"{prefix}/layers/{measure}_matrix"`` and a table.
+        layer_reduce: ``"flatten"`` (default) or ``"mean"``: per-example outputs (a conv map ``(B, C, H, W)``) give
+            ``C*H*W`` features, or ``C`` after averaging over positions.
+        layer_max_width: the most features per input a layer may give (each pair of layers holds
+            ``(d_p + d_q + 2)^2`` float64 numbers: 134 MB at 2 x 2,048).
+        layer_too_wide: ``"refuse"`` (default) a wider layer with a clear error, or ``"project"`` it to
+            ``layer_max_width`` features with a seeded CountSketch (CKA then approximate).
 
     Attributes:
         history: one dict per comparison: ``epoch``, ``global_step``, ``stage`` (``"fit"``/``"validate"``),
@@ -142,6 +159,11 @@ class ReferenceComparison(Callback):
         log_media: bool = True,
         plot_max_points: int = 2000,
         reference_load_kwargs: Mapping[str, Any] | None = None,
+        layers: Sequence[str | tuple[str, str]] | None = None,
+        layer_matrix: bool | str = False,
+        layer_reduce: str = "flatten",
+        layer_max_width: int = 2048,
+        layer_too_wide: str = "refuse",
     ) -> None:
         super().__init__()
         if not isinstance(reference, (nn.Module, str, os.PathLike)):
@@ -176,6 +198,13 @@ class ReferenceComparison(Callback):
         MetricSuite(rep_dim=rep_dim, **self.metric_kwargs)  # unknown keys fail here, not at the first validation
         self.log_media = bool(log_media)
         self.reference_load_kwargs = dict(reference_load_kwargs or {})
+        self._layers: LayerComparison | None = None
+        if layers is not None and len(parse_layers(layers)):
+            layer_kwargs = {k: v for k, v in self.metric_kwargs.items() if k in ("nan_strategy", "memory_budget_gb")}
+            self._layers = LayerComparison(layers, matrix=layer_matrix, reduce=layer_reduce, max_width=layer_max_width,
+                                           too_wide=layer_too_wide, metric_kwargs=layer_kwargs)
+        elif layer_matrix:
+            raise ValueError("`layer_matrix` needs `layers`: the layers to compare")
 
         self.history: list[dict[str, Any]] = []
         self.last_results: dict[str, Any] = {}
@@ -213,6 +242,8 @@ class ReferenceComparison(Callback):
             "rep_dim": self.rep_dim,
             "metric_kwargs": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v))
                               for k, v in self.metric_kwargs.items()},
+            "layers": [list(p) for p in self._layers.pairs] if self._layers else [],
+            "layer_matrix": self._layers.matrix_measure if self._layers else None,
             "reference_extractor": repr(self.reference_extractor),
             "student_extractor": repr(self.student_extractor),
             "reference": str(self._reference_source) if not isinstance(self._reference_source, nn.Module)
@@ -240,7 +271,7 @@ class ReferenceComparison(Callback):
                 self._check_fingerprint(saved)
         old = state_dict.get("config", {})
         mine = self.config()
-        changed = sorted(k for k in ("every_n_epochs", "metric_kwargs", "rep_dim") if k in old and old[k] != mine[k])
+        changed = sorted(k for k in ("every_n_epochs", "metric_kwargs", "rep_dim", "layers") if k in old and old[k] != mine[k])
         if changed:
             rank_zero_warn(
                 f"ReferenceComparison: resuming with a different configuration ({', '.join(changed)}); "
@@ -321,6 +352,10 @@ class ReferenceComparison(Callback):
             if warning:
                 self._warn_once("no-distributed-sampler", warning)
         self._install_capture(pl_module)
+        if self._layers is not None:
+            self._layers.reset()
+            self._layers.to(pl_module.device)
+            self._layers.install(self.reference, pl_module)  # type: ignore[arg-type]
 
     def _install_capture(self, pl_module: pl.LightningModule) -> None:
         self._capture.remove()
@@ -344,6 +379,8 @@ class ReferenceComparison(Callback):
                 self.stats["own_student_forward"] += 1
                 self.student_extractor(pl_module, move_inputs(model_inputs(batch, pl_module, self.input_fn), pl_module))
             self._install_capture(pl_module)
+        if self._layers is not None:
+            self._layers.clear()  # outputs of the probe (or of a previous batch) are not this batch's
 
     @override
     def on_validation_batch_end(
@@ -396,6 +433,8 @@ class ReferenceComparison(Callback):
         self.stats["padded_rows_dropped"] += padded
         assert self._suite is not None
         added = self._suite.update(ref_reps, stu_reps, keep, ids)
+        if self._layers is not None:
+            self._layers.update(lead, keep)
         if self.log_media and added:
             self._points.add(ref_reps, stu_reps, self.label_fn(batch), keep, lead)
 
@@ -449,6 +488,14 @@ class ReferenceComparison(Callback):
         if self.dataloader is not None:
             with torch.no_grad():
                 self._run_custom_dataloader(trainer, pl_module)
+        layer_values: dict[str, float] = {}
+        layer_info: dict[str, Any] = {}
+        if self._layers is not None:
+            self._layers.remove()
+            layer_values, layer_info, layer_problems = self._layers.compute()
+            self._layers.reset()
+            for key, message in layer_problems.items():
+                self._warn_once(f"{key}:{message[:48]}", f"ReferenceComparison: `{key}` is not defined here and is not logged: {message}")
         assert self._suite is not None
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", DiversityWarning)
@@ -471,13 +518,14 @@ class ReferenceComparison(Callback):
             "stage": "validate" if trainer.state.fn == TrainerFn.VALIDATING else "fit",
             **info,
             **{k: values.get(k, float("nan")) for k in METRIC_KEYS},
+            **layer_info,
         }
         self._record(entry)
         with warnings.catch_warnings():
             # logger=True even without a logger, so that trainer.validate() returns the values too
             warnings.filterwarnings("ignore", message=".*but have no logger configured.*")
-            for key in METRIC_KEYS:
-                value = values.get(key)
+            for key in (*METRIC_KEYS, *layer_values):
+                value = values.get(key, layer_values.get(key))
                 if value is None or not math.isfinite(value):
                     continue
                 pl_module.log(
@@ -489,6 +537,8 @@ class ReferenceComparison(Callback):
         self._points.finish()
         if self.log_media and trainer.global_rank == 0:
             log_wandb_media(trainer, self.prefix, self.history, METRIC_KEYS, entry, lambda: self.embedding_figure(entry))
+            if "layer_matrix" in entry:
+                log_wandb_layer_matrix(trainer, self.prefix, entry, self.layer_figure(entry))
 
     def _record(self, entry: dict[str, Any]) -> None:
         if entry["stage"] == "fit":  # a resumed run that validates an epoch again replaces its entry
@@ -513,14 +563,29 @@ class ReferenceComparison(Callback):
         shown = {k: entry[k] for k in ("kl", "d_llv", "d_svd", "mcca") if k in entry}
         return plot_embeddings(ref, stu, labels, title=title, metrics=shown)
 
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Remove the head hook."""
+    def layer_figure(self, entry: Mapping[str, Any] | None = None) -> Any | None:
+        """The heatmap of the last layer-by-layer matrix (``layer_matrix=...``), or None."""
+        entry = entry or (self.history[-1] if self.history else {})
+        matrix = entry.get("layer_matrix")
+        if not matrix:
+            return None
+        from lightning_repsim.callbacks.plotting import plot_layer_matrix
+
+        title = f"{matrix['measure']}, epoch {entry.get('epoch', '?')} ({entry.get('stage', '')}): reference vs student"
+        return plot_layer_matrix(matrix["values"], matrix["reference"], matrix["student"], matrix["measure"], title)
+
+    def _remove_hooks(self) -> None:
         self._capture.remove()
+        if self._layers is not None:
+            self._layers.remove()
         self._active = False
 
     @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Remove the hooks."""
+        self._remove_hooks()
+
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        """Remove the head hook."""
-        self._capture.remove()
-        self._active = False
+        """Remove the hooks."""
+        self._remove_hooks()

@@ -20,6 +20,7 @@ from lightning_repsim.functional._validation import (
 )
 from lightning_repsim.functional.cca import canonical_correlations_from_cov, check_cca_inputs
 from lightning_repsim.functional.family import logits_from_parts, split_unembedding
+from lightning_repsim.functional.cka import logit_distance_rows
 from lightning_repsim.functional.kl import kl_per_input, mean_kl_divergence
 from lightning_repsim.functional.llv import LLVOptions, LLVResult, draw_input_sets, llv_distance
 from lightning_repsim.functional.llv_representation import embedding_covariance, label_covariance_of_h, representation_llv
@@ -43,6 +44,8 @@ class ComparisonReport:
         llv: the :class:`LLVResult` (sets chosen here are used by ``svd``).
         svd: the :class:`SVDResult`.
         kl: mean KL divergence ``KL(p || q)``.
+        d_logit: the logit distance ``sqrt(mean_x ||c(z_p) - c(z_q)||^2)`` (Nielsen et al. 2026; ``c`` centres over
+            classes).
         mcca: mean canonical correlation of the embeddings; ``canonical_correlations`` all of them.
         bound_paper: ``2 M d_LLV`` (Theorem 4.6/4.7; informative below 1/(2M)).
         bound_sharp: ``2 d_LLV^2`` (SPEC §5).
@@ -51,6 +54,7 @@ class ComparisonReport:
     llv: LLVResult
     svd: SVDResult
     kl: Tensor
+    d_logit: Tensor
     mcca: Tensor
     canonical_correlations: Tensor
     bound_paper: Tensor
@@ -64,6 +68,7 @@ class ComparisonReport:
         llv = {k: v for k, v in self.llv.as_dict().items() if k not in ("label_pivot", "leave_out")}
         return {
             "kl": float(self.kl),
+            "d_logit": float(self.d_logit),
             **llv,
             **self.svd.as_dict(),
             "mcca": float(self.mcca),
@@ -77,6 +82,7 @@ class ComparisonReport:
         lines = [
             f"Compared two models on N={self.num_inputs} inputs, K={self.num_labels} labels, M={self.rep_dim}",
             f"  mean KL(p||q)          {d['kl']:.6g}      (predictive closeness; small does NOT imply similar representations)",
+            f"  d_logit                {d['d_logit']:.6g}      (centred-logit distance)",
             f"  d_LLV                  {d['d_llv']:.6g}      T1={d['llv_t1']:.4g} T2={d['llv_t2']:.4g} "
             f"lam*T3={self.llv.lam * d['llv_t3']:.3g} lam*T4={self.llv.lam * d['llv_t4']:.3g}",
             f"  d_SVD                  {d['d_svd']:.6g}      f-part={d['d_svd_f']:.4g} g-part={d['d_svd_g']:.4g}"
@@ -178,11 +184,12 @@ def compare(
         logits_p, logits_q = given if given is not None else (logits_from_parts(f_p, w_p, b_p), logits_from_parts(f_q, w_q, b_q))
         llv = llv_distance(logits_p, logits_q, rep_dim=r, **options)
         kl = mean_kl_divergence(logits_p, logits_q)
+        d_logit = logit_distance_rows(logits_p, logits_q).mean().sqrt()
     else:
         if opts.labels is not None:
             raise ValueError("`labels` (a label subset) applies to the logits route; the representation route is exact for any K")
         check_num_labels(k, m)
-        kl, u = _kl_and_representation_rows(f_p, w_p, b_p, f_q, w_q, b_q, given)
+        kl, d_logit, u = _kl_and_representation_rows(f_p, w_p, b_p, f_q, w_q, b_q, given)
         count, mean_u, m2 = batch_moments(u)
         cov_u = covariance_from_moments(count, m2)
         cov_f = embedding_covariance(cov_u, m)
@@ -209,6 +216,7 @@ def compare(
         llv=llv,
         svd=svd,
         kl=kl,
+        d_logit=d_logit,
         mcca=ccs.mean(),
         canonical_correlations=ccs,
         bound_paper=2 * r * d,
@@ -234,12 +242,13 @@ def _given_logits(logits_p: Tensor | None, logits_q: Tensor | None, n: int, k: i
 def _kl_and_representation_rows(
     f_p: Tensor, w_p: Tensor, b_p: Tensor | None, f_q: Tensor, w_q: Tensor, b_q: Tensor | None,
     given: tuple[Tensor, Tensor] | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Mean KL(p || q) and the rows ``u = [f_p, logZ_p, f_q - f_p, logZ_q - logZ_p]``, from the ``given`` logits or
-    those formed from the representations, in blocks of rows (float64; memory O(block K))."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean KL(p || q), d_logit and the rows ``u = [f_p, logZ_p, f_q - f_p, logZ_q - logZ_p]``, from the ``given``
+    logits or those formed from the representations, in blocks of rows (float64; memory O(block K))."""
     n, k = f_p.shape[0], w_p.shape[0]
     step = max(1, CHUNK_NUMBERS // k)
     kl_sum = f_p.new_zeros(())
+    logit_sum = f_p.new_zeros(())
     logz = []
     for start in range(0, n, step):
         sl = slice(start, start + step)
@@ -249,7 +258,8 @@ def _kl_and_representation_rows(
             z_p, z_q = given[0][sl], given[1][sl]
         lz_p, lz_q = torch.logsumexp(z_p, dim=1), torch.logsumexp(z_q, dim=1)
         kl_sum = kl_sum + kl_per_input(z_p - lz_p[:, None], z_q - lz_q[:, None]).sum()
+        logit_sum = logit_sum + logit_distance_rows(z_p, z_q).sum()
         logz.append(torch.stack([lz_p, lz_q], dim=1))
     lz = torch.cat(logz)
     u = torch.cat([f_p, lz[:, :1], f_q - f_p, lz[:, 1:] - lz[:, :1]], dim=1)
-    return kl_sum / n, u
+    return kl_sum / n, (logit_sum / n).sqrt(), u
