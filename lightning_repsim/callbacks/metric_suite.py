@@ -84,8 +84,8 @@ class MetricSuite:
     * both models give embeddings of the same width M and K >= M + 2:
       ``SVDDissimilarity`` (its ``.llv`` is d_LLV by the representation route, O(M^2) state, any K) fed with
       the embeddings and each input's ``logZ`` from the logits, ``MeanCCA`` on the embeddings;
-    * otherwise (logits only, different widths, or K < M + 2): ``LLVDistance`` on the logits with ``rep_dim`` (default: M, or ``K - 1`` for logits only), plus ``MeanCCA`` when both have
-      embeddings.
+    * otherwise (logits only, different widths, or K < M + 2): ``LLVDistance`` on the logits with ``rep_dim``
+      (default: M, or ``K - 1`` for logits only), plus ``MeanCCA`` when both have embeddings.
 
     ``ids`` (global sample positions from the callback) are given to the metrics with a candidate buffer,
     so the candidate inputs, hence every value, do not depend on the number of processes.

@@ -103,7 +103,9 @@ def plot_layer_matrix(
 
     v = _np(values)
     if v.shape != (len(reference_layers), len(student_layers)):
-        raise ValueError(f"plot_layer_matrix: values of shape {v.shape} for {len(reference_layers)} x {len(student_layers)} layers")
+        raise ValueError(
+            f"plot_layer_matrix: values of shape {v.shape} for {len(reference_layers)} x {len(student_layers)} layers"
+        )
     size = 2.0 + 0.6 * max(v.shape)
     fig = Figure(figsize=(size + 1.5, size), dpi=100)
     FigureCanvasAgg(fig)

@@ -495,7 +495,8 @@ class ReferenceComparison(Callback):
             layer_values, layer_info, layer_problems = self._layers.compute()
             self._layers.reset()
             for key, message in layer_problems.items():
-                self._warn_once(f"{key}:{message[:48]}", f"ReferenceComparison: `{key}` is not defined here and is not logged: {message}")
+                self._warn_once(f"{key}:{message[:48]}",
+                                f"ReferenceComparison: `{key}` is not defined here and is not logged: {message}")
         assert self._suite is not None
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", DiversityWarning)

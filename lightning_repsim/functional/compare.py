@@ -19,8 +19,8 @@ from lightning_repsim.functional._validation import (
     check_num_labels,
 )
 from lightning_repsim.functional.cca import canonical_correlations_from_cov, check_cca_inputs
-from lightning_repsim.functional.family import logits_from_parts, split_unembedding
 from lightning_repsim.functional.cka import logit_distance_rows
+from lightning_repsim.functional.family import logits_from_parts, split_unembedding
 from lightning_repsim.functional.kl import kl_per_input, mean_kl_divergence
 from lightning_repsim.functional.llv import LLVOptions, LLVResult, draw_input_sets, llv_distance
 from lightning_repsim.functional.llv_representation import embedding_covariance, label_covariance_of_h, representation_llv
