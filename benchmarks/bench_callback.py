@@ -14,13 +14,17 @@ timed (``trainer.validate``; the clock runs from ``on_validation_epoch_start`` t
 
 The callback's own overhead is ``(t_callback - t_reference) / t_reference`` (the acceptance bound is
 20 %), also shown relative to ``student only``. ``--no-reuse`` adds a row where the callback runs the
-student again itself.
+student again itself. ``--layers`` adds two rows: the callback with ``layers=`` the four residual stages
+(``model.layer1`` ... ``model.layer4``, ``layer_reduce="mean"``: 64/128/256/512 channels averaged over positions;
+4 pairs of layers, linear CKA + debiased CKA + Procrustes each) and with ``layer_matrix=True`` as well (all 16
+pairs of stages).
 
 Usage::
 
     python benchmarks/bench_callback.py                  # 576 images, CIFAR stem (~3 min on 2 CPU cores)
     python benchmarks/bench_callback.py --imagenet-stem  # 16x cheaper forward: the callback's share is larger
     python benchmarks/bench_callback.py --quick          # 256 images, ImageNet stem: a smoke run
+    python benchmarks/bench_callback.py --layers --threads 1   # the cost of layer-wise CKA (README), one thread
     python benchmarks/bench_callback.py --device cuda    # on a GPU
 """
 
@@ -115,7 +119,11 @@ def main() -> None:
     parser.add_argument("--imagenet-stem", action="store_true", help="torchvision's stem (16x cheaper on 32x32 images)")
     parser.add_argument("--no-reuse", action="store_true", help="also time the callback running the student itself")
     parser.add_argument("--quick", action="store_true", help="256 images, ImageNet stem")
+    parser.add_argument("--layers", action="store_true", help="also time layers= (4 stages) and layer_matrix=True")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.images, args.imagenet_stem = 256, True
 
@@ -145,6 +153,13 @@ def main() -> None:
                                                                                  reuse_student_outputs=False)]))
     # the configurations take turns (round robin) so that a burst of load from other processes does not hit
     # one configuration only; a one-batch epoch of each warms up (allocations, the callback's probing forward)
+    if args.layers:
+        stages = [f"model.layer{i}" for i in range(1, 5)]
+        configs.append(("+ ReferenceComparison(layers=4 stages)",
+                        [ReferenceComparison(reference, log_media=False, layers=stages, layer_reduce="mean")]))
+        configs.append(("+ ReferenceComparison(layers, layer_matrix)",
+                        [ReferenceComparison(reference, log_media=False, layers=stages, layer_reduce="mean",
+                                             layer_matrix=True)]))
     runs = {name: make_trainer(callbacks, args.device) for name, callbacks in configs}
     for repeat in range(args.repeats + 1):
         for name, (trainer, timer) in runs.items():
@@ -176,6 +191,16 @@ def main() -> None:
           f"{cb.stats['own_student_forward']} (one probing forward to find `fc`).")
     print(f"Logged values (last epoch): kl={h['kl']:.4g} d_llv={h['d_llv']:.4g} mcca={h['mcca']:.4g} "
           f"d_svd={h['d_svd']} (K=10 < M+2: undefined), N={h['num_inputs']}")
+    if args.layers:
+        name = "+ ReferenceComparison(layers=4 stages)"
+        for label in (name, "+ ReferenceComparison(layers, layer_matrix)"):
+            wall, cpu = best(label), best(label, True)
+            base_wall, base_cpu = best("+ ReferenceComparison"), best("+ ReferenceComparison", True)
+            print(f"{label}: {wall / base_wall - 1:+.1%} wall, {cpu / base_cpu - 1:+.1%} CPU over the callback without "
+                  f"layers; {cpu / ref_cpu - 1:+.1%} CPU over the reference forward.")
+        layers = [cfg for n, cfg in configs if n == name][0][0].history[-1]["layers"]
+        print("Per-stage CKA (random initialisations): "
+              + ", ".join(f"{k.split('.')[-1]} {v['cka']:.3f}" for k, v in layers.items()))
 
 
 if __name__ == "__main__":

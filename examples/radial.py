@@ -6,6 +6,8 @@ Command::
     python examples/radial.py --seeds 10   # the committed results (examples/results/radial.*)
     python examples/radial.py --quick      # K = 4, W in {16, 32}, 2 seeds, 300 steps (tests use this; 2-15 s)
     python examples/radial.py --steps 5000 --seeds 20 --workers 2   # other settings
+    python examples/radial.py --layers     # layer-wise CKA between two seeds (K = 6, W = 64): a heatmap
+    python examples/radial.py --layers --quick   # the same, 300 steps (tests use this)
 
 Runtime (measured on a 2-core CPU shared with other jobs, one thread per model, Lightning): the default
 5 seeds (40 models of 15,000 Adam steps) took 43 min (2593 s of training, machine heavily loaded);
@@ -37,6 +39,15 @@ from the embeddings and unembeddings), :class:`~lightning_repsim.metrics.MeanKLD
 Differences from the paper: 5 seeds by default and 10 in the committed run (the paper: 20), K in
 {4, 6} only (the paper also has 10 and 18), to fit a CPU budget; the 15k steps are the paper's.
 Trained models are cached in ``--work-dir`` (default ``outputs/radial``): rerunning resumes.
+
+**Layer-wise mode** (``--layers``): trains two seeds of one (K, W) (default K = 6, W = 64, 15k steps, the same
+recipe) and compares them with :class:`~lightning_repsim.callbacks.ReferenceComparison` in one
+``trainer.validate`` on the test set, with ``layers=`` the four layers of the embedding network ``f`` (the three
+LeakyReLU activations, ``net.f.1``, ``net.f.3``, ``net.f.5``, and the embedding ``net.f.6``) and
+``layer_matrix=True``: linear CKA between every layer of seed 0 (rows) and every layer of seed 1 (columns), exact
+over the test set, captured by forward hooks during the validation forwards. Writes ``radial_layers.png`` (the
+heatmap the callback logs to wandb) and ``radial_layers.md`` (the matrix, per-layer debiased CKA and Procrustes,
+and d_LLV / d_SVD / KL of the same run). The committed run: see ``examples/results/radial_layers.md``.
 """
 
 from __future__ import annotations
@@ -70,25 +81,41 @@ def batch_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int):
     return DataLoader(ds, sampler=sampler, batch_size=None)
 
 
-def train_model(num_classes: int, width: int, seed: int, steps: int, n_train: int, n_test: int,
-                lr: float = 1e-4, batch_size: int = 128, data_seed: int = 0) -> dict:
-    """Train one radial model with Lightning; return its test accuracy and test representations."""
+def new_model(num_classes: int, width: int, seed: int, lr: float):
+    """The seeded, untrained :class:`~lightning_repsim.models.Classifier` of one radial model."""
+    import lightning.pytorch as pl
+
+    from lightning_repsim.models import Classifier, radial_model
+
+    pl.seed_everything(seed, verbose=False)
+    return Classifier(radial_model(num_classes, width), lr=lr, train_log_every=100)
+
+
+def fit_model(num_classes: int, width: int, seed: int, steps: int, n_train: int, lr: float, batch_size: int,
+              data_seed: int = 0):
+    """``(model, training seconds)``: one radial model trained with Lightning (seed s: initialisation and batches)."""
     import lightning.pytorch as pl
 
     from lightning_repsim import radial_dataset
-    from lightning_repsim.models import Classifier, radial_model
 
     x, y = radial_dataset(n_train, num_classes, seed=data_seed)
-    x_test, y_test = radial_dataset(n_test, num_classes, seed=data_seed + 1)
-    pl.seed_everything(seed, verbose=False)
-    model = Classifier(radial_model(num_classes, width), lr=lr, train_log_every=100)
+    model = new_model(num_classes, width, seed, lr)
     trainer = pl.Trainer(
         max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
     )
     start = time.perf_counter()
     trainer.fit(model, batch_loader(x, y, batch_size, seed))
-    seconds = time.perf_counter() - start
+    return model, time.perf_counter() - start
+
+
+def train_model(num_classes: int, width: int, seed: int, steps: int, n_train: int, n_test: int,
+                lr: float = 1e-4, batch_size: int = 128, data_seed: int = 0) -> dict:
+    """Train one radial model with Lightning; return its test accuracy and test representations."""
+    from lightning_repsim import radial_dataset
+
+    x_test, y_test = radial_dataset(n_test, num_classes, seed=data_seed + 1)
+    model, seconds = fit_model(num_classes, width, seed, steps, n_train, lr, batch_size, data_seed)
     model.eval()
     with torch.no_grad():
         emb = model.embed(x_test)
@@ -96,6 +123,93 @@ def train_model(num_classes: int, width: int, seed: int, steps: int, n_train: in
         acc = float(((emb @ unemb.T).argmax(-1) == y_test).float().mean())
     return {"K": num_classes, "W": width, "seed": seed, "steps": steps, "acc": acc, "seconds": seconds,
             "emb": emb.double(), "unemb": unemb.double(), "labels": y_test}
+
+
+# ---------------------------------------------------------------------------------------------
+# layer-wise CKA between two seeds (--layers)
+# ---------------------------------------------------------------------------------------------
+LAYERS = ("net.f.1", "net.f.3", "net.f.5", "net.f.6")
+
+
+def trained_module(num_classes: int, width: int, seed: int, steps: int, n_train: int, lr: float, batch_size: int,
+                   cache: Path | None):
+    """A trained :class:`~lightning_repsim.models.Classifier` (weights cached in ``cache``)."""
+    if cache is not None and cache.exists():
+        model = new_model(num_classes, width, seed, lr)
+        model.load_state_dict(torch.load(cache, weights_only=True))
+        return model, 0.0
+    model, seconds = fit_model(num_classes, width, seed, steps, n_train, lr, batch_size)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), cache)
+    return model, seconds
+
+
+def layer_comparison(args, k: int, w: int, steps: int, lr: float, n_train: int, n_test: int) -> dict:
+    """Train (or load) seeds 0 and 1, compare them layer by layer with ReferenceComparison; write the heatmap."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_repsim import ReferenceComparison, radial_dataset
+    from lightning_repsim.models import EmbedUnembed
+
+    start = time.perf_counter()
+    models, train_seconds = [], 0.0
+    for seed in (0, 1):
+        cache = None if args.no_cache else args.work_dir / f"layers_K{k}_W{w}_seed{seed}_steps{steps}_lr{lr:g}_n{n_train}.pt"
+        model, seconds = trained_module(k, w, seed, steps, n_train, lr, args.batch_size, cache)
+        models.append(model)
+        train_seconds += seconds
+        print(f"seed {seed}: {'trained in ' + format(seconds, '.0f') + ' s' if seconds else 'loaded from the cache'}",
+              flush=True)
+    reference, student = models
+    x_test, y_test = radial_dataset(n_test, k, seed=1)
+    test = DataLoader(TensorDataset(x_test, y_test), batch_size=500)
+    cb = ReferenceComparison(reference, reference_extractor=EmbedUnembed(), student_extractor=EmbedUnembed(),
+                             layers=list(LAYERS), layer_matrix=True, log_media=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[cb])
+    compare_start = time.perf_counter()
+    metrics = trainer.validate(student, test, verbose=False)[0]
+    compare_seconds = time.perf_counter() - compare_start
+    h = cb.history[-1]
+    matrix = h["layer_matrix"]
+    with torch.no_grad():
+        accuracy = [float((m.eval()(x_test).argmax(-1) == y_test).float().mean()) for m in models]
+    stem = "radial_layers_quick" if args.quick else "radial_layers"
+    args.out.mkdir(parents=True, exist_ok=True)
+    from lightning_repsim.callbacks.plotting import plot_layer_matrix
+
+    fig = plot_layer_matrix(matrix["values"], matrix["reference"], matrix["student"], "cka",
+                            title=f"linear CKA between the layers of f: seed 0 (rows) vs seed 1 (columns)\n"
+                                  f"radial data, K={k}, W={w}, {steps} steps; {h['num_inputs']} test points")
+    fig.savefig(args.out / f"{stem}.png", dpi=110)
+    header = "| seed 0 \\ seed 1 | " + " | ".join(f"`{n}`" for n in matrix["student"]) + " |"
+    lines = [header, "|---|" + "---:|" * len(matrix["student"])]
+    for name, row in zip(matrix["reference"], matrix["values"]):
+        lines.append(f"| `{name}` | " + " | ".join(f"{v:.4f}" for v in row) + " |")
+    per_layer = ["| layer | CKA | debiased CKA | Procrustes |", "|---|---:|---:|---:|"]
+    for name, vals in h["layers"].items():
+        per_layer.append(f"| `{name}` | {vals['cka']:.4f} | {vals['cka_debiased']:.4f} | {vals['procrustes']:.4f} |")
+    elapsed = time.perf_counter() - start
+    command = "python examples/radial.py " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
+    text = (
+        f"# Layer-wise CKA between two seeds (radial data, K = {k}, W = {w})\n\nCommand: `{command.strip()}`\n\n"
+        f"Two-tower models of seeds 0 and 1 ({steps} Adam steps, lr {lr:g}, {n_train} training points; test accuracy "
+        f"{accuracy[0]:.4f} and {accuracy[1]:.4f}), compared on "
+        f"{h['num_inputs']} test points by `ReferenceComparison(layers={list(LAYERS)}, layer_matrix=True)` in one "
+        f"`trainer.validate`. Rows: seed 0 (reference), columns: seed 1 (student); linear CKA, exact over the test "
+        f"set.\n\n" + "\n".join(lines) + "\n\nThe matching layers (the diagonal):\n\n" + "\n".join(per_layer)
+        + f"\n\nThe same run's output-level values: KL {h['kl']:.4g}, d_logit {h['d_logit']:.4g}, "
+        f"d_LLV {h['d_llv']:.4g}, d_SVD {h['d_svd']:.4g}, mCCA {h['mcca']:.4g}.\n\n"
+        f"Runtime: {elapsed:.0f} s in total, of which training {train_seconds:.0f} s (0 when loaded from the cache in "
+        f"`{args.work_dir}`) and the comparison (`trainer.validate` with the callback) {compare_seconds:.1f} s "
+        f"({torch.get_num_threads()} torch thread(s), {os.cpu_count()} CPU cores).\n"
+    )
+    (args.out / f"{stem}.md").write_text(text)
+    print(text)
+    print(f"wrote {args.out / (stem + '.md')} and {args.out / (stem + '.png')}")
+    return {"history": h, "metrics": metrics, "matrix": matrix, "accuracy": accuracy, "seconds": elapsed}
 
 
 def _train_job(args: tuple) -> dict:
@@ -220,7 +334,10 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--work-dir", type=Path, default=Path("outputs/radial"), help="cache of trained models")
     parser.add_argument("--no-cache", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--layers", action="store_true",
+                        help="layer-wise CKA heatmap between two seeds of one (K, W) (default K=6, W=64)")
     args = parser.parse_args(argv)
+    args.argv = argv
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-model "GPU available" banners
     quick = args.quick
     ks = args.classes or ([4] if quick else [4, 6])
@@ -236,6 +353,10 @@ def main(argv=None) -> list[dict]:
         with warnings.catch_warnings():  # the reference / radial models are fitted without a validation loader
             warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")
             warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")
+            if args.layers:
+                k = args.classes[0] if args.classes else (4 if quick else 6)
+                w = args.widths[0] if args.widths else (32 if quick else 64)
+                return layer_comparison(args, k, w, steps, lr, n_train, n_test)
             return _run(args, argv, ks, widths, n_seeds, steps, lr, n_train, n_test)
     finally:
         torch.set_num_threads(saved_threads)

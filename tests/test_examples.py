@@ -50,6 +50,20 @@ def test_radial_quick(tmp_path):
     assert (tmp_path / "radial_quick_pairs.csv").read_text().startswith("K,W,seed_a,seed_b")
 
 
+def test_radial_layers_quick(tmp_path):
+    """Layer-wise CKA between two seeds through ReferenceComparison(layers=..., layer_matrix=True)."""
+    out = load_example("radial").main(["--layers", "--quick", "--out", str(tmp_path), "--no-cache"])
+    matrix = out["matrix"]
+    assert matrix["reference"] == matrix["student"] == ["net.f.1", "net.f.3", "net.f.5", "net.f.6"]
+    values = torch.tensor(matrix["values"], dtype=torch.float64)
+    assert values.shape == (4, 4) and bool(((values > 0) & (values <= 1 + 1e-12)).all())
+    diagonal = [out["history"]["layers"][name]["cka"] for name in matrix["reference"]]
+    assert diagonal == pytest.approx(values.diagonal().tolist(), rel=1e-12)
+    assert out["metrics"]["repsim/layers/net.f.6/cka"] == pytest.approx(diagonal[-1], rel=1e-6)
+    assert "| `net.f.1` |" in (tmp_path / "radial_layers_quick.md").read_text()
+    assert (tmp_path / "radial_layers_quick.png").stat().st_size > 1000
+
+
 def test_fake_cifar10_is_read_by_torchvision(tmp_path):
     cifar = load_example("cifar10")
     folder = cifar.write_fake_cifar10(tmp_path, n_train=60, n_test=20)
