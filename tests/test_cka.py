@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_repsim.functional import linear_cka, logit_distance, procrustes_distance
+from lightning_repsim.functional import linear_cka, logit_distance, mean_kl_divergence, procrustes_distance
 from lightning_repsim.functional.cka import cka_batch_state, cka_merge, cka_values
+from lightning_repsim.functional.kl import kl_and_logit_distance_rows
 from lightning_repsim.losses import LogitDistanceLoss
-from lightning_repsim.metrics import LinearCKA, LogitDistance, ProcrustesDistance
+from lightning_repsim.metrics import LinearCKA, LogitDistance, MeanKLDivergence, ProcrustesDistance
 
 RTOL = 1e-9
 
@@ -182,6 +183,15 @@ def test_logit_distance_metric_streams_exactly():
     seq = LogitDistance()
     seq.update(z_p, z_q, mask=torch.ones(4, 25, dtype=torch.bool))
     assert rel(seq.compute(), metric.compute()) < 1e-12
+    # the per-input values computed together with the KL (one pass, as the callback does) give the same value
+    kl, sq = kl_and_logit_distance_rows(flat_p, flat_q)
+    given, kl_metric = LogitDistance(), MeanKLDivergence()
+    given.update(z_p, z_q, per_input=sq.reshape(4, 25))
+    kl_metric.update(z_p, z_q, per_input=kl.reshape(4, 25))
+    assert rel(given.compute(), metric.compute()) < 1e-12
+    assert rel(kl_metric.compute(), mean_kl_divergence(flat_p, flat_q)) < 1e-12
+    offset = flat_q + 1e4 * torch.arange(100, dtype=torch.float64)[:, None]  # per-input offsets cancel
+    assert rel(kl_and_logit_distance_rows(flat_p, offset)[1].mean().sqrt(), metric.compute()) < 1e-9
 
 
 def test_errors_are_clear():

@@ -4,9 +4,9 @@ All accumulation happens in :mod:`lightning_repsim.metrics` (exact, bounded memo
 processes); this module decides which metrics apply (representations or logits only, K vs M), feeds
 them from what the models already computed, and turns their results into the flat keys the callback logs.
 
-Cost per batch: the models' own logits give the KL and each input's log-partition ``logZ`` (float64, in
-blocks of rows: O(B K)); nothing is recomputed from ``f g^T`` unless the logits are missing or were
-computed in half precision (mixed precision), in which case they are recomputed once in float32 from the
+Cost per batch: the models' own logits give the KL, the squared logit distance and each input's log-partition
+``logZ`` (float64, in blocks of rows: O(B K)); nothing is recomputed from ``f g^T`` unless the logits are missing or
+were computed in half precision (mixed precision), in which case they are recomputed once in float32 from the
 head's input, so that the statistics describe the model family ``softmax(f g^T)`` to float32 precision.
 """
 
@@ -21,7 +21,7 @@ from torch import Tensor
 from lightning_repsim.callbacks.extraction import Representations
 from lightning_repsim.functional import LLVOptions
 from lightning_repsim.functional.family import logits_from_parts, split_unembedding
-from lightning_repsim.functional.kl import log_partition_rows
+from lightning_repsim.functional.kl import kl_and_logit_distance_rows, log_partition_rows
 from lightning_repsim.functional.llv_terms import CHUNK_NUMBERS
 
 __all__ = ["METRIC_KEYS", "MetricSuite"]
@@ -203,8 +203,9 @@ class MetricSuite:
         self.num_rows += n
         if z_p.shape[0] == 0:
             return 0
-        self.metrics["kl"].update(z_p, z_q, logz_p=lz_p, logz_q=lz_q)
-        self.metrics["logit"].update(z_p, z_q)
+        kl, logit_sq = kl_and_logit_distance_rows(z_p, z_q, lz_p, lz_q)  # one float64 pass over the logits
+        self.metrics["kl"].update(z_p, z_q, per_input=kl)
+        self.metrics["logit"].update(z_p, z_q, per_input=logit_sq)
         if "svd" in self.metrics:
             unemb_p, unemb_q = ref.unembedding.to(z_p.device), stu.unembedding.to(z_p.device)
             self.metrics["svd"].update(f_p, f_q, unemb_p=unemb_p, unemb_q=unemb_q, ids=ids, logz_p=lz_p, logz_q=lz_q)

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from lightning_repsim.functional._moments import batch_moments
 from lightning_repsim.functional._validation import as_matrix, check_finite, check_logit_pair
-from lightning_repsim.functional.llv_terms import CHUNK_NUMBERS
+from lightning_repsim.functional.kl import _blocks
 
 __all__ = [
     "check_cka_state",
@@ -216,14 +216,15 @@ def procrustes_distance(emb_p: Tensor, emb_q: Tensor) -> Tensor:
 
 def logit_distance_rows(logits_p: Tensor, logits_q: Tensor) -> Tensor:
     """``sum_y (c(z_p)_y - c(z_q)_y)^2`` per row of (N, K) logits (float64), with ``c`` the centring over classes;
-    in blocks of rows, so a large vocabulary never needs an N x K float64 copy."""
-    step = max(1, CHUNK_NUMBERS // max(1, logits_p.shape[-1]))
-    out = []
-    for i in range(0, logits_p.shape[0], step):
-        d = logits_p[i : i + step].to(torch.float64) - logits_q[i : i + step].to(torch.float64)
-        d = d - d.mean(dim=-1, keepdim=True)
-        out.append((d * d).sum(-1))
-    return torch.cat(out) if out else logits_p.new_zeros(0, dtype=torch.float64)
+    in blocks of rows with one reused float64 buffer, so a large vocabulary never needs an N x K float64 copy
+    (:func:`~lightning_repsim.functional.kl.kl_and_logit_distance_rows` gives it together with the KL)."""
+    blocks, rows = _blocks(logits_p.shape[0], logits_p.shape[1])
+    buf = torch.empty(rows, logits_p.shape[1], dtype=torch.float64, device=logits_p.device)
+    out = logits_p.new_empty(logits_p.shape[0], dtype=torch.float64)
+    for sl in blocks:
+        d = buf[: logits_p[sl].shape[0]].copy_(logits_q[sl]).neg_().add_(logits_p[sl])
+        out[sl] = torch.var(d, dim=1, correction=0).mul_(d.shape[1])  # centred over classes (Welford, one kernel)
+    return out
 
 
 def logit_distance(logits_p: Tensor, logits_q: Tensor) -> Tensor:

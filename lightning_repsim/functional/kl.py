@@ -57,6 +57,30 @@ def kl_of_logit_rows(logits_p: Tensor, logits_q: Tensor, logz_p: Tensor | None =
         >>> kl_of_logit_rows(z, z.flip(-1))
         tensor([0.4621,    nan], dtype=torch.float64)
     """
+    return _kl_rows(logits_p, logits_q, logz_p, logz_q, with_logit_distance=False)[0]
+
+
+def kl_and_logit_distance_rows(logits_p: Tensor, logits_q: Tensor, logz_p: Tensor | None = None,
+                               logz_q: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(KL per row, squared logit distance per row)`` in one pass over the logits (float64, blocks of rows): the
+    second is ``sum_y (c(z_p)_y - c(z_q)_y)^2`` with ``c`` the centring over classes, from the same float64 block of
+    ``z_p - z_q`` the KL uses (a centred variance, so per-input offsets cancel to float64 round-off).
+
+    Example:
+        >>> import torch
+        >>> from lightning_repsim.functional.cka import logit_distance_rows
+        >>> z_p, z_q = torch.randn(2, 6, 5, dtype=torch.float64).unbind(0)
+        >>> kl, sq = kl_and_logit_distance_rows(z_p, z_q)
+        >>> bool(torch.allclose(kl, kl_of_logit_rows(z_p, z_q))), bool(torch.allclose(sq, logit_distance_rows(z_p, z_q)))
+        (True, True)
+    """
+    kl, sq = _kl_rows(logits_p, logits_q, logz_p, logz_q, with_logit_distance=True)
+    assert sq is not None
+    return kl, sq
+
+
+def _kl_rows(logits_p: Tensor, logits_q: Tensor, logz_p: Tensor | None, logz_q: Tensor | None,
+             with_logit_distance: bool) -> tuple[Tensor, Tensor | None]:
     if logz_p is None:
         logz_p = log_partition_rows(logits_p)
     if logz_q is None:
@@ -65,12 +89,15 @@ def kl_of_logit_rows(logits_p: Tensor, logits_q: Tensor, logz_p: Tensor | None =
     weights_buf = torch.empty(rows, logits_p.shape[1], dtype=torch.float64, device=logits_p.device)
     diff_buf = torch.empty_like(weights_buf)
     kl = logits_p.new_empty(logits_p.shape[0], dtype=torch.float64)
+    sq = logits_p.new_empty(logits_p.shape[0], dtype=torch.float64) if with_logit_distance else None
     for sl in blocks:
         z_p = weights_buf[: logits_p[sl].shape[0]].copy_(logits_p[sl])
         d = diff_buf[: z_p.shape[0]].copy_(logits_q[sl]).neg_().add_(z_p)
         weights = z_p.sub_(logz_p[sl, None]).exp_()  # p(y|x)
         kl[sl] = torch.linalg.vecdot(weights, d)
-    return kl - logz_p + logz_q
+        if sq is not None:  # centred over classes: torch's variance is a one-kernel Welford pass, exact for offsets
+            sq[sl] = torch.var(d, dim=1, correction=0).mul_(d.shape[1])
+    return kl - logz_p + logz_q, sq
 
 
 def check_num_classes(k: int) -> None:

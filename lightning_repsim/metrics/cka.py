@@ -27,7 +27,7 @@ from lightning_repsim.functional.cka import (
 )
 from lightning_repsim.functional.kl import check_num_classes
 from lightning_repsim.metrics.base import DEFAULT_MEMORY_BUDGET_GB, StreamingMetric
-from lightning_repsim.metrics.inputs import embedding_rows, logit_rows
+from lightning_repsim.metrics.inputs import embedding_rows, given_per_input, logit_rows
 from lightning_repsim.metrics.moment_state import empty_moments
 
 __all__ = ["CKAResult", "LinearCKA", "LogitDistance", "LogitDistanceResult", "ProcrustesDistance"]
@@ -219,15 +219,29 @@ class LogitDistance(StreamingMetric):
     def _describe(self, name: str, shape: tuple[int, ...]) -> str:
         return f"K={shape[0]} classes" if name == "num_classes" else super()._describe(name, shape)
 
-    def update(self, logits_p: Tensor, logits_q: Tensor, mask: Tensor | None = None) -> None:
-        """Accumulate a batch of both models' logits (see the class docstring)."""
-        p, q, _, dropped = logit_rows(logits_p, logits_q, mask, None, self.nan_strategy)
+    def update(self, logits_p: Tensor, logits_q: Tensor, mask: Tensor | None = None,
+               per_input: Tensor | None = None) -> None:
+        """Accumulate a batch of both models' logits (see the class docstring). ``per_input`` (the logits' leading
+        shape, optional): each input's squared distance when the caller already computed it (e.g. together with the
+        KL by :func:`~lightning_repsim.functional.kl.kl_and_logit_distance_rows`); the logits are then only checked
+        for shape."""
+        if per_input is None:
+            p, q, _, dropped = logit_rows(logits_p, logits_q, mask, None, self.nan_strategy)
+            values = logit_distance_rows(p, q) if p.shape[0] else None
+        else:
+            p, _, _, _ = logit_rows(logits_p, logits_q, mask, None, None)
+            values = given_per_input(per_input, "per_input", logits_p.shape[:-1], mask, p.device)
+            ok = torch.isfinite(values)
+            dropped = int((~ok).sum())
+            if dropped and self.nan_strategy == "error":
+                raise ValueError(f"`per_input` has {dropped} non-finite value(s) (nan_strategy='error')")
+            values = values[ok] if dropped else values
         check_num_classes(p.shape[1])
         contributions: dict[str, Any] = {"num_classes": torch.tensor([p.shape[1]], dtype=torch.int64)}
         if dropped:
             contributions["num_dropped"] = dropped
-        if p.shape[0]:
-            contributions["logit_moments"] = logit_distance_rows(p, q)[:, None]
+        if values is not None and values.shape[0]:
+            contributions["logit_moments"] = values[:, None]
         self._accumulate(contributions)
 
     def _result_from(self, states: dict[str, Tensor]) -> LogitDistanceResult:

@@ -83,15 +83,18 @@ def given_log_partitions(
         return None, None
     if logz_p is None or logz_q is None:
         raise ValueError("pass both `logz_p` and `logz_q`, or neither")
+    return given_per_input(logz_p, "logz_p", lead, mask, device), given_per_input(logz_q, "logz_q", lead, mask, device)
+
+
+def given_per_input(value: Tensor, name: str, lead: torch.Size, mask: Tensor | None, device) -> Tensor:
+    """A per-input value given with the logits (a log-partition, a precomputed KL, ...): float64, one entry per
+    position of the logits' leading shape, masked like the logits' rows."""
     keep = check_mask(mask, lead, device)
-    out = []
-    for lz, name in ((logz_p, "logz_p"), (logz_q, "logz_q")):
-        check_tensor(lz, name)
-        if tuple(lz.shape) != tuple(lead):
-            raise ValueError(f"`{name}` must have the logits' leading shape {tuple(lead)}, got {tuple(lz.shape)}")
-        lz = lz.reshape(-1).to(device=device, dtype=torch.float64)
-        out.append(lz if keep is None else take_rows(lz, keep))
-    return out[0], out[1]
+    check_tensor(value, name)
+    if tuple(value.shape) != tuple(lead):
+        raise ValueError(f"`{name}` must have the logits' leading shape {tuple(lead)}, got {tuple(value.shape)}")
+    value = value.reshape(-1).to(device=device, dtype=torch.float64)
+    return value if keep is None else take_rows(value, keep)
 
 
 def embedding_rows(

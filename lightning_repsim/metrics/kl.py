@@ -11,7 +11,7 @@ from torch import Tensor
 from lightning_repsim.functional._validation import check_finite
 from lightning_repsim.functional.kl import check_num_classes, kl_of_logit_rows
 from lightning_repsim.metrics.base import DEFAULT_MEMORY_BUDGET_GB, StreamingMetric
-from lightning_repsim.metrics.inputs import given_log_partitions, logit_rows
+from lightning_repsim.metrics.inputs import given_log_partitions, given_per_input, logit_rows
 from lightning_repsim.metrics.moment_state import empty_moments
 
 __all__ = ["KLResult", "MeanKLDivergence"]
@@ -71,16 +71,22 @@ class MeanKLDivergence(StreamingMetric):
         return f"K={shape[0]} classes" if name == "num_classes" else super()._describe(name, shape)
 
     def update(self, logits_p: Tensor, logits_q: Tensor, mask: Tensor | None = None, logz_p: Tensor | None = None,
-               logz_q: Tensor | None = None) -> None:
+               logz_q: Tensor | None = None, per_input: Tensor | None = None) -> None:
         """Accumulate a batch of both models' logits (see the class docstring). ``logz_p``/``logz_q`` (the logits'
         leading shape, optional): each input's ``logsumexp`` of the logits when the caller already has it (as
-        :class:`~lightning_repsim.ReferenceComparison` does for d_SVD); saves two passes over the logits."""
+        :class:`~lightning_repsim.ReferenceComparison` does for d_SVD); saves two passes over the logits.
+        ``per_input`` (the logits' leading shape, optional): each input's KL when the caller already computed it
+        (e.g. with :func:`~lightning_repsim.functional.kl.kl_and_logit_distance_rows`); the logits are then only
+        checked for shape."""
         p, q, _, _ = logit_rows(logits_p, logits_q, mask, None, None)
         check_num_classes(p.shape[1])
-        logz = given_log_partitions(logz_p, logz_q, logits_p.shape[:-1], mask, p.device)
         contributions: dict[str, Any] = {"num_classes": torch.tensor([p.shape[1]], dtype=torch.int64)}
         if p.shape[0]:
-            kl = kl_of_logit_rows(p, q, *logz)  # non-finite exactly for the rows with a non-finite logit
+            if per_input is not None:
+                kl = given_per_input(per_input, "per_input", logits_p.shape[:-1], mask, p.device)
+            else:
+                logz = given_log_partitions(logz_p, logz_q, logits_p.shape[:-1], mask, p.device)
+                kl = kl_of_logit_rows(p, q, *logz)  # non-finite exactly for the rows with a non-finite logit
             ok = torch.isfinite(kl)
             if not bool(ok.all()):
                 if self.nan_strategy == "error":
