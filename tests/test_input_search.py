@@ -92,3 +92,31 @@ def test_streaming_search_is_independent_of_batching_and_route():
         assert llv_res.input_set.tolist() == results[0][0].input_set.tolist() == svd_res.input_set.tolist()
         assert float(llv_res.t2) == pytest.approx(float(svd_res.t2), rel=1e-9)
         assert llv_res.search == results[0][0].search
+
+
+def test_independent_members_greedy_matches_rank_checks_and_skips_impossible_sets():
+    """The incremental orthogonalisation keeps exactly the partners a rank check per candidate would keep; a set
+    size above the rows' affine dimension is recognised as impossible at once."""
+    from lightning_repsim.functional.input_search import PairStatistics, _independent_members
+
+    g = torch.Generator().manual_seed(0)
+    lp = torch.log_softmax(torch.randn(30, 8, generator=g, dtype=torch.float64), 1)
+    lq = torch.log_softmax(torch.randn(30, 8, generator=g, dtype=torch.float64), 1)
+    v, w = torch.randn(2, 8, generator=g, dtype=torch.float64).unbind(0)
+    for i, t in enumerate((0.5, 1.0, 1.5, 2.0), start=1):  # partners 1..4 lie on one line from the pivot (row 0)
+        lp[i], lq[i] = lp[0] + t * v, lq[0] + t * w
+    lp[5], lq[5] = lp[0] + 0.7 * v + 1e-12 * w, lq[0] + 0.7 * w  # numerically on the line too
+    stats = PairStatistics.from_log_probabilities(lp, lq)
+    order = torch.arange(1, 30)
+    values = torch.arange(29, dtype=torch.float64)
+    for m in (2, 3, 5):
+        expected: list[int] = []
+        for index in order.tolist():  # the reference: one rank computation per candidate
+            if stats.rank_ok(0, torch.tensor([*expected, index])):
+                expected.append(index)
+                if len(expected) == m:
+                    break
+        assert _independent_members(stats, 0, order, values, m).tolist() == expected
+    assert expected[:2] == [1, 6]
+    assert stats.diverse_sets_exist(7) and not stats.diverse_sets_exist(8)  # K = 8 log-probabilities: 7 dimensions
+    assert _independent_members(stats, 0, order, values, 8) is None
