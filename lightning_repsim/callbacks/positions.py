@@ -91,6 +91,8 @@ def rows_and_ids(
         if padded:
             per_row = sample_keep.reshape((-1,) + (1,) * (len(lead) - 1)).expand(lead).reshape(-1)
             keep = per_row if keep is None else keep & per_row
+    if keep is not None and bool(keep.all()):
+        keep = None  # nothing to drop: the rows are used as they are (no copy of (B*T, V) logits)
     if positions is None:
         ids = None
     elif len(lead) == 1:

@@ -231,14 +231,14 @@ def _best_diverse_set(stats: PairStatistics, found: dict, m: int) -> tuple[float
     """The evaluated pivot whose best diverse set (members with linearly independent displacements) has the
     smallest T2: pivots in order of their unconstrained T2 (a lower bound), until that bound exceeds the best."""
     best: tuple[float, Tensor] | None = None
-    if not stats.diverse_sets_exist(m):  # e.g. M above the rank of the logits: no pivot can have a diverse set
-        return None
     for value, pivot in sorted((v[0], p) for p, v in found.items()):
         if not value < float("inf") or (best is not None and value > best[0] + TIE_RTOL * abs(best[0])):
             break
         _, order, scores = found[pivot]
         members = order[:m]
         if not stats.rank_ok(pivot, members):
+            if not stats.diverse_sets_exist(m):  # e.g. M above the rank of the logits: no pivot has a diverse set
+                return best
             members = _independent_members(stats, pivot, order, scores, m)
             if members is None:
                 continue
