@@ -183,10 +183,9 @@ def search_input_set(
             return
         z = torch.tensor(pivots, dtype=torch.long, device=stats.a.device)
         scores = stats.scores(z).masked_fill(~distinct[None, :], float("inf"))
-        order = torch.sort(scores, dim=1, stable=True)
-        t2 = order.values[:, m - 1].tolist()
+        t2 = torch.kthvalue(scores, m, dim=1).values.tolist()  # the M-th best partner; rows are sorted only when used
         for row, pivot in enumerate(pivots):
-            found[pivot] = (t2[row], order.indices[row], order.values[row])
+            found[pivot] = (t2[row], scores[row])
 
     def leader() -> tuple[float, int]:
         value, pivot = min(((v[0], p) for p, v in found.items()), default=(float("inf"), -1))
@@ -211,7 +210,7 @@ def search_input_set(
         while found and rounds < _MAX_ROUNDS and len(found) < MAX_PIVOTS:
             rounds += 1
             before, pivot = leader()
-            members = found[pivot][1][:m].tolist()
+            members = _sorted_partners(found, pivot)[0][:m].tolist()
             evaluate(members[: MAX_PIVOTS - len(found)])
             if not leader()[0] < before - TIE_RTOL * abs(before):
                 converged = True
@@ -227,6 +226,12 @@ def search_input_set(
     return best[1], best[0], info
 
 
+def _sorted_partners(found: dict, pivot: int) -> tuple[Tensor, Tensor]:
+    """``(partners, scores)`` of an evaluated pivot in increasing order of score (stable: ties by row position)."""
+    ordered = torch.sort(found[pivot][1], stable=True)
+    return ordered.indices, ordered.values
+
+
 def _best_diverse_set(stats: PairStatistics, found: dict, m: int) -> tuple[float, Tensor] | None:
     """The evaluated pivot whose best diverse set (members with linearly independent displacements) has the
     smallest T2: pivots in order of their unconstrained T2 (a lower bound), until that bound exceeds the best."""
@@ -234,7 +239,7 @@ def _best_diverse_set(stats: PairStatistics, found: dict, m: int) -> tuple[float
     for value, pivot in sorted((v[0], p) for p, v in found.items()):
         if not value < float("inf") or (best is not None and value > best[0] + TIE_RTOL * abs(best[0])):
             break
-        _, order, scores = found[pivot]
+        order, scores = _sorted_partners(found, pivot)
         members = order[:m]
         if not stats.rank_ok(pivot, members):
             if not stats.diverse_sets_exist(m):  # e.g. M above the rank of the logits: no pivot has a diverse set
