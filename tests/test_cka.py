@@ -9,7 +9,7 @@ import torch
 
 from lightning_repsim.functional import linear_cka, logit_distance, mean_kl_divergence, procrustes_distance
 from lightning_repsim.functional.cka import cka_batch_state, cka_merge, cka_values
-from lightning_repsim.functional.kl import kl_and_logit_distance_rows
+from lightning_repsim.functional.kl import logit_pair_rows
 from lightning_repsim.losses import LogitDistanceLoss
 from lightning_repsim.metrics import LinearCKA, LogitDistance, MeanKLDivergence, ProcrustesDistance
 
@@ -184,14 +184,14 @@ def test_logit_distance_metric_streams_exactly():
     seq.update(z_p, z_q, mask=torch.ones(4, 25, dtype=torch.bool))
     assert rel(seq.compute(), metric.compute()) < 1e-12
     # the per-input values computed together with the KL (one pass, as the callback does) give the same value
-    kl, sq = kl_and_logit_distance_rows(flat_p, flat_q)
+    _, _, kl, sq = logit_pair_rows(flat_p, flat_q)
     given, kl_metric = LogitDistance(), MeanKLDivergence()
     given.update(z_p, z_q, per_input=sq.reshape(4, 25))
     kl_metric.update(z_p, z_q, per_input=kl.reshape(4, 25))
     assert rel(given.compute(), metric.compute()) < 1e-12
     assert rel(kl_metric.compute(), mean_kl_divergence(flat_p, flat_q)) < 1e-12
     offset = flat_q + 1e4 * torch.arange(100, dtype=torch.float64)[:, None]  # per-input offsets cancel
-    assert rel(kl_and_logit_distance_rows(flat_p, offset)[1].mean().sqrt(), metric.compute()) < 1e-9
+    assert rel(logit_pair_rows(flat_p, offset)[3].mean().sqrt(), metric.compute()) < 1e-9
 
 
 def test_errors_are_clear():

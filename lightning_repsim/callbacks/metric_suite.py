@@ -21,7 +21,7 @@ from torch import Tensor
 from lightning_repsim.callbacks.extraction import Representations
 from lightning_repsim.functional import LLVOptions
 from lightning_repsim.functional.family import logits_from_parts, split_unembedding
-from lightning_repsim.functional.kl import kl_and_logit_distance_rows, log_partition_rows
+from lightning_repsim.functional.kl import logit_pair_rows
 from lightning_repsim.functional.llv_terms import CHUNK_NUMBERS
 
 __all__ = ["METRIC_KEYS", "MetricSuite"]
@@ -188,14 +188,14 @@ class MetricSuite:
         both = "cca" in self.metrics
         f_p = _rows(ref.embeddings, keep) if both else None
         f_q = _rows(stu.embeddings, keep).to(z_p.device) if both else None
-        lz_p, lz_q = log_partition_rows(z_p), log_partition_rows(z_q)
+        lz_p, lz_q, kl, logit_sq = logit_pair_rows(z_p, z_q)  # one float64 sweep over both models' logits
         # rows with a non-finite output in either model are skipped by every metric alike (counted as dropped):
-        # a non-finite logit makes logZ or the row minimum non-finite, one check per row instead of per logit
-        ok = torch.isfinite(lz_p) & torch.isfinite(lz_q) & torch.isfinite(z_p.amin(1)) & torch.isfinite(z_q.amin(1))
+        # a non-finite logit makes logZ, the KL or the logit distance non-finite, one check per row instead of per logit
+        ok = torch.isfinite(lz_p) & torch.isfinite(lz_q) & torch.isfinite(kl) & torch.isfinite(logit_sq)
         if both:
             ok &= torch.isfinite(f_p).all(1) & torch.isfinite(f_q).all(1)
         if not bool(ok.all()):
-            z_p, z_q, lz_p, lz_q = z_p[ok], z_q[ok], lz_p[ok], lz_q[ok]
+            z_p, z_q, lz_p, lz_q, kl, logit_sq = z_p[ok], z_q[ok], lz_p[ok], lz_q[ok], kl[ok], logit_sq[ok]
             f_p, f_q = (f_p[ok], f_q[ok]) if both else (None, None)
             ids = None if ids is None else ids[ok.to(ids.device)]
         if ids is not None:
@@ -203,7 +203,6 @@ class MetricSuite:
         self.num_rows += n
         if z_p.shape[0] == 0:
             return 0
-        kl, logit_sq = kl_and_logit_distance_rows(z_p, z_q, lz_p, lz_q)  # one float64 pass over the logits
         self.metrics["kl"].update(z_p, z_q, per_input=kl)
         self.metrics["logit"].update(z_p, z_q, per_input=logit_sq)
         if "svd" in self.metrics:

@@ -217,7 +217,7 @@ def procrustes_distance(emb_p: Tensor, emb_q: Tensor) -> Tensor:
 def logit_distance_rows(logits_p: Tensor, logits_q: Tensor) -> Tensor:
     """``sum_y (c(z_p)_y - c(z_q)_y)^2`` per row of (N, K) logits (float64), with ``c`` the centring over classes;
     in blocks of rows with one reused float64 buffer, so a large vocabulary never needs an N x K float64 copy
-    (:func:`~lightning_repsim.functional.kl.kl_and_logit_distance_rows` gives it together with the KL)."""
+    (:func:`~lightning_repsim.functional.kl.logit_pair_rows` gives it together with the KL)."""
     blocks, rows = _blocks(logits_p.shape[0], logits_p.shape[1])
     buf = torch.empty(rows, logits_p.shape[1], dtype=torch.float64, device=logits_p.device)
     out = logits_p.new_empty(logits_p.shape[0], dtype=torch.float64)

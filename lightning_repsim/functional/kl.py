@@ -7,7 +7,13 @@ from torch import Tensor
 
 from lightning_repsim.functional._validation import check_logit_pair
 
-__all__ = ["kl_of_logit_rows", "kl_per_input", "log_partition_rows", "mean_kl_divergence"]
+__all__ = [
+    "kl_of_logit_rows",
+    "kl_per_input",
+    "log_partition_rows",
+    "logit_pair_rows",
+    "mean_kl_divergence",
+]
 
 #: Numbers per block when logit rows are cast to float64 (32 MB).
 _BLOCK = 1 << 22
@@ -57,30 +63,6 @@ def kl_of_logit_rows(logits_p: Tensor, logits_q: Tensor, logz_p: Tensor | None =
         >>> kl_of_logit_rows(z, z.flip(-1))
         tensor([0.4621,    nan], dtype=torch.float64)
     """
-    return _kl_rows(logits_p, logits_q, logz_p, logz_q, with_logit_distance=False)[0]
-
-
-def kl_and_logit_distance_rows(logits_p: Tensor, logits_q: Tensor, logz_p: Tensor | None = None,
-                               logz_q: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``(KL per row, squared logit distance per row)`` in one pass over the logits (float64, blocks of rows): the
-    second is ``sum_y (c(z_p)_y - c(z_q)_y)^2`` with ``c`` the centring over classes, from the same float64 block of
-    ``z_p - z_q`` the KL uses (a centred variance, so per-input offsets cancel to float64 round-off).
-
-    Example:
-        >>> import torch
-        >>> from lightning_repsim.functional.cka import logit_distance_rows
-        >>> z_p, z_q = torch.randn(2, 6, 5, dtype=torch.float64).unbind(0)
-        >>> kl, sq = kl_and_logit_distance_rows(z_p, z_q)
-        >>> bool(torch.allclose(kl, kl_of_logit_rows(z_p, z_q))), bool(torch.allclose(sq, logit_distance_rows(z_p, z_q)))
-        (True, True)
-    """
-    kl, sq = _kl_rows(logits_p, logits_q, logz_p, logz_q, with_logit_distance=True)
-    assert sq is not None
-    return kl, sq
-
-
-def _kl_rows(logits_p: Tensor, logits_q: Tensor, logz_p: Tensor | None, logz_q: Tensor | None,
-             with_logit_distance: bool) -> tuple[Tensor, Tensor | None]:
     if logz_p is None:
         logz_p = log_partition_rows(logits_p)
     if logz_q is None:
@@ -89,15 +71,49 @@ def _kl_rows(logits_p: Tensor, logits_q: Tensor, logz_p: Tensor | None, logz_q: 
     weights_buf = torch.empty(rows, logits_p.shape[1], dtype=torch.float64, device=logits_p.device)
     diff_buf = torch.empty_like(weights_buf)
     kl = logits_p.new_empty(logits_p.shape[0], dtype=torch.float64)
-    sq = logits_p.new_empty(logits_p.shape[0], dtype=torch.float64) if with_logit_distance else None
     for sl in blocks:
         z_p = weights_buf[: logits_p[sl].shape[0]].copy_(logits_p[sl])
         d = diff_buf[: z_p.shape[0]].copy_(logits_q[sl]).neg_().add_(z_p)
         weights = z_p.sub_(logz_p[sl, None]).exp_()  # p(y|x)
         kl[sl] = torch.linalg.vecdot(weights, d)
-        if sq is not None:  # centred over classes: torch's variance is a one-kernel Welford pass, exact for offsets
-            sq[sl] = torch.var(d, dim=1, correction=0).mul_(d.shape[1])
-    return kl - logz_p + logz_q, sq
+    return kl - logz_p + logz_q
+
+
+def logit_pair_rows(logits_p: Tensor, logits_q: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(logZ_p, logZ_q, KL, squared logit distance)`` per row of two (N, K) logit matrices, float64, in one sweep
+    over blocks of rows (two reused float64 block buffers): what a comparison needs per batch, with about ten passes
+    over each block, as many as :func:`log_partition_rows` twice and :func:`kl_of_logit_rows` need for the first
+    three alone; the fourth is the centred variance of ``z_p - z_q`` (a one-kernel Welford pass), so per-input offsets
+    cancel to float64 round-off. A row with a non-finite logit in either model gets a non-finite KL or
+    squared distance (an infinite logit makes the difference infinite or NaN), so one check per row suffices.
+
+    Example:
+        >>> import torch
+        >>> z_p, z_q = torch.randn(2, 6, 5, dtype=torch.float64).unbind(0)
+        >>> lz_p, lz_q, kl, sq = logit_pair_rows(z_p, z_q)
+        >>> bool(torch.allclose(kl, kl_of_logit_rows(z_p, z_q))), bool(torch.allclose(lz_q, torch.logsumexp(z_q, 1)))
+        (True, True)
+    """
+    n, k = logits_p.shape
+    blocks, rows = _blocks(n, k)
+    p_buf = torch.empty(rows, k, dtype=torch.float64, device=logits_p.device)
+    d_buf = torch.empty_like(p_buf)
+    out = logits_p.new_empty(4, n, dtype=torch.float64)
+    for sl in blocks:
+        block_p, block_q = logits_p[sl], logits_q[sl]
+        m_p = block_p.amax(dim=1, keepdim=True).to(torch.float64)  # exact in the input dtype
+        m_q = block_q.amax(dim=1, keepdim=True).to(torch.float64)
+        z_p = p_buf[: block_p.shape[0]].copy_(block_p)
+        d = torch.sub(z_p, block_q, out=d_buf[: block_p.shape[0]])  # z_p - z_q in float64
+        out[3, sl] = torch.var(d, dim=1, correction=0).mul_(k)  # centred over classes (one-kernel Welford)
+        u = z_p.sub_(m_p).exp_()  # p(y|x) * Z_p / exp(m_p)
+        total = u.sum(dim=1)
+        out[0, sl] = m_p.squeeze(1) + total.log()
+        out[2, sl] = torch.linalg.vecdot(u, d) / total  # sum_y p_y (z_p - z_q)_y
+        e = d.copy_(block_q).sub_(m_q).exp_()
+        out[1, sl] = m_q.squeeze(1) + e.sum(dim=1).log()
+    lz_p, lz_q, kl, sq = out.unbind(0)
+    return lz_p, lz_q, kl - lz_p + lz_q, sq
 
 
 def check_num_classes(k: int) -> None:

@@ -223,7 +223,7 @@ class LogitDistance(StreamingMetric):
                per_input: Tensor | None = None) -> None:
         """Accumulate a batch of both models' logits (see the class docstring). ``per_input`` (the logits' leading
         shape, optional): each input's squared distance when the caller already computed it (e.g. together with the
-        KL by :func:`~lightning_repsim.functional.kl.kl_and_logit_distance_rows`); the logits are then only checked
+        KL by :func:`~lightning_repsim.functional.kl.logit_pair_rows`); the logits are then only checked
         for shape."""
         if per_input is None:
             p, q, _, dropped = logit_rows(logits_p, logits_q, mask, None, self.nan_strategy)

@@ -76,7 +76,7 @@ class MeanKLDivergence(StreamingMetric):
         leading shape, optional): each input's ``logsumexp`` of the logits when the caller already has it (as
         :class:`~lightning_repsim.ReferenceComparison` does for d_SVD); saves two passes over the logits.
         ``per_input`` (the logits' leading shape, optional): each input's KL when the caller already computed it
-        (e.g. with :func:`~lightning_repsim.functional.kl.kl_and_logit_distance_rows`); the logits are then only
+        (e.g. with :func:`~lightning_repsim.functional.kl.logit_pair_rows`); the logits are then only
         checked for shape."""
         p, q, _, _ = logit_rows(logits_p, logits_q, mask, None, None)
         check_num_classes(p.shape[1])
