@@ -189,3 +189,30 @@ def test_near_identical_models_are_resolved_accurately():
         s2 = (l2[:, kept] - l2[:, [y0]]).std(0)
         direct = torch.cat([(l1[:, kept] / s1 - l2[:, kept] / s2).std(0), (l1[:, [y0]] / s1 - l2[:, [y0]] / s2).std(0)])
         torch.testing.assert_close(fast.t1_terms, direct, rtol=1e-6, atol=0)
+
+
+def test_label_search_survives_rounding_of_the_re_evaluated_row(monkeypatch):
+    """The chosen pivot's row is evaluated again on its own; a matmul of another shape may round its scores a few ulps
+    above the chunked pass's minimum (a digits demo run died of that with an IndexError). The search must still find
+    the same (pivot, left-out) pair."""
+    import functools
+
+    from lightning_repsim.functional import llv_terms
+
+    gen = torch.Generator().manual_seed(3)
+    k = 12
+    w = torch.randn(500, 2 * k, generator=gen, dtype=torch.float64)
+    cov = torch.cov(w.T)
+    label_cov = functools.partial(llv_terms.label_cov_from_full, cov)
+    exact = llv_terms.label_part(label_cov, k, torch.device("cpu"))
+
+    original = llv_terms._leave_out_scores
+
+    def rounded_differently(table, reduce):
+        scores = original(table, reduce)
+        return scores * (1 + 1e-8) if scores.shape[0] == 1 else scores
+
+    monkeypatch.setattr(llv_terms, "_leave_out_scores", rounded_differently)
+    again = llv_terms.label_part(label_cov, k, torch.device("cpu"))
+    assert (again.label_pivot, again.leave_out) == (exact.label_pivot, exact.leave_out)
+    assert abs(float(again.t1) / float(exact.t1) - 1) < 1e-7

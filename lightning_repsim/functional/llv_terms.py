@@ -291,7 +291,9 @@ def label_part(
     row = int(torch.nonzero(row_min <= best + TIE_RTOL * best.abs())[0]) if finite else 0
     table, scores = scores_of(pivots[row : row + 1])
     row_t = 0
-    lo = int(torch.nonzero(scores[0] <= best + TIE_RTOL * best.abs())[0]) if finite else int(torch.argmin(scores[0]))
+    # the row is evaluated again on its own; its rounding may differ from the chunked pass (a different matmul
+    # shape), so its left-out label is the first within TIE_RTOL of this row's own minimum, not of ``best``
+    lo = first_argmin(scores[0])
     y0 = int(pivots[row])
     keep = torch.ones(k, dtype=torch.bool, device=device)
     keep[[y0, lo]] = False
