@@ -667,14 +667,15 @@ def _run(args: argparse.Namespace, data: DemoData, epochs: int) -> dict[str, Any
           f"{kl_s['agreement']:.1%} and {lg_s['agreement']:.1%} of the points.")
     print(f"Representations differ: d_LLV {kl_s['d_llv']:.3f} vs {lg_s['d_llv']:.4f} ({check['d_llv_ratio']:.0f}x apart), "
           f"d_SVD {_small(kl_s['d_svd'])} vs {_small(lg_s['d_svd'])}, mCCA {kl_s['mcca']:.3f} vs {lg_s['mcca']:.4f}.")
-    print(f"                        The {STUDENTS[near][0]}'s embedding is nearly a linear map of the teacher's, the "
-          f"{STUDENTS[far][0]}'s is not (d_LLV = d_SVD = 0 and mCCA = 1 for an exact one; see the picture).")
+    if check["ok"]:
+        print(f"                        The {STUDENTS[near][0]}'s embedding is nearly a linear map of the teacher's, the "
+              f"{STUDENTS[far][0]}'s is not (d_LLV = d_SVD = 0 and mCCA = 1 for an exact one; see the picture).")
     print(f"Check (both KL <= {KL_MAX}, d_LLV ratio >= {D_LLV_RATIO_MIN:.0f}, mCCA gap >= {MCCA_GAP_MIN}): "
           f"{'holds' if check['ok'] else 'does NOT hold'} (max KL {check['max_kl']:.3f}, ratio {check['d_llv_ratio']:.0f}, "
           f"gap {check['mcca_gap']:.3f})" + ("." if check["ok"] or epochs >= data.epochs
                                               else f"; {epochs} epochs are too few to converge."))
     if check["ok"]:
-        print("                        Small KL did not mean similar representations; d_LLV told the two students apart.")
+        print("Small KL did not mean similar representations: d_LLV told the two students apart.")
     print(f"\nDone in {elapsed:.0f} s. Outputs in {out}:")
     print(f"  embeddings (teacher, KL student, logit student): {png}")
     print(f"  final numbers (JSON):                            {summary_path}")

@@ -1,7 +1,9 @@
-"""The first-run demo (``python -m lightning_repsim.demo``) in its quick configuration."""
+"""The first-run demo (``python -m lightning_repsim.demo``): quick configuration, summary.json, and the full demo's
+message on its default seed (about 30 s on one core)."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -9,7 +11,9 @@ import pytest
 import torch
 
 from lightning_repsim.callbacks import METRIC_KEYS
-from lightning_repsim.demo import load_digits_split, main
+from lightning_repsim.demo import STUDENTS, acceptance, load_data, load_digits_split, load_radial_split, main
+
+SUMMARY_KEYS = {"kl", "d_llv", "d_svd", "mcca", "accuracy", "agreement"}
 
 
 @pytest.fixture
@@ -27,12 +31,33 @@ def offline_wandb(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_digits_split_is_fixed_and_stratified():
+def test_data_splits_are_fixed():
+    x_tr, y_tr, x_te, y_te = load_radial_split()
+    assert x_tr.shape == (8000, 2) and x_te.shape == (2000, 2)
+    assert int(y_tr.max()) == 5 and torch.bincount(y_te, minlength=6).min() >= 200  # every class held out
+    assert torch.equal(load_radial_split()[3], y_te) and not torch.equal(x_tr[:2000], x_te)
     x_tr, y_tr, x_te, y_te = load_digits_split()
     assert x_tr.shape[1] == 64 and len(y_tr) + len(y_te) == 1797
     assert float(x_tr.max()) <= 1.0 and float(x_tr.min()) >= 0.0
-    assert torch.bincount(y_te, minlength=10).min() >= 40  # every class in the test set
-    assert torch.equal(load_digits_split()[3], y_te)
+    assert torch.bincount(y_te, minlength=10).min() >= 40
+    data = load_data("digits")
+    assert data.num_classes == 10 and data.in_dim == 64 and data.collate is not None
+    with pytest.raises(ValueError, match="unknown data set"):
+        load_data("cifar")
+
+
+def check_summary(summary: dict, num_test: int) -> None:
+    """The documented schema of summary.json: {"students": {name: {kl, d_llv, d_svd, mcca, accuracy, agreement}},
+    "teacher_accuracy": ...} (plus the run's settings)."""
+    assert set(summary["students"]) == set(STUDENTS) == {"kl", "logit"}
+    assert 0.0 <= summary["teacher_accuracy"] <= 1.0
+    for name, values in summary["students"].items():
+        assert set(values) == SUMMARY_KEYS, name
+        assert all(isinstance(v, float) and math.isfinite(v) for v in values.values()), name
+        assert values["kl"] >= 0 and values["d_llv"] >= 0 and 0 <= values["d_svd"] <= 1 and 0 <= values["mcca"] <= 1
+        for key in ("accuracy", "agreement"):  # a multiple of 1/num_test
+            assert 0 <= values[key] <= 1 and abs(values[key] * num_test - round(values[key] * num_test)) < 1e-6
+    assert summary["num_test"] == num_test
 
 
 def test_demo_quick_logs_everything(offline_wandb, capsys):
@@ -41,34 +66,55 @@ def test_demo_quick_logs_everything(offline_wandb, capsys):
     out = offline_wandb / "demo"
     result = main(["--quick", "--out", str(out), "--no-progress"])
 
-    # the callback compared after every epoch; every metric is defined (K = 10 >= M + 2)
-    history = result["history"]
-    assert [h["epoch"] for h in history] == [0, 1, 2]
-    for h in history:
-        for key in METRIC_KEYS:
-            assert math.isfinite(h[key]), key
-        assert h["kl"] >= 0 and h["d_llv"] > 0 and 0 <= h["d_svd"] <= 1 and 0 <= h["mcca"] <= 1
-        assert h["bound_sharp"] == pytest.approx(2 * h["d_llv"] ** 2)
-    assert len(result["rows"]) == 3 and 0 <= result["agreement"] <= 1
+    # each student's callback compared after every epoch; every metric is defined (K = 6 >= M + 2)
+    assert set(result["histories"]) == {"kl", "logit"}
+    for name, history in result["histories"].items():
+        assert [h["epoch"] for h in history] == [0, 1, 2], name
+        for h in history:
+            for key in METRIC_KEYS:
+                assert math.isfinite(h[key]), (name, key)
+            assert h["num_inputs"] == 2000
+    # the two students are different models: their comparisons differ
+    assert result["histories"]["kl"][-1]["d_llv"] != result["histories"]["logit"][-1]["d_llv"]
+    assert [r["epoch"] for r in result["rows"]] == [1, 2, 3]
+    assert all(0 <= r[name]["agree"] <= 1 for r in result["rows"] for name in ("kl", "logit"))
 
-    # the printed table and the closing summary
+    # summary.json: the documented schema, the same numbers as the callbacks' last entries
+    summary = json.loads(result["summary_path"].read_text())
+    assert result["summary_path"] == out.resolve() / "summary.json"
+    check_summary(summary, 2000)
+    for name in ("kl", "logit"):
+        for key in ("kl", "d_llv", "d_svd", "mcca"):
+            assert summary["students"][name][key] == pytest.approx(result["histories"][name][-1][key], rel=1e-12)
+        assert summary["students"][name]["agreement"] == pytest.approx(result["rows"][-1][name]["agree"])
+        assert summary["students"][name]["accuracy"] == pytest.approx(result["rows"][-1][name]["acc"])
+    assert summary["teacher_accuracy"] == pytest.approx(result["teacher_acc"])
+    assert set(acceptance(summary)) == {"max_kl", "d_llv_ratio", "mcca_gap", "ok"}
+
+    # the printed per-epoch table, the final table and where the outputs went
     text = capsys.readouterr().out
-    assert "d_LLV" in text and "mCCA" in text and "Outputs in" in text and "wandb sync" in text
+    for needle in ("KL student", "logit student", "d_LLV", "d_SVD", "mCCA", "Final", "teacher", "summary.json",
+                   "Outputs in", "wandb sync", "embeddings.png"):
+        assert needle in text, needle
 
-    # files: embedding PNG, CSV with the callback's columns, wandb offline run with the repsim values
-    assert result["png"].stat().st_size > 5000
+    # files: the three-panel PNG, CSV with both callbacks' columns, wandb offline run with both students' values
+    assert result["png"].stat().st_size > 20000
     header = result["csv"].read_text().splitlines()[0].split(",")
-    assert {"repsim/kl", "repsim/d_llv", "repsim/d_svd", "repsim/mcca", "val_acc"} <= set(header)
+    for name in ("kl", "logit"):
+        assert {f"{name}_student/{k}" for k in ("kl", "d_llv", "d_svd", "mcca")} <= set(header)
+        assert {f"val_acc/{name}", f"agreement/{name}"} <= set(header)
     run_dir = result["wandb_dir"]
     assert run_dir.is_dir() and run_dir.name.startswith("offline-run-")
     from test_callback_wandb import logged_history
 
-    summary: dict = {}
+    logged: dict = {}
     for row in logged_history(str(run_dir)):
-        summary.update(row)
-    for key in ("kl", "d_llv", "d_svd", "mcca", "bound_sharp"):
-        assert summary[f"repsim/{key}"] == pytest.approx(history[-1][key], rel=1e-6)
-    assert summary["repsim/embeddings/_type"] == "images/separated"
+        logged.update(row)
+    for name in ("kl", "logit"):
+        for key in ("kl", "d_llv", "d_svd", "mcca"):
+            assert logged[f"{name}_student/{key}"] == pytest.approx(result["histories"][name][-1][key], rel=1e-6)
+        assert logged[f"{name}_student/embeddings/_type"] == "images/separated"
+    assert logged["demo/embeddings/_type"] == "images/separated"
 
     # called as a function, the demo leaves the process as it found it
     assert torch.get_num_threads() == threads
@@ -79,7 +125,38 @@ def test_demo_without_wandb_restores_environment(tmp_path, monkeypatch):
     for name in list(os.environ):
         if name.startswith("WANDB_"):
             monkeypatch.delenv(name)
-    result = main(["--epochs", "1", "--out", str(tmp_path), "--no-wandb", "--no-progress"])
+    result = main(["--epochs", "1", "--out", str(tmp_path), "--no-wandb", "--no-progress", "--seed", "3"])
     assert result["wandb_dir"] is None and result["csv"].exists()
-    assert len(result["history"]) == 1
+    assert all(len(h) == 1 for h in result["histories"].values())
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    check_summary(summary, 2000)
+    assert summary["seed"] == 3 and summary["student_seed"] == 4
     assert not any(name.startswith("WANDB_") for name in os.environ)
+
+
+def test_acceptance_rule():
+    def summary(kl_a, llv_a, mcca_a, kl_b, llv_b, mcca_b):
+        base = {"d_svd": 0.1, "accuracy": 0.99, "agreement": 0.99}
+        return {"students": {"kl": {"kl": kl_a, "d_llv": llv_a, "mcca": mcca_a, **base},
+                             "logit": {"kl": kl_b, "d_llv": llv_b, "mcca": mcca_b, **base}}, "teacher_accuracy": 0.99}
+
+    assert acceptance(summary(0.02, 1.2, 0.89, 0.01, 0.01, 1.0))["ok"]
+    assert not acceptance(summary(0.06, 1.2, 0.89, 0.01, 0.01, 1.0))["ok"]  # KL too large
+    assert not acceptance(summary(0.02, 0.09, 0.89, 0.01, 0.01, 1.0))["ok"]  # d_LLV only 9x apart
+    assert not acceptance(summary(0.02, 1.2, 0.96, 0.01, 0.01, 1.0))["ok"]  # mCCA only 0.04 apart
+
+
+def test_demo_default_seed_shows_the_contrast(tmp_path, monkeypatch):
+    """The acceptance of the demo on its default seed: both students' final KL <= 0.05 nats, their d_LLV >= 10x
+    apart, their mCCA >= 0.05 apart (examples/demo_seeds.py checks seeds 1 and 2 too)."""
+    for name in list(os.environ):
+        if name.startswith("WANDB_"):
+            monkeypatch.delenv(name)
+    result = main(["--out", str(tmp_path), "--no-wandb", "--no-progress"])
+    summary = result["summary"]
+    check_summary(summary, 2000)
+    check = acceptance(summary)
+    assert check["max_kl"] <= 0.05 and check["d_llv_ratio"] >= 10 and check["mcca_gap"] >= 0.05, check
+    assert summary["students"]["logit"]["d_llv"] < summary["students"]["kl"]["d_llv"]
+    for values in summary["students"].values():
+        assert values["agreement"] >= 0.98
