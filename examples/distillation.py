@@ -6,8 +6,9 @@ Command::
     python examples/distillation.py --quick    # digits only, 2 seeds, 2 epochs (tests use this; ~10 s)
     python examples/distillation.py --datasets digits --seeds 10   # other settings
 
-Runtime: about 20 min on 2 shared CPU cores (18.4 min for the committed run): 58 trainings with
-Lightning, one after the other (per data set: 1 teacher, 3 LLV-setting runs, 5 losses x 5 seeds).
+Runtime: about 25-30 min on 2 shared CPU cores (see the committed ``distillation.md`` for the measured one): 80
+trainings with Lightning, one after the other (per data set: 1 teacher, 3 LLV-setting runs, 1 KD and 4 recipe runs on
+the selection seed, 6 losses x 5 seeds).
 ``--quick`` takes about 10 s. ``--report examples/results/distillation.json`` rewrites the table and the plot
 from saved numbers without training.
 
@@ -35,7 +36,13 @@ Setup, per data set:
   (d) ``llv``: :class:`~lightning_repsim.losses.LLVLoss` (``label_pivot="mean"``, ``input_set_search="sample"``,
       ``rep_dim=M``), pure distillation; its aggregation and ``lam`` are chosen among
       :data:`LLV_CANDIDATES` by one run per setting on a separate seed (100), judged on *validation*
-      data (see :func:`select_llv`); the sweep is reported.
+      data (see :func:`select_llv`); the sweep is reported;
+  (e) ``recipe``: LLVLoss as a practical distillation loss (:class:`Recipe`): ``LLVLoss`` (smooth aggregation,
+      ``lam=1e-2``, with or without its input terms) plus a small weight of ``KDLoss(T=4)`` or of the cross-entropy
+      on the labels. Pure LLVLoss (d) leaves each label's log-odds scale (with a small ``lam``) and offset (always:
+      d_LLV compares variances) free, and the argmax drifts; the added term pins them. The recipe is chosen among
+      :data:`RECIPE_CANDIDATES` on the validation split of seed 100 against a KD (T = 4) student of the same seed
+      (:func:`select_recipe`, :data:`RECIPE_RULE`); the sweep is reported.
 
   Same optimiser for all: Adam, lr 1e-3, cosine decay to 0 over the run; 150 epochs of batch 64 (digits),
   120 epochs of batch 128 (radial).
@@ -48,7 +55,8 @@ Setup, per data set:
 
 Expected output (full mode; see the committed ``distillation.md`` for the numbers): the centred-logit
 students reach mCCA ~0.995 (digits) and ~1.0000 (radial) with d_SVD 10-10^4 times lower than the KD
-students, at accuracy within about a point; KD with T = 1 gives mCCA ~0.76 / ~0.89. Files:
+students, at accuracy within about a point; KD with T = 1 gives mCCA ~0.76 / ~0.89; pure LLVLoss (d) loses about
+3 points of accuracy on digits, the recipe (e) does not (see the results file). Files:
 ``distillation.md`` (one table per data set, the LLV sweep, settings, runtime),
 ``distillation.png`` (validation mCCA, d_SVD and disagreement with the teacher over epochs, mean +- std band, one line per
 loss, one row per data set) and ``distillation.json`` (every number, per seed), written to ``--out``
@@ -74,13 +82,14 @@ from torch import Tensor, nn
 from lightning_repsim.models import BottleneckClassifier
 
 RESULTS = Path(__file__).resolve().parent / "results"
-LOSSES = ("labels", "kd", "kd1", "logit", "llv")
+LOSSES = ("labels", "kd", "kd1", "logit", "llv", "recipe")
 LOSS_LABELS = {
     "labels": "(a) labels only (CE)",
     "kd": "(b) KD, T=4",
     "kd1": "(b') KD, T=1 (plain KL)",
     "logit": "(c) centred logit distance",
     "llv": "(d) LLVLoss",
+    "recipe": "(e) LLVLoss recipe",
 }
 METRICS = ("acc", "agree", "kl", "d_llv", "d_svd", "mcca")
 #: the callback's history entries kept per epoch (ReferenceComparison logs more)
@@ -91,9 +100,24 @@ LLV_CANDIDATES = {
     "smooth": {"reduce": "softmax", "combine": "sum", "lam": 1e-5, "softmax_temperature": 0.1},
     "smooth_lam1e-2": {"reduce": "softmax", "combine": "sum", "lam": 1e-2, "softmax_temperature": 0.1},
 }
+#: LLVLoss-based recipes for (e), tried on one seed (validation data). ``llv``: the LLVLoss keywords (all with
+#: label_pivot="mean", input_set_search="sample", reduce="softmax", combine="sum", softmax_temperature=0.1, lam=1e-2,
+#: plus these); ``kd``: weight of KDLoss(T=4) added to it; ``ce``: weight of the cross-entropy on the labels.
+#: ``input_terms=False`` keeps the label terms T1, T3 only: the sampled input sets of T2/T4 (M+1 rows of a batch of
+#: 64) are a noisy estimate (see the results' notes).
+RECIPE_BASE = {"reduce": "softmax", "combine": "sum", "lam": 1e-2, "softmax_temperature": 0.1}
+RECIPE_CANDIDATES = {
+    "llv+kd0.3": {"llv": {}, "kd": 0.3, "ce": 0.0},
+    "llv_label+ce": {"llv": {"input_terms": False}, "kd": 0.0, "ce": 1.0},
+    "llv_label+kd0.1": {"llv": {"input_terms": False}, "kd": 0.1, "ce": 0.0},
+    "llv_label+kd0.3": {"llv": {"input_terms": False}, "kd": 0.3, "ce": 0.0},
+}
+RECIPE_KD_TEMPERATURE = 4.0
 SELECTION_SEED = 100
 SELECTION_RULE = ("lowest validation d_LLV among the settings whose validation accuracy is within 0.01 of the teacher's; "
                   "if there is none, the highest validation accuracy")
+RECIPE_RULE = ("lowest validation d_LLV among the recipes whose validation accuracy is at least that of a KD (T=4) student "
+               "of the same seed minus 0.005; if there is none, the highest validation accuracy")
 
 
 @dataclass
@@ -174,15 +198,39 @@ def make_loss(name: str, rep_dim: int, llv_setting: dict | None) -> nn.Module | 
         return LogitDistanceLoss(p=2, centered=True)
     if name == "llv":
         return LLVLoss(rep_dim=rep_dim, label_pivot="mean", input_set_search="sample", **(llv_setting or {}))
+    if name == "recipe":
+        return Recipe(rep_dim, **(llv_setting or RECIPE_CANDIDATES["llv_label+kd0.1"]))
     raise ValueError(name)
+
+
+class Recipe(nn.Module):
+    """An LLVLoss-based distillation objective: ``LLVLoss(**RECIPE_BASE, **llv) + kd * KDLoss(T=4) + ce * CE(labels)``,
+    called as ``recipe(student_logits, teacher_logits, labels)``."""
+
+    def __init__(self, rep_dim: int, llv: dict, kd: float = 0.0, ce: float = 0.0) -> None:
+        from lightning_repsim.losses import KDLoss, LLVLoss
+
+        super().__init__()
+        self.llv = LLVLoss(rep_dim=rep_dim, label_pivot="mean", input_set_search="sample", **{**RECIPE_BASE, **llv})
+        self.kd_weight, self.ce_weight = float(kd), float(ce)
+        self.kd = KDLoss(temperature=RECIPE_KD_TEMPERATURE)
+
+    def forward(self, student: Tensor, teacher: Tensor, labels: Tensor) -> Tensor:
+        loss = self.llv(student, teacher)
+        if self.kd_weight:
+            loss = loss + self.kd_weight * self.kd(student, teacher)
+        if self.ce_weight:
+            loss = loss + self.ce_weight * F.cross_entropy(student, labels)
+        return loss
 
 
 def lightning_module(net: nn.Module, loss: nn.Module | None, lr: float, epochs: int):
     import lightning.pytorch as pl
 
     class Distil(pl.LightningModule):
-        """Trains ``net`` on batches ``(x, y, teacher_logits)``: CE on ``y`` when ``loss`` is None, else
-        ``loss(student_logits, teacher_logits)`` (pure distillation). Tracks validation accuracy/agreement."""
+        """Trains ``net`` on batches ``(x, y, teacher_logits)``: CE on ``y`` when ``loss`` is None, a :class:`Recipe`
+        with the labels, else ``loss(student_logits, teacher_logits)`` (pure distillation). Tracks validation
+        accuracy/agreement."""
 
         def __init__(self) -> None:
             super().__init__()
@@ -197,7 +245,9 @@ def lightning_module(net: nn.Module, loss: nn.Module | None, lr: float, epochs: 
         def training_step(self, batch, batch_idx):
             x, y, t = batch
             logits = self.net(x)
-            return F.cross_entropy(logits, y) if self.loss is None else self.loss(logits, t)
+            if self.loss is None:
+                return F.cross_entropy(logits, y)
+            return self.loss(logits, t, y) if isinstance(self.loss, Recipe) else self.loss(logits, t)
 
         def on_validation_epoch_start(self) -> None:
             self._counts = torch.zeros(3)
@@ -278,17 +328,50 @@ def select_llv(cfg: Config, data, teacher, teacher_logits, log) -> tuple[str, li
     the one with the lowest validation d_LLV (the quantity LLVLoss estimates); if none, the most accurate."""
     x, y = data["val"]
     t_acc = float((teacher(x).argmax(-1) == y).double().mean())
-    rows = []
-    for name, setting in LLV_CANDIDATES.items():
-        start = time.perf_counter()
-        net, _, _ = fit(cfg, data, teacher_logits, SELECTION_SEED, "llv", None, setting, epochs=cfg.select_epochs or cfg.epochs)
-        row = {"setting": name, **setting, **evaluate(net, teacher, x, y), "seconds": time.perf_counter() - start}
-        rows.append(row)
-        log(f"  [{cfg.name}] LLV setting {name}: val acc {row['acc']:.4f} d_LLV {row['d_llv']:.4f} "
-            f"d_SVD {row['d_svd']:.4f} mCCA {row['mcca']:.4f} KL {row['kl']:.3g} ({row['seconds']:.0f} s)")
+    rows = sweep(cfg, data, teacher, teacher_logits, log, "llv", LLV_CANDIDATES)
     ok = [r for r in rows if r["acc"] >= t_acc - 0.01 and math.isfinite(r["d_llv"])]
     best = min(ok, key=lambda r: r["d_llv"]) if ok else max(rows, key=lambda r: r["acc"])
     return best["setting"], rows
+
+
+def select_recipe(cfg: Config, data, teacher, teacher_logits, log) -> tuple[str, list[dict], dict]:
+    """Train one student (seed :data:`SELECTION_SEED`) per :data:`RECIPE_CANDIDATES` recipe and one KD (T=4) student
+    of the same seed; evaluate on the *validation* split. Pick (:data:`RECIPE_RULE`): among recipes whose validation
+    accuracy is at least the KD student's minus half a point, the lowest validation d_LLV; if none, the most accurate.
+    Returns ``(chosen, rows, kd_row)``."""
+    x, y = data["val"]
+    start = time.perf_counter()
+    net, _, _ = fit(cfg, data, teacher_logits, SELECTION_SEED, "kd", None, epochs=cfg.select_epochs or cfg.epochs)
+    kd_row = {"setting": "KD, T=4 (reference)", **evaluate(net, teacher, x, y), "seconds": time.perf_counter() - start}
+    log(f"  [{cfg.name}] KD (T=4) reference on seed {SELECTION_SEED}: val acc {kd_row['acc']:.4f} d_LLV {kd_row['d_llv']:.4f} "
+        f"mCCA {kd_row['mcca']:.4f}")
+    rows = sweep(cfg, data, teacher, teacher_logits, log, "recipe", RECIPE_CANDIDATES)
+    ok = [r for r in rows if r["acc"] >= kd_row["acc"] - 0.005 and math.isfinite(r["d_llv"])]
+    best = min(ok, key=lambda r: r["d_llv"]) if ok else max(rows, key=lambda r: r["acc"])
+    return best["setting"], rows, kd_row
+
+
+def sweep(cfg: Config, data, teacher, teacher_logits, log, loss_name: str, candidates: dict) -> list[dict]:
+    """One student (seed :data:`SELECTION_SEED`) per candidate setting of ``loss_name``, evaluated on validation."""
+    x, y = data["val"]
+    rows = []
+    for name, setting in candidates.items():
+        start = time.perf_counter()
+        net, _, _ = fit(cfg, data, teacher_logits, SELECTION_SEED, loss_name, None, setting,
+                        epochs=cfg.select_epochs or cfg.epochs)
+        row = {"setting": name, **flat_setting(setting), **evaluate(net, teacher, x, y), "seconds": time.perf_counter() - start}
+        rows.append(row)
+        log(f"  [{cfg.name}] {loss_name} setting {name}: val acc {row['acc']:.4f} d_LLV {row['d_llv']:.4f} "
+            f"d_SVD {row['d_svd']:.4f} mCCA {row['mcca']:.4f} KL {row['kl']:.3g} ({row['seconds']:.0f} s)")
+    return rows
+
+
+def flat_setting(setting: dict) -> dict:
+    """A candidate as flat columns (the LLVLoss keywords of a recipe merged with :data:`RECIPE_BASE`)."""
+    if "llv" not in setting:
+        return dict(setting)
+    llv = {**RECIPE_BASE, **setting["llv"]}
+    return {**llv, "input_terms": llv.get("input_terms", True), "kd": setting["kd"], "ce": setting["ce"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,13 +390,16 @@ def run_dataset(cfg: Config, seeds: list[int], log) -> dict:
     teacher_val_acc = float((teacher_logits["val"].argmax(-1) == data["val"][1]).double().mean())
     log(f"[{cfg.name}] teacher: test acc {teacher_test['acc']:.4f}, val acc {teacher_val_acc:.4f} "
         f"({time.perf_counter() - start:.0f} s)")
-    chosen, sweep = select_llv(cfg, data, teacher, teacher_logits, log)
+    chosen, llv_sweep = select_llv(cfg, data, teacher, teacher_logits, log)
     log(f"[{cfg.name}] LLVLoss setting chosen on validation data: {chosen} {LLV_CANDIDATES[chosen]}")
+    recipe, recipe_sweep, kd_reference = select_recipe(cfg, data, teacher, teacher_logits, log)
+    log(f"[{cfg.name}] LLVLoss recipe chosen on validation data: {recipe} {RECIPE_CANDIDATES[recipe]}")
+    settings = {"llv": LLV_CANDIDATES[chosen], "recipe": RECIPE_CANDIDATES[recipe]}
     runs: dict[str, list[dict]] = {name: [] for name in LOSSES}
     for seed in seeds:
         for name in LOSSES:
             t0 = time.perf_counter()
-            net, curve, history = fit(cfg, data, teacher_logits, seed, name, teacher, LLV_CANDIDATES[chosen])
+            net, curve, history = fit(cfg, data, teacher_logits, seed, name, teacher, settings.get(name))
             test = evaluate(net, teacher, x_te, y_te)
             # the callback's last (validation) entry against the exact functional call on the same split
             val = evaluate(net, teacher, *data["val"])
@@ -331,11 +417,15 @@ def run_dataset(cfg: Config, seeds: list[int], log) -> dict:
     result = {
         "config": asdict(cfg), "num_classes": k, "sizes": {s: len(data[s][1]) for s in data},
         "teacher": {"test_acc": teacher_test["acc"], "val_acc": teacher_val_acc, "val_curve": teacher_curve},
-        "llv_selection": {"chosen": chosen, "setting": LLV_CANDIDATES[chosen], "sweep": sweep,
+        "llv_selection": {"chosen": chosen, "setting": LLV_CANDIDATES[chosen], "sweep": llv_sweep,
                           "criterion": SELECTION_RULE},
+        "recipe_selection": {"chosen": recipe, "setting": RECIPE_CANDIDATES[recipe], "sweep": recipe_sweep,
+                             "kd_reference": kd_reference, "criterion": RECIPE_RULE,
+                             "kd_temperature": RECIPE_KD_TEMPERATURE, "llv_base": RECIPE_BASE},
         "runs": runs, "summary": summary, "seconds": time.perf_counter() - start,
     }
     result["verdict"] = verdict(result)[1]
+    result["recipe_acceptance"] = recipe_acceptance(result)[1]
     return result
 
 
@@ -357,12 +447,22 @@ def table(result: dict) -> str:
         "| student loss | test acc | agreement | KL(teacher‖student) | d_LLV | d_SVD | mCCA |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name in LOSSES:
+    for name in losses_of(result):
         s = result["summary"][name]
-        label = LOSS_LABELS[name] + (f" [{result['llv_selection']['chosen']}]" if name == "llv" else "")
+        label = LOSS_LABELS[name] + chosen_tag(result, name)
         lines.append(f"| {label} | {fmt(s['acc'])} | {fmt(s['agree'])} | {fmt(s['kl'], sci=True)} | "
                      f"{fmt(s['d_llv'])} | {fmt(s['d_svd'], sci=True)} | {fmt(s['mcca'])} |")
     return "\n".join(lines)
+
+
+def losses_of(result: dict) -> list[str]:
+    """The losses of a result, in :data:`LOSSES` order (results saved before (e) existed have no ``recipe``)."""
+    return [name for name in LOSSES if name in result["runs"]]
+
+
+def chosen_tag(result: dict, name: str) -> str:
+    key = {"llv": "llv_selection", "recipe": "recipe_selection"}.get(name)
+    return f" [{result[key]['chosen']}]" if key and key in result else ""
 
 
 def sweep_table(result: dict) -> str:
@@ -373,6 +473,41 @@ def sweep_table(result: dict) -> str:
         lines.append(f"| {r['setting']}{mark} | {r['reduce']} | {r['combine']} | {r['lam']:g} | {r['acc']:.4f} | "
                      f"{r['d_llv']:.4f} | {r['d_svd']:.2e} | {r['mcca']:.4f} | {r['kl']:.3g} |")
     return "\n".join(lines)
+
+
+def recipe_table(result: dict) -> str:
+    sel = result["recipe_selection"]
+    lines = ["| recipe | LLVLoss input terms | + KD (T=4) weight | + CE weight | val acc | val d_LLV | val d_SVD | val mCCA "
+             "| val KL |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    kd = sel["kd_reference"]
+    lines.append(f"| {kd['setting']} | – | – | – | {kd['acc']:.4f} | {kd['d_llv']:.4f} | {kd['d_svd']:.2e} | "
+                 f"{kd['mcca']:.4f} | {kd['kl']:.3g} |")
+    for r in sel["sweep"]:
+        mark = " **(chosen)**" if r["setting"] == sel["chosen"] else ""
+        lines.append(f"| {r['setting']}{mark} | {'yes' if r['input_terms'] else 'no (T1, T3 only)'} | {r['kd']:g} | "
+                     f"{r['ce']:g} | {r['acc']:.4f} | {r['d_llv']:.4f} | {r['d_svd']:.2e} | {r['mcca']:.4f} | "
+                     f"{r['kl']:.3g} |")
+    return "\n".join(lines)
+
+
+def recipe_acceptance(result: dict) -> tuple[str, dict]:
+    """(e) against KD (T=4), seed by seed: mean test accuracy within one point, mCCA >= 0.98, d_SVD below KD's."""
+    runs = result["runs"]
+    if "recipe" not in runs:
+        return "", {}
+    rec, kd = runs["recipe"], runs["kd"]
+    n = len(rec)
+    d_acc = mean_std([a["test"]["acc"] - b["test"]["acc"] for a, b in zip(rec, kd)])
+    mcca = mean_std([r["test"]["mcca"] for r in rec])
+    mcca_ok = sum(r["test"]["mcca"] >= 0.98 for r in rec)
+    lower = sum(a["test"]["d_svd"] < b["test"]["d_svd"] for a, b in zip(rec, kd))
+    out = {"d_acc": d_acc, "mcca": mcca, "seeds_mcca_ge_0.98": mcca_ok, "seeds_lower_d_svd": lower, "n": n,
+           "holds": abs(d_acc[0]) <= 0.01 and mcca[0] >= 0.98 and lower == n}
+    text = (f"| {LOSS_LABELS['recipe']}{chosen_tag(result, 'recipe')} vs (b) KD, T=4 | {100 * d_acc[0]:+.2f} ± "
+            f"{100 * d_acc[1]:.2f} | {fmt(mcca)} | {mcca_ok}/{n} | {lower}/{n} | {'yes' if out['holds'] else 'no'} |")
+    header = ("| acceptance (paired by seed) | Δ test acc (points) | mCCA | seeds with mCCA ≥ 0.98 | seeds with d_SVD below "
+              "KD's | holds? |\n|---|---:|---:|---:|---:|---|\n")
+    return header + text, out
 
 
 def curves(result: dict, name: str, key: str) -> tuple[list[int], Tensor]:
@@ -403,7 +538,7 @@ def plot(results: dict[str, dict], path: Path) -> None:
     for row, (ds, result) in enumerate(results.items()):
         for col, (key, title) in enumerate(keys):
             ax = axes[row][col]
-            for name in LOSSES:
+            for name in losses_of(result):
                 epochs, vals = curves(result, name, key)
                 log = key in LOG_KEYS  # log axes: geometric mean, band = mean +- std of log10
                 vals = vals.clamp_min(1e-9).log10() if log else vals
@@ -424,7 +559,7 @@ def plot(results: dict[str, dict], path: Path) -> None:
 
 
 def verdict(result: dict) -> tuple[str, dict]:
-    """Paired (same seed) comparisons of (c) and (d) with (b) and (b'), as a markdown table and a dict.
+    """Paired (same seed) comparisons of (c), (d) and (e) with (b) and (b'), as a markdown table and a dict.
 
     Rule for "holds": mCCA higher and d_SVD lower than the KD student for *every* seed, and mean test
     accuracies within one point (|mean difference| <= 0.01)."""
@@ -433,7 +568,7 @@ def verdict(result: dict) -> tuple[str, dict]:
              "| seeds with lower d_SVD | Δ test acc (points) | claim holds? |",
              "|---|---:|---:|---:|---:|---:|---:|---|"]
     out = {}
-    for name in ("logit", "llv"):
+    for name in [n for n in ("logit", "llv", "recipe") if n in runs]:
         for base in ("kd", "kd1"):
             d = {m: [a["test"][m] - b["test"][m] for a, b in zip(runs[name], runs[base])] for m in ("mcca", "d_svd", "acc")}
             n = len(d["mcca"])
@@ -445,7 +580,8 @@ def verdict(result: dict) -> tuple[str, dict]:
             out[f"{name}_vs_{base}"] = {"d_mcca": mean_std(d["mcca"]), "d_d_svd": mean_std(d["d_svd"]), "d_acc": acc,
                                          "higher_mcca": higher, "lower_d_svd": lower, "n": n, "holds": holds}
             lines.append(
-                f"| {LOSS_LABELS[name]} − {LOSS_LABELS[base]} | {fmt(mean_std(d['mcca']))} | {higher}/{n} | "
+                f"| {LOSS_LABELS[name]}{chosen_tag(result, name)} − {LOSS_LABELS[base]} | {fmt(mean_std(d['mcca']))} | "
+                f"{higher}/{n} | "
                 f"{fmt(mean_std(d['d_svd']), sci=True)} | {ratio:.3g} | {lower}/{n} | {100 * acc[0]:+.2f} ± {100 * acc[1]:.2f} | "
                 f"{'yes' if holds else 'no'} |"
             )
@@ -473,12 +609,31 @@ def markdown(results: dict[str, dict], argv: list[str], runtime: float, seeds: l
             "",
             table(result),
             "",
-            "The claim, (c) and (d) against (b) and (b'), seed by seed (rule: higher mCCA and lower d_SVD for every "
-            "seed and mean test accuracies within one point):",
+            "The claim, (c), (d) and (e) against (b) and (b'), seed by seed (rule: higher mCCA and lower d_SVD for "
+            "every seed and mean test accuracies within one point):",
             "",
             verdict(result)[0],
             "",
-            f"LLVLoss setting chosen on validation data (seed {SELECTION_SEED}, "
+        ]
+        if "recipe_selection" in result:
+            sel = result["recipe_selection"]
+            out += [
+                "The LLVLoss recipe (e) against KD (T = 4), the acceptance of issue 13 (mean test accuracy within one "
+                "point of KD's, mean mCCA ≥ 0.98, d_SVD below KD's on every seed):",
+                "",
+                recipe_acceptance(result)[0],
+                "",
+                f"LLVLoss recipe (e) chosen on validation data (seed {SELECTION_SEED}, "
+                f"{cfg['select_epochs'] or cfg['epochs']} epochs; {sel['criterion']}). Every recipe is "
+                f"`LLVLoss(rep_dim=M, label_pivot=\"mean\", input_set_search=\"sample\", "
+                + ", ".join(f"{k}={v!r}" for k, v in sel["llv_base"].items())
+                + f", [input_terms=False]) + w_kd · KDLoss(temperature={sel['kd_temperature']:g}) + w_ce · CE(labels)`:",
+                "",
+                recipe_table(result),
+                "",
+            ]
+        out += [
+            f"Pure LLVLoss setting (d) chosen on validation data (seed {SELECTION_SEED}, "
             f"{cfg['select_epochs'] or cfg['epochs']} epochs; {result['llv_selection']['criterion']}):",
             "",
             sweep_table(result),
