@@ -218,12 +218,13 @@ def logit_distance_rows(logits_p: Tensor, logits_q: Tensor) -> Tensor:
     """``sum_y (c(z_p)_y - c(z_q)_y)^2`` per row of (N, K) logits (float64), with ``c`` the centring over classes;
     in blocks of rows with one reused float64 buffer, so a large vocabulary never needs an N x K float64 copy
     (:func:`~lightning_repsim.functional.kl.logit_pair_rows` gives it together with the KL)."""
-    blocks, rows = _blocks(logits_p.shape[0], logits_p.shape[1])
+    blocks, rows = _blocks(logits_p.shape[0], logits_p.shape[1], logits_p.device)
     buf = torch.empty(rows, logits_p.shape[1], dtype=torch.float64, device=logits_p.device)
     out = logits_p.new_empty(logits_p.shape[0], dtype=torch.float64)
     for sl in blocks:
         d = buf[: logits_p[sl].shape[0]].copy_(logits_q[sl]).neg_().add_(logits_p[sl])
-        out[sl] = torch.var(d, dim=1, correction=0).mul_(d.shape[1])  # centred over classes (Welford, one kernel)
+        d.sub_(d.mean(dim=1, keepdim=True))  # centred over classes (two passes)
+        out[sl] = torch.linalg.vecdot(d, d)
     return out
 
 
