@@ -87,8 +87,9 @@ def logit_pair_rows(logits_p: Tensor, logits_q: Tensor) -> tuple[Tensor, Tensor,
     over blocks of rows (three reused float64 block buffers): what a comparison needs per batch, with about ten passes
     over each block, as many as :func:`log_partition_rows` twice and :func:`kl_of_logit_rows` need for the first
     three alone; the fourth is the centred sum of squares of ``z_p - z_q`` (two passes: its row mean, then the squares
-    of the centred row), so per-input offsets cancel to float64 round-off. A row with a non-finite logit in either model gets a non-finite KL or
-    squared distance (an infinite logit makes the difference infinite or NaN), so one check per row suffices.
+    of the centred row), so per-input offsets cancel to float64 round-off. A row with a non-finite logit in either
+    model gets a non-finite KL or squared distance (an infinite logit makes the difference infinite or NaN), so one
+    check per row suffices.
 
     Example:
         >>> import torch
