@@ -85,14 +85,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for seed in data_seeds:
                 records.append(run(data, seed, args.quick, Path(tmp)))
     runtime = time.perf_counter() - start
-    shown, skip = [], False
-    for a in argv:  # the written files do not depend on --out
-        if skip:
-            skip = False
-        elif a == "--out":
-            skip = True
-        elif not a.startswith("--out="):
-            shown.append(a)
+    # the command as written into the results (without --out: the files do not depend on it)
+    shown = (["--seeds", *map(str, args.seeds)] if args.seeds else []) + (
+        ["--digits-seeds", *map(str, args.digits_seeds)] if args.digits_seeds else []) + (["--quick"] if args.quick else [])
     stem = "demo_seeds_quick" if args.quick else "demo_seeds"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps({"runtime_s": runtime, "args": shown, "runs": records}, indent=1) + "\n")

@@ -94,3 +94,19 @@ def test_cifar10_quick(tmp_path):
     assert h["num_inputs"] == 30
     assert result["png"].stat().st_size > 5000
     assert "| epoch | step |" in result["md"].read_text()
+
+
+def test_demo_seeds_quick(tmp_path):
+    """examples/demo_seeds.py --quick: one demo run (1 epoch per model) recorded with its acceptance check; a failing
+    run is recorded, not raised."""
+    example = load_example("demo_seeds")
+    records = example.main(["--quick", "--digits-seeds", "0", "--out", str(tmp_path)])
+    assert [(r["data"], r["seed"]) for r in records] == [("radial", 0), ("digits", 0)]
+    for r in records:
+        assert "error" not in r, r.get("error")
+        assert set(r["summary"]["students"]) == {"kl", "logit"}
+        assert set(r["acceptance"]) == {"max_kl", "d_llv_ratio", "mcca_gap", "ok"}
+        assert r["acceptance"]["max_kl"] == max(v["kl"] for v in r["summary"]["students"].values())
+    text = (tmp_path / "demo_seeds_quick.md").read_text()
+    assert "`python examples/demo_seeds.py --digits-seeds 0 --quick`" in text and "| radial | 0 |" in text
+    assert (tmp_path / "demo_seeds_quick.json").exists()
