@@ -62,24 +62,38 @@ class RepresentationLabelCov:
         self.cov_u, self.w_p, self.w_q, self.chunk_size = cov_u, w_p, w_q, chunk_size
         k, m = w_p.shape
         self.vx, self.vxd, self.vd = (cov_u.new_empty(k) for _ in range(3))
-        for sl, a, d in self._label_chunks():
-            a_s, d_s = a[:, : m + 1] @ cov_u[: m + 1], d @ cov_u
-            self.vx[sl], self.vxd[sl], self.vd[sl] = (a_s * a).sum(1), (a_s * d).sum(1), (d_s * d).sum(1)
+        c = cov_u
+        for sl, wp, dw, wq in self._label_chunks():
+            # alpha_y C and delta_y C from the blocks of C (alpha = [W_p, -1, 0, 0], delta = [W_q - W_p, 0, W_q, -1]:
+            # no coefficient matrix is assembled, no product with its zero blocks)
+            a_s = torch.addmm(c[m], wp, c[:m], alpha=1, beta=-1)
+            d_s = torch.addmm(torch.addmm(c[2 * m + 1], dw, c[:m], beta=-1), wq, c[m + 1 : 2 * m + 1])
+            self.vx[sl] = (a_s[:, :m] * wp).sum(1) - a_s[:, m]
+            self.vxd[sl] = (a_s[:, :m] * dw).sum(1) + (a_s[:, m + 1 : 2 * m + 1] * wq).sum(1) - a_s[:, 2 * m + 1]
+            self.vd[sl] = (d_s[:, :m] * dw).sum(1) + (d_s[:, m + 1 : 2 * m + 1] * wq).sum(1) - d_s[:, 2 * m + 1]
 
     def _label_chunks(self):
+        """``(slice, W_p, W_q - W_p, W_q)`` rows of each chunk of labels."""
         k = self.w_p.shape[0]
         for start in range(0, k, self.chunk_size):
             sl = slice(start, min(k, start + self.chunk_size))
-            yield (sl, *_label_coefficients(self.w_p, self.w_q, torch.arange(sl.start, sl.stop, device=self.w_p.device)))
+            wp, wq = self.w_p[sl], self.w_q[sl]
+            yield sl, wp, wq - wp, wq
 
     def __call__(self, pivots: Tensor) -> LabelCov:
         cov_u, m, k = self.cov_u, self.w_p.shape[1], self.w_p.shape[0]
         a_piv, d_piv = _label_coefficients(self.w_p, self.w_q, pivots)
-        a_piv_s, d_piv_s = a_piv[:, : m + 1] @ cov_u[: m + 1], d_piv @ cov_u
-        sxx, sxd_py, sxd_yp, sdd = (cov_u.new_empty(pivots.numel(), k) for _ in range(4))
-        for sl, a, d in self._label_chunks():
-            sxx[:, sl], sxd_py[:, sl] = a_piv_s @ a.T, a_piv_s @ d.T
-            sxd_yp[:, sl], sdd[:, sl] = d_piv_s @ a.T, d_piv_s @ d.T
+        p = pivots.numel()
+        # the pivots' alpha C and delta C stacked: (2P, 2M+2); their products with every label's alpha and delta
+        # from three (2P, M) x (M, chunk) products: S alpha^T = S_f W_p^T - S_lp, S delta^T = S_f dW^T + S_g W_q^T - S_e
+        s = torch.cat([a_piv[:, : m + 1] @ cov_u[: m + 1], d_piv @ cov_u])
+        s_f, s_lp, s_g, s_e = s[:, :m], s[:, m, None], s[:, m + 1 : 2 * m + 1], s[:, 2 * m + 1, None]
+        sxx, sxd_py, sxd_yp, sdd = (cov_u.new_empty(p, k) for _ in range(4))
+        for sl, wp, dw, wq in self._label_chunks():
+            with_alpha = torch.sub(s_f @ wp.T, s_lp)
+            with_delta = torch.addmm(torch.sub(s_f @ dw.T, s_e), s_g, wq.T)
+            sxx[:, sl], sxd_yp[:, sl] = with_alpha[:p], with_alpha[p:]
+            sxd_py[:, sl], sdd[:, sl] = with_delta[:p], with_delta[p:]
         return LabelCov(pivots=pivots, vx=self.vx, vxd=self.vxd, vd=self.vd, sxx=sxx, sxd_py=sxd_py, sxd_yp=sxd_yp, sdd=sdd)
 
 
