@@ -12,7 +12,33 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["batch_moments", "merge_moments", "merge_moments_", "covariance_from_moments"]
+__all__ = ["add_gram_", "batch_moments", "merge_moments", "merge_moments_", "covariance_from_moments"]
+
+#: Below twice this many columns, :func:`add_gram_` is one matrix product.
+SYMMETRIC_MIN_COLUMNS = 256
+
+
+def add_gram_(out: Tensor, x: Tensor) -> Tensor:
+    """``out += x^T x`` in place, for a symmetric ``out`` of shape (D, D): for D >= 512 the columns of ``x`` are split
+    in halves, the two diagonal blocks are accumulated recursively and the upper off-diagonal block once, then
+    mirrored (a third fewer flops than one product at D = 1,538, and an exactly symmetric result).
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(50, 600, dtype=torch.float64)
+        >>> bool(torch.allclose(add_gram_(torch.zeros(600, 600, dtype=torch.float64), x), x.T @ x))
+        True
+    """
+    d = x.shape[1]
+    if d < 2 * SYMMETRIC_MIN_COLUMNS:
+        return out.addmm_(x.T, x)
+    h = d // 2
+    a, b = x[:, :h], x[:, h:]
+    add_gram_(out[:h, :h], a)
+    add_gram_(out[h:, h:], b)
+    out[:h, h:].addmm_(a.T, b)
+    out[h:, :h].copy_(out[:h, h:].T)
+    return out
 
 
 def batch_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -34,7 +60,7 @@ def batch_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return n, x.new_zeros(d), x.new_zeros(d, d)
     mean = x.mean(dim=0)
     xc = x - mean
-    return n, mean, xc.T @ xc
+    return n, mean, add_gram_(x.new_zeros(x.shape[1], x.shape[1]), xc)
 
 
 def merge_moments(

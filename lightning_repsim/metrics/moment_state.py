@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_repsim.functional._moments import covariance_from_moments, merge_moments, merge_moments_
+from lightning_repsim.functional._moments import add_gram_, covariance_from_moments, merge_moments, merge_moments_
 
 __all__ = [
     "empty_moments",
@@ -77,7 +77,7 @@ def moments_add(state: Tensor, x: Tensor) -> Tensor:
     n = n_a + b
     delta = mean_b - mean_a
     root = (n_a * b / n).sqrt()  # Chan: + n_a n_b / n * delta delta^T
-    m2_a.addmm_(xc.T, xc).addr_(delta * root, delta * root)
+    add_gram_(m2_a, xc).addr_(delta * root, delta * root)
     mean_a.add_(delta * (b / n))
     n_a.add_(b)
     return state
