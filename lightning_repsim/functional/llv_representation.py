@@ -62,15 +62,24 @@ class RepresentationLabelCov:
         self.cov_u, self.w_p, self.w_q, self.chunk_size = cov_u, w_p, w_q, chunk_size
         k, m = w_p.shape
         self.vx, self.vxd, self.vd = (cov_u.new_empty(k) for _ in range(3))
-        c = cov_u
+        # blocks of C = Cov(u), u = [f (0:M), lp (M), g (M+1:2M+1), e (2M+1)]; alpha_y = [W_p, -1, 0, 0] and
+        # delta_y = [dW, 0, W_q, -1] (dW = W_q - W_p) are never assembled: each diagonal is a sum of block quadratic
+        # forms, five (chunk, M) x (M, M) products in all (symmetry: dW C_fg W_q^T appears once, doubled)
+        g, e = slice(m + 1, 2 * m + 1), 2 * m + 1
+        c_ff, c_fg, c_gg = cov_u[:m, :m], cov_u[:m, g], cov_u[g, g]
+        c_flp, c_fe, c_lpg, c_ge = cov_u[:m, m], cov_u[:m, e], cov_u[m, g], cov_u[g, e]
+        c_lplp, c_lpe, c_ee = cov_u[m, m], cov_u[m, e], cov_u[e, e]
+
+        def rowdot(a: Tensor, b: Tensor) -> Tensor:
+            return (a * b).sum(1)
+
         for sl, wp, dw, wq in self._label_chunks():
-            # alpha_y C and delta_y C from the blocks of C (alpha = [W_p, -1, 0, 0], delta = [W_q - W_p, 0, W_q, -1]:
-            # no coefficient matrix is assembled, no product with its zero blocks)
-            a_s = torch.addmm(c[m], wp, c[:m], alpha=1, beta=-1)
-            d_s = torch.addmm(torch.addmm(c[2 * m + 1], dw, c[:m], beta=-1), wq, c[m + 1 : 2 * m + 1])
-            self.vx[sl] = (a_s[:, :m] * wp).sum(1) - a_s[:, m]
-            self.vxd[sl] = (a_s[:, :m] * dw).sum(1) + (a_s[:, m + 1 : 2 * m + 1] * wq).sum(1) - a_s[:, 2 * m + 1]
-            self.vd[sl] = (d_s[:, :m] * dw).sum(1) + (d_s[:, m + 1 : 2 * m + 1] * wq).sum(1) - d_s[:, 2 * m + 1]
+            wp_ff = wp @ c_ff
+            dw_fg = dw @ c_fg
+            self.vx[sl] = rowdot(wp_ff, wp) - 2 * (wp @ c_flp) + c_lplp
+            self.vxd[sl] = (rowdot(wp_ff, dw) + rowdot(wp @ c_fg, wq) - wp @ c_fe - dw @ c_flp - wq @ c_lpg + c_lpe)
+            self.vd[sl] = (rowdot(dw @ c_ff, dw) + 2 * rowdot(dw_fg, wq) + rowdot(wq @ c_gg, wq) - 2 * (dw @ c_fe)
+                           - 2 * (wq @ c_ge) + c_ee)
 
     def _label_chunks(self):
         """``(slice, W_p, W_q - W_p, W_q)`` rows of each chunk of labels."""
