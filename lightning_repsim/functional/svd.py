@@ -167,14 +167,14 @@ def f_part_from_cov(
     keep = torch.ones(k, dtype=torch.bool, device=w_p.device)
     keep[[label_pivot, leave_out]] = False
     kept = torch.nonzero(keep).flatten()
-    l_p = w_p[kept] - w_p[label_pivot]
-    l_q = w_q[kept] - w_q[label_pivot]
     s_pp, s_pq, s_qq = cov_f[:m, :m], cov_f[:m, m:], cov_f[m:, m:]
     subsets, exhaustive, total = _label_subsets(kept.numel(), r, max_label_subsets, seed, w_p.device)
-    # the log-odds' variances of every kept label once (O(K M^2)), then each subset's M x M cross-covariance
-    # block (one M^3 product; never the (K-2)^2 matrix: K = 50,257 is fine), in chunks of about 2^22 numbers
-    used, local = torch.unique(subsets, return_inverse=True)  # only the labels some subset uses
-    l_p_u, l_q_u = l_p[used], l_q[used]
+    # the log-odds' variances of every label some subset uses, once (O(K M^2) at most), then each subset's M x M
+    # cross-covariance block (one M^3 product; never the (K-2)^2 matrix: K = 50,257 is fine), in chunks of about
+    # 2^22 numbers; the log-odds rows are formed for the used labels only (no K x M copy)
+    used, local = torch.unique(subsets, return_inverse=True)
+    l_p_u = w_p[kept[used]] - w_p[label_pivot]
+    l_q_u = w_q[kept[used]] - w_q[label_pivot]
     var_p = ((l_p_u @ s_pp) * l_p_u).sum(1)
     var_q = ((l_q_u @ s_qq) * l_q_u).sum(1)
     cross = l_p_u @ s_pq
