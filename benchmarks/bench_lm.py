@@ -10,7 +10,7 @@ random tokens (the cost does not depend on the values): *small* = width 128, voc
 256 tokens (14,848 tokens, as in the issue); *wide* = width 768, vocabulary 50,257 (GPT-2's head), 8 sequences of
 256 tokens (2,048 tokens: the forward dominates). For each size, in one process:
 
-1. the student's plain validation epoch;
+1. the student's plain validation epoch (and, separately, its forward alone on the same batches, no Lightning loop);
 2. + the reference's forward on every batch (what any comparison must pay, via a tiny callback);
 3. + ``ReferenceComparison(reference)`` with default settings;
 
@@ -115,6 +115,19 @@ def epoch_seconds(student, batches, callbacks, repeats: int) -> float:
     return best
 
 
+def forward_seconds(student, batches, repeats: int) -> float:
+    """CPU seconds of the student's own forward on every batch (no Lightning loop), best of ``repeats``."""
+    best = float("inf")
+    student.eval()
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.process_time()
+            for batch in batches:
+                student(**batch)
+            best = min(best, time.process_time() - start)
+    return best
+
+
 def run(name: str, repeats: int) -> dict:
     size = SIZES[name]
     batches = data(size)
@@ -122,6 +135,7 @@ def run(name: str, repeats: int) -> dict:
     student = Student(gpt2(size["width"], size["vocab"], seed=0))
     reference = gpt2(size["width"], size["vocab"], seed=1)
     plain = epoch_seconds(student, batches, [], repeats)
+    forward = forward_seconds(student, batches, repeats)
     with_reference = epoch_seconds(student, batches, [ReferenceForward(reference)], repeats)
     best = None
     for _ in range(repeats):
@@ -135,10 +149,11 @@ def run(name: str, repeats: int) -> dict:
     per_batch = parts["on_validation_batch_end"] - parts["_representations"]
     return {
         "size": name, **size, "tokens": tokens,
-        "plain_s": plain, "with_reference_forward_s": with_reference, "with_comparison_s": seconds,
+        "plain_s": plain, "student_forward_s": forward, "with_reference_forward_s": with_reference,
+        "with_comparison_s": seconds,
         "reference_forward_s": reference_forward, "comparison_forwards_s": parts["_representations"],
         "per_batch_update_s": per_batch, "epoch_end_s": parts["on_validation_epoch_end"],
-        "ratio_to_plain": seconds / plain, "per_batch_over_student_forward": per_batch / plain,
+        "ratio_to_plain": seconds / plain, "per_batch_over_student_forward": per_batch / forward,
         "beyond_reference_pct": 100 * (seconds - with_reference) / with_reference,
         "d_llv": entry["d_llv"], "kl": entry["kl"], "stats": stats,
     }
@@ -155,13 +170,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = [run(name, args.repeats) for name in args.sizes]
     print(f"Machine: {machine_info()}; torch {torch.__version__}, {args.threads} thread(s); CPU seconds, best of "
           f"{args.repeats}")
-    print("| model | tokens | plain epoch (s) | + reference forward (s) | + ReferenceComparison (s) | ratio to plain | "
-          "per-batch update (s) | epoch end (s) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| model | tokens | plain epoch (s) | student forward alone (s) | + reference forward (s) | "
+          "+ ReferenceComparison (s) | ratio to plain | per-batch update (s) | per-batch / student forward | "
+          "epoch end (s) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| GPT-2 {r['size']}: width {r['width']}, V={r['vocab']:,} | {r['tokens']:,} | {r['plain_s']:.2f} | "
-              f"{r['with_reference_forward_s']:.2f} | {r['with_comparison_s']:.2f} | {r['ratio_to_plain']:.2f}x | "
-              f"{r['per_batch_update_s']:.2f} | {r['epoch_end_s']:.2f} |")
+              f"{r['student_forward_s']:.2f} | {r['with_reference_forward_s']:.2f} | {r['with_comparison_s']:.2f} | "
+              f"{r['ratio_to_plain']:.2f}x | {r['per_batch_update_s']:.2f} | {r['per_batch_over_student_forward']:.2f} | "
+              f"{r['epoch_end_s']:.2f} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"machine": machine_info(), "command": " ".join(["python"] + sys.argv),
