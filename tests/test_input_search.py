@@ -120,3 +120,17 @@ def test_independent_members_greedy_matches_rank_checks_and_skips_impossible_set
     assert expected[:2] == [1, 6]
     assert stats.diverse_sets_exist(7) and not stats.diverse_sets_exist(8)  # K = 8 log-probabilities: 7 dimensions
     assert _independent_members(stats, 0, order, values, 8) is None
+
+
+def test_tied_pivots_resolve_to_the_smallest_whatever_the_rounding():
+    """Two pivots whose best sets tie (here their T2 is decided by the same pair of inputs) differ by a few ulps that
+    depend on a per-input offset of the logits; the tie must go to the smallest pivot either way (found by the
+    offset-invariance property test, seed 1335)."""
+    gen = torch.Generator().manual_seed(1335)
+    lp = torch.randn(200, 6, generator=gen, dtype=torch.float64)
+    lq = lp + 0.3 * torch.randn(200, 6, generator=gen, dtype=torch.float64)
+    shift = torch.randn(200, 1, generator=gen, dtype=torch.float64)
+    base = llv_distance(lp, lq, rep_dim=2, num_input_sets=30)
+    moved = llv_distance(lp + shift, lq - shift, rep_dim=2, num_input_sets=30)
+    assert base.input_set.tolist() == moved.input_set.tolist() == [18, 135, 71]
+    assert float(moved.t2) == pytest.approx(float(base.t2), rel=1e-12)

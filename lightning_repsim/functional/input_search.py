@@ -236,6 +236,7 @@ def _best_diverse_set(stats: PairStatistics, found: dict, m: int) -> tuple[float
     """The evaluated pivot whose best diverse set (members with linearly independent displacements) has the
     smallest T2: pivots in order of their unconstrained T2 (a lower bound), until that bound exceeds the best."""
     best: tuple[float, Tensor] | None = None
+    best_pivot = -1
     for value, pivot in sorted((v[0], p) for p, v in found.items()):
         if not value < float("inf") or (best is not None and value > best[0] + TIE_RTOL * abs(best[0])):
             break
@@ -249,8 +250,11 @@ def _best_diverse_set(stats: PairStatistics, found: dict, m: int) -> tuple[float
                 continue
             pair_scores = torch.empty_like(scores).scatter_(0, order, scores)  # scores by row position
             value = float(pair_scores[members].max())
-        if best is None or value < best[0] - TIE_RTOL * abs(best[0]):
-            best = (value, torch.cat([torch.tensor([pivot], device=order.device), members]))
+        # ties within TIE_RTOL go to the smallest pivot (row position), whatever the rounding of the two values: a
+        # per-input offset of the logits must not change the chosen set
+        tol = TIE_RTOL * abs(best[0]) if best is not None else 0.0
+        if best is None or value < best[0] - tol or (value <= best[0] + tol and pivot < best_pivot):
+            best, best_pivot = (value, torch.cat([torch.tensor([pivot], device=order.device), members])), pivot
     return best
 
 
