@@ -164,12 +164,7 @@ def input_terms_from_representation(
         sigma = label_covariance_of_h(w_p, b_p, w_q, b_q, chunk_size)
     fp, fq = f_p_rows, f_q_rows
     df = fq - fp
-    r = fp.shape[0]
-    zero, one = fp.new_zeros(r, 1), fp.new_ones(r, 1)
-    x = torch.cat([fp, one, fp.new_zeros(r, m + 1)], dim=1)
-    e = torch.cat([df, zero, fq, one], dim=1)
-    x_s, e_s = x @ sigma, e @ sigma
-    vx, cxe, ve = (x_s * x).sum(1), (x_s * e).sum(1), (e_s * e).sum(1)
+    vx, cxe, ve = _row_variances(fp, df, fq, sigma)
     vq = vx + 2 * cxe + ve
     used, local = torch.unique(sets, return_inverse=True)
     s_count, set_size = sets.shape
@@ -198,12 +193,29 @@ def _displacements_by_set(fp: Tensor, df: Tensor, fq: Tensor, sigma: Tensor, set
     return tuple(torch.cat(t) for t in zip(*parts))
 
 
-def _displacements_by_gram(fp: Tensor, df: Tensor, fq: Tensor, sigma: Tensor, sets: Tensor) -> tuple[Tensor, Tensor]:
-    """``(tau_p^2, Delta)`` per (set, input) from Gram matrices of the R used rows (centred), O(R^2 M)."""
+def _row_variances(fp: Tensor, df: Tensor, fq: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per input, over labels: ``Var l_p``, ``Cov(l_p, l_q - l_p)``, ``Var(l_q - l_p)``, the quadratic forms of
+    ``x = [f_p, 1, 0, 0]`` and ``e = [f_q - f_p, 0, f_q, 1]`` in ``sigma``."""
+    m, r = fp.shape[1], fp.shape[0]
+    zero, one = fp.new_zeros(r, 1), fp.new_ones(r, 1)
+    x = torch.cat([fp, one, fp.new_zeros(r, m + 1)], dim=1)
+    e = torch.cat([df, zero, fq, one], dim=1)
+    x_s, e_s = x @ sigma, e @ sigma
+    return (x_s * x).sum(1), (x_s * e).sum(1), (e_s * e).sum(1)
+
+
+def _centred_coefficients(fp: Tensor, df: Tensor, fq: Tensor) -> tuple[Tensor, Tensor]:
+    """The rows' ``x`` and ``e`` coefficients centred over the rows (constants dropped: displacements ignore them)."""
     m, r = fp.shape[1], fp.shape[0]
     zero = fp.new_zeros(r, 1)
     ac = torch.cat([fp - fp.mean(0), fp.new_zeros(r, m + 2)], dim=1)
     dc = torch.cat([df - df.mean(0), zero, fq - fq.mean(0), zero], dim=1)
+    return ac, dc
+
+
+def _displacements_by_gram(fp: Tensor, df: Tensor, fq: Tensor, sigma: Tensor, sets: Tensor) -> tuple[Tensor, Tensor]:
+    """``(tau_p^2, Delta)`` per (set, input) from Gram matrices of the R used rows (centred), O(R^2 M)."""
+    ac, dc = _centred_coefficients(fp, df, fq)
     ac_s = ac @ sigma
     gaa, gad, gdd = ac_s @ ac.T, ac_s @ dc.T, (dc @ sigma) @ dc.T
     z, i = sets[:, :1], sets[:, 1:]
@@ -229,19 +241,13 @@ def representation_pivot_budget(k: int, m: int) -> int:
 def representation_pair_statistics(f_p_rows: Tensor, f_q_rows: Tensor, sigma: Tensor) -> PairStatistics:
     """The pair statistics of the input-set search (:mod:`~lightning_repsim.functional.input_search`) for candidate
     inputs given by their embeddings, with ``sigma`` the label covariance of :func:`label_covariance_of_h`."""
-    m = f_p_rows.shape[1]
     fp, fq = f_p_rows, f_q_rows
     df = fq - fp
-    r = fp.shape[0]
-    zero, one = fp.new_zeros(r, 1), fp.new_ones(r, 1)
-    x = torch.cat([fp, one, fp.new_zeros(r, m + 1)], dim=1)
-    e = torch.cat([df, zero, fq, one], dim=1)
-    x_s, e_s = x @ sigma, e @ sigma
-    ac = torch.cat([fp - fp.mean(0), fp.new_zeros(r, m + 2)], dim=1)
-    dc = torch.cat([df - df.mean(0), zero, fq - fq.mean(0), zero], dim=1)
+    var_x, cov_xd, var_d = _row_variances(fp, df, fq, sigma)
+    ac, dc = _centred_coefficients(fp, df, fq)
     return PairStatistics(
-        a=ac, d=dc, a_w=ac @ sigma, d_w=dc @ sigma, var_x=(x_s * x).sum(1), cov_xd=(x_s * e).sum(1),
-        var_d=(e_s * e).sum(1), directions_p=fp, directions_q=fq, center_directions=False,
+        a=ac, d=dc, a_w=ac @ sigma, d_w=dc @ sigma, var_x=var_x, cov_xd=cov_xd, var_d=var_d,
+        directions_p=fp, directions_q=fq, center_directions=False,
     )
 
 
