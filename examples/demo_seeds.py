@@ -22,6 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the examples' shared helpers
+from _results import shown_args  # noqa: E402
+
 from lightning_repsim.demo import D_LLV_RATIO_MIN, KL_MAX, MCCA_GAP_MIN, STUDENTS, acceptance
 from lightning_repsim.demo import main as demo_main
 
@@ -85,9 +88,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for seed in data_seeds:
                 records.append(run(data, seed, args.quick, Path(tmp)))
     runtime = time.perf_counter() - start
-    # the command as written into the results (without --out: the files do not depend on it)
-    shown = (["--seeds", *map(str, args.seeds)] if args.seeds else []) + (
-        ["--digits-seeds", *map(str, args.digits_seeds)] if args.digits_seeds else []) + (["--quick"] if args.quick else [])
+    shown = shown_args(argv)
     stem = "demo_seeds_quick" if args.quick else "demo_seeds"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps({"runtime_s": runtime, "args": shown, "runs": records}, indent=1) + "\n")

@@ -79,6 +79,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the examples' shared helpers
+from _results import compact, shown_args  # noqa: E402
+
 from lightning_repsim.models import BottleneckClassifier
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -640,30 +643,6 @@ def markdown(results: dict[str, dict], argv: list[str], runtime: float, seeds: l
             "",
         ]
     return "\n".join(out)
-
-
-def compact(obj):
-    """Floats rounded to 7 significant digits, tuples as lists (a smaller JSON file)."""
-    if isinstance(obj, float):
-        return float(f"{obj:.7g}") if math.isfinite(obj) else obj
-    if isinstance(obj, dict):
-        return {k: compact(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [compact(v) for v in obj]
-    return obj
-
-
-def shown_args(argv: list[str]) -> list[str]:
-    """The command-line arguments without ``--out DIR`` (the written files do not depend on it)."""
-    shown, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--out":
-            skip = True
-        elif not a.startswith("--out="):
-            shown.append(a)
-    return shown
 
 
 def main(argv=None) -> dict:

@@ -117,6 +117,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the examples' shared helpers
+from _results import compact, shown_args  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 STEM = "language_model"
 EOT = "<|endoftext|>"
@@ -717,32 +720,6 @@ def plot(raw: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def compact(obj):
-    """Floats rounded to 7 significant digits, tuples as lists (a smaller JSON file)."""
-    if isinstance(obj, float):
-        return float(f"{obj:.7g}") if math.isfinite(obj) else obj
-    if isinstance(obj, dict):
-        return {k: compact(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [compact(v) for v in obj]
-    if isinstance(obj, Tensor):
-        return compact(obj.tolist())
-    return obj
-
-
-def shown_args(argv: list[str]) -> list[str]:
-    """The command-line arguments without ``--out DIR`` (the written files do not depend on it)."""
-    shown, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--out":
-            skip = True
-        elif not a.startswith("--out="):
-            shown.append(a)
-    return shown
 
 
 def machine(threads: int, workers: int) -> str:

@@ -1,8 +1,10 @@
-"""Shared fixtures: the reference cases computed by the paper authors' implementation."""
+"""Shared fixtures: the reference cases computed by the paper authors' implementation; loading the examples."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,17 @@ REFERENCE_DIR = Path(os.environ.get("REPSIM_REFERENCE_DIR", REPO_ROOT / "tests" 
 REFERENCE_FILES = sorted(REFERENCE_DIR.glob("*.npz"))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+EXAMPLES = REPO_ROOT / "examples"
+
+
+def load_example(name: str):
+    """The script ``examples/<name>.py`` imported as a module (the examples are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def load_reference(path: Path) -> dict[str, torch.Tensor]:

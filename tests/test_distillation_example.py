@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "distillation.py"
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("example_distillation", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_example
 
 
 def test_distillation_quick(tmp_path):
-    example = load_example()
+    example = load_example("distillation")
     results = example.main(["--quick", "--out", str(tmp_path)])
     assert list(results) == ["digits"]
     result = results["digits"]
@@ -62,7 +51,7 @@ def test_recipe_loss_uses_labels_and_teacher():
     and the CE term reads the labels."""
     import torch
 
-    example = load_example()
+    example = load_example("distillation")
     teacher = torch.randn(64, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     labels = teacher.argmax(-1)
     kd_only = example.Recipe(5, {"input_terms": False}, kd=0.1)

@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_example
 
 
 def test_table1_quick(tmp_path):
@@ -108,5 +97,13 @@ def test_demo_seeds_quick(tmp_path):
         assert set(r["acceptance"]) == {"max_kl", "d_llv_ratio", "mcca_gap", "ok"}
         assert r["acceptance"]["max_kl"] == max(v["kl"] for v in r["summary"]["students"].values())
     text = (tmp_path / "demo_seeds_quick.md").read_text()
-    assert "`python examples/demo_seeds.py --digits-seeds 0 --quick`" in text and "| radial | 0 |" in text
+    assert "`python examples/demo_seeds.py --quick --digits-seeds 0`" in text and "--out" not in text and "| radial | 0 |" in text
     assert (tmp_path / "demo_seeds_quick.json").exists()
+
+
+def test_results_helpers():
+    """examples/_results.py: the command recorded without --out, JSON-ready numbers."""
+    helpers = load_example("_results")
+    assert helpers.shown_args(["--quick", "--out", "/tmp/x", "--seeds", "3", "--out=/y"]) == ["--quick", "--seeds", "3"]
+    assert helpers.compact({"a": 0.123456789, "b": (1, torch.tensor([2.5])), "c": float("nan")})["a"] == 0.1234568
+    assert helpers.compact({"b": (1, torch.tensor([2.5]))}) == {"b": [1, [2.5]]}

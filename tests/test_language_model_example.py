@@ -3,27 +3,17 @@ table, plot and raw numbers."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.conftest import load_example
+
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "language_model.py"
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("example_language_model", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def finite(x) -> bool:
@@ -39,7 +29,7 @@ def check_comparison(h: dict) -> None:
 
 
 def test_language_model_quick(tmp_path):
-    example = load_example()
+    example = load_example("language_model")
     threads = torch.get_num_threads()
     raw = example.main(["--quick", "--out", str(tmp_path)])
     assert torch.get_num_threads() == threads
