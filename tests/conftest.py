@@ -56,3 +56,13 @@ def assert_rel(actual, expected, rtol: float = 1e-9, name: str = "", atol: float
     err = torch.where(e == 0, (a - e).abs(), err)
     err = torch.where((a - e).abs() <= atol, torch.zeros_like(err), err)
     assert bool((err <= rtol).all()), f"{name}: max relative error {float(err.max()):.3e} > {rtol:.0e}\n{a}\n{e}"
+
+
+def near_collinear_unembedding(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(f, g)``: 200 random 2-D embeddings and a 6-label unembedding whose second column is twice the first up to
+    1e-12, so every diversity matrix built from it is near-singular (a genuine ``DiversityWarning`` case)."""
+    gen = torch.Generator().manual_seed(seed)
+    f = torch.randn(200, 2, generator=gen, dtype=torch.float64)
+    g = torch.randn(6, 2, generator=gen, dtype=torch.float64)
+    g[:, 1] = g[:, 0] * 2 + 1e-12 * torch.randn(6, generator=gen, dtype=torch.float64)
+    return f, g

@@ -13,6 +13,7 @@ from lightning_repsim.functional import (
     mean_kl_divergence,
     svd_dissimilarity,
 )
+from tests.conftest import near_collinear_unembedding
 
 
 def logits(n=50, k=5, seed=0):
@@ -105,11 +106,7 @@ def test_never_nan():
 
 
 def test_near_singular_diversity_matrix_warns():
-    gen = torch.Generator().manual_seed(0)
-    f = torch.randn(200, 2, generator=gen, dtype=torch.float64)
-    g = torch.randn(6, 2, generator=gen, dtype=torch.float64)
-    g_bad = g.clone()
-    g_bad[:, 1] = g_bad[:, 0] * 2 + 1e-12 * torch.randn(6, generator=gen, dtype=torch.float64)
+    f, g_bad = near_collinear_unembedding()
     with pytest.warns(DiversityWarning, match="condition number"):
         res = svd_dissimilarity(f, g_bad, f, g_bad, label_pivot=0, leave_out=1, input_set=torch.tensor([0, 1, 2]))
     assert float(res.cond_l.max()) > 1e8

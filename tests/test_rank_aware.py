@@ -17,7 +17,7 @@ from lightning_repsim import ReferenceComparison
 from lightning_repsim.functional import DiversityWarning, compare, mean_cca, svd_dissimilarity
 from lightning_repsim.functional.subspace import embedding_subspace
 from lightning_repsim.metrics import MeanCCA, SVDDissimilarity
-from tests.conftest import assert_rel
+from tests.conftest import assert_rel, near_collinear_unembedding
 
 RTOL = 1e-9
 
@@ -126,11 +126,7 @@ def test_redundant_coordinates_change_nothing(extra):
 
 
 def test_ill_conditioned_diversity_sets_still_warn_once_per_fit():
-    gen = torch.Generator().manual_seed(0)
-    f = torch.randn(200, 2, generator=gen, dtype=torch.float64)
-    g = torch.randn(6, 2, generator=gen, dtype=torch.float64)
-    g_bad = g.clone()
-    g_bad[:, 1] = g_bad[:, 0] * 2 + 1e-12 * torch.randn(6, generator=gen, dtype=torch.float64)
+    f, g_bad = near_collinear_unembedding()
     with pytest.warns(DiversityWarning, match="condition number"):
         svd_dissimilarity(f, g_bad, f, g_bad, label_pivot=0, leave_out=1, input_set=torch.tensor([0, 1, 2]))
 
