@@ -32,7 +32,7 @@ from torch import Tensor
 
 from lightning_repsim.functional._moments import batch_moments
 from lightning_repsim.functional._validation import as_matrix, check_finite, check_logit_pair
-from lightning_repsim.functional.kl import _blocks
+from lightning_repsim.functional.kl import _blocks, _centre_rows_
 
 __all__ = [
     "check_cka_state",
@@ -223,8 +223,7 @@ def logit_distance_rows(logits_p: Tensor, logits_q: Tensor) -> Tensor:
     out = logits_p.new_empty(logits_p.shape[0], dtype=torch.float64)
     for sl in blocks:
         d = buf[: logits_p[sl].shape[0]].copy_(logits_q[sl]).neg_().add_(logits_p[sl])
-        d.sub_(d.mean(dim=1, keepdim=True))  # centred over classes (two passes)
-        out[sl] = torch.linalg.vecdot(d, d)
+        out[sl] = _centre_rows_(d)[1]
     return out
 
 

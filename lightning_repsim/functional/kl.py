@@ -32,6 +32,13 @@ def _blocks(n: int, k: int, device: torch.device):
     return [slice(start, start + step) for start in range(0, n, step)], min(step, n)
 
 
+def _centre_rows_(d: Tensor) -> tuple[Tensor, Tensor]:
+    """Centre each row of ``d`` over classes, in place (two passes: exact to float64 round-off, unlike a one-pass
+    variance); returns ``(row means (R, 1), sums of squares of the centred rows (R,))``."""
+    centre = d.mean(dim=1, keepdim=True)
+    d.sub_(centre)
+    return centre, torch.linalg.vector_norm(d, dim=1).square_()  # one reduction pass, no temporary
+
 
 def log_partition_rows(logits: Tensor) -> Tensor:
     """``logZ = logsumexp`` of each row of an (N, K) logit matrix of any float dtype, in float64, over blocks of rows
@@ -57,8 +64,9 @@ def log_partition_rows(logits: Tensor) -> Tensor:
 def kl_of_logit_rows(logits_p: Tensor, logits_q: Tensor, logz_p: Tensor | None = None, logz_q: Tensor | None = None) -> Tensor:
     """``KL(p(.|x) || q(.|x))`` per row of two (N, K) logit matrices of any float dtype, in float64, over blocks of
     rows (two reused float64 block buffers, never an N x K float64 copy). ``logz_p``/``logz_q``: the rows'
-    log-partitions when the caller already has them (:func:`log_partition_rows`). Uses
-    ``KL = sum_y p_y (z_p - z_q)_y - logZ_p + logZ_q``. A row with any non-finite logit in either model gets a
+    log-partitions when the caller already has them (:func:`log_partition_rows`); then
+    ``KL = sum_y p_y (z_p - z_q)_y - logZ_p + logZ_q``, else the KL of :func:`logit_pair_rows` (one sweep, accurate
+    under large per-input offsets). A row with any non-finite logit in either model gets a
     non-finite value (NaN or inf), so one check per row replaces a check per logit.
 
     Example:
@@ -67,6 +75,8 @@ def kl_of_logit_rows(logits_p: Tensor, logits_q: Tensor, logz_p: Tensor | None =
         >>> kl_of_logit_rows(z, z.flip(-1))
         tensor([0.4621,    nan], dtype=torch.float64)
     """
+    if logz_p is None and logz_q is None:  # one sweep, and the KL assembled without the offsets' cancellation
+        return logit_pair_rows(logits_p, logits_q)[2]
     if logz_p is None:
         logz_p = log_partition_rows(logits_p)
     if logz_q is None:
@@ -114,9 +124,7 @@ def logit_pair_rows(logits_p: Tensor, logits_q: Tensor) -> tuple[Tensor, Tensor,
         m_q = block_q.amax(dim=1, keepdim=True).to(torch.float64)
         z_p, z_q = p_buf[:r].copy_(block_p), q_buf[:r].copy_(block_q)  # (mixed-dtype arithmetic is slower)
         d = torch.sub(z_p, z_q, out=d_buf[:r])  # z_p - z_q in float64
-        centre = d.mean(dim=1, keepdim=True)
-        d.sub_(centre)  # centred over classes: two passes, exact to float64 round-off (torch.var's Welford is slower)
-        out[3, sl] = torch.linalg.vector_norm(d, dim=1).square_()  # one reduction pass, no temporary
+        centre, out[3, sl] = _centre_rows_(d)
         u = z_p.sub_(m_p).exp_()  # p(y|x) * Z_p / exp(m_p)
         total = u.sum(dim=1)
         log_u = total.log()
