@@ -301,11 +301,8 @@ def label_part(
     if search == "restricted" and refine:  # local search: the labels closest to the best pivot, as pivots, while that improves T1
         pivots, row_min, refined = _refine_pivots(pivots, row_min, scores_of, row_minima, leave_out, k)
     # the first (row-major) entry within TIE_RTOL of the minimum, exactly as first_argmin on the whole table
-    best = row_min.min()
-    finite = bool(torch.isfinite(best))
-    row = int(torch.nonzero(row_min <= best + TIE_RTOL * best.abs())[0]) if finite else 0
+    row = first_argmin(row_min)
     table, scores = scores_of(pivots[row : row + 1])
-    row_t = 0
     # the row is evaluated again on its own; its rounding may differ from the chunked pass (a different matmul
     # shape), so its left-out label is the first within TIE_RTOL of this row's own minimum, not of ``best``
     lo = first_argmin(scores[0])
@@ -313,11 +310,11 @@ def label_part(
     keep = torch.ones(k, dtype=torch.bool, device=device)
     keep[[y0, lo]] = False
     kept = torch.nonzero(keep).flatten()
-    if not torch.isfinite(scores[row_t, lo]):
-        bad = kept[~table.valid[row_t, kept]].tolist()
+    if not torch.isfinite(scores[0, lo]):
+        bad = kept[~table.valid[0, kept]].tolist()
         raise ValueError(_zero_variance_message(y0, bad))
-    t1_terms = torch.cat([table.a[row_t, kept], table.a_piv[row_t, kept]])
-    t3_terms = table.t3[row_t, kept]
+    t1_terms = torch.cat([table.a[0, kept], table.a_piv[0, kept]])
+    t3_terms = table.t3[0, kept]
     red = torch.amax if reduce == "max" else torch.mean
     return LabelPart(
         label_pivot=y0,
@@ -358,7 +355,7 @@ def _refine_pivots(pivots: Tensor, row_min: Tensor, scores_of: Callable, row_min
         best = row_min.min()
         if not bool(torch.isfinite(best)):
             break
-        row = int(torch.nonzero(row_min <= best + TIE_RTOL * best.abs())[0])
+        row = first_argmin(row_min)
         table, _ = scores_of(pivots[row : row + 1])
         closeness = torch.maximum(table.a[0], table.a_piv[0]).masked_fill(evaluated, float("inf"))
         order = torch.argsort(closeness, stable=True)[:REFINE_PIVOTS]
