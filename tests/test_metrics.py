@@ -534,6 +534,7 @@ def test_bad_input_errors_match_the_functional_layer():
     assert "unembeddings" in _message(SVDDissimilarity().update, f, f)
     assert "(K, M) or (K, M+1)" in _message(SVDDissimilarity(unemb_p=torch.randn(5, 4), unemb_q=w).update, f, f)
     assert "K >= M + 2" in _message(SVDDissimilarity(unemb_p=w[:3], unemb_q=w[:3]).update, f, f)
+    assert "same number of labels" in _message(SVDDissimilarity(unemb_p=w, unemb_q=torch.randn(6, 2)).update, f, f)
     assert "mask" in _message(LLVDistance(rep_dim=2).update, z, z, mask=torch.ones(19, dtype=torch.bool))
     assert "boolean" in _message(LLVDistance(rep_dim=2).update, z, z, mask=torch.ones(20))
     assert "K=5" in _message(LLVDistance(rep_dim=2, num_labels=4).update, z, z)

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from lightning_repsim.functional._validation import as_matrix, check_finite
 
-__all__ = ["log_partition", "logits_from_parts", "logits_from_representations", "split_unembedding"]
+__all__ = ["log_partition", "logits_from_parts", "logits_from_representations", "split_unembedding", "unembedding_parts"]
 
 #: Labels per block when ``logZ`` is computed for large vocabularies (never a B x K float64 block); on CPU the
 #: block is narrowed so that a block of logits holds about :data:`CPU_BLOCK_NUMBERS` numbers (4 MB: its passes stay
@@ -33,15 +33,28 @@ def split_unembedding(unemb: Tensor, rep_dim: int, name: str = "unemb") -> tuple
     """
     u = as_matrix(unemb, name)
     check_finite(u, name)
-    if u.ndim != 2 or unemb.ndim != 2:
+    if unemb.ndim != 2:
         raise ValueError(f"`{name}` must be a (K, M) or (K, M+1) matrix, got shape {tuple(unemb.shape)}")
-    if u.shape[1] == rep_dim:
-        return u, None
-    if u.shape[1] == rep_dim + 1:
-        return u[:, :rep_dim], u[:, rep_dim]
+    return unembedding_parts(u, rep_dim, name)
+
+
+def unembedding_parts(unemb: Tensor, rep_dim: int, name: str = "unemb") -> tuple[Tensor, Tensor | None]:
+    """Views ``(weights (K, M), bias (K,) or None)`` of a (K, M) or (K, M+1) unembedding, in its own dtype and device
+    (no copy, no finiteness check: :func:`split_unembedding` adds those); a clear error for any other width.
+
+    Example:
+        >>> import torch
+        >>> w, b = unembedding_parts(torch.ones(5, 3), rep_dim=2)
+        >>> w.shape, b.shape, w.dtype
+        (torch.Size([5, 2]), torch.Size([5]), torch.float32)
+    """
+    if unemb.ndim == 2 and unemb.shape[1] == rep_dim:
+        return unemb, None
+    if unemb.ndim == 2 and unemb.shape[1] == rep_dim + 1:
+        return unemb[:, :rep_dim], unemb[:, rep_dim]
     raise ValueError(
         f"`{name}` must have shape (K, M) or (K, M+1) (bias as last column) with M={rep_dim} "
-        f"(the embedding dimension), got {tuple(u.shape)}"
+        f"(the embedding dimension), got {tuple(unemb.shape)}"
     )
 
 

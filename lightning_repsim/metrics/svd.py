@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from lightning_repsim.functional._validation import check_finite, check_num_inputs, check_num_labels, check_rep_dim, check_tensor
-from lightning_repsim.functional.family import log_partition, split_unembedding
+from lightning_repsim.functional.family import log_partition, split_unembedding, unembedding_parts
 from lightning_repsim.functional.llv import LLVOptions, LLVResult
 from lightning_repsim.functional.llv_representation import embedding_covariance, label_covariance_of_h, representation_llv
 from lightning_repsim.functional.llv_terms import CHUNK_NUMBERS
@@ -192,44 +192,33 @@ class SVDDissimilarity(CandidateMixin):
         compute = 8.0 * (2 * k * m + 40 * CHUNK_NUMBERS)
         self._check_memory(state, compute, f"with K={k:,} labels and M={m}", "Lower `buffer_size`.")
 
-    def _unembeddings(self, m: int, device: torch.device) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    def _check_unembeddings(self, m: int) -> None:
+        """Both unembeddings given, of width M or M+1, with the same number K >= M + 2 of labels."""
         if self.unemb_p is None or self.unemb_q is None:
             raise ValueError(
                 "SVDDissimilarity needs both models' unembeddings: pass `unemb_p` and `unemb_q` to the "
                 "constructor or to update()"
             )
+        unembedding_parts(self.unemb_p, m, "unemb_p")
+        unembedding_parts(self.unemb_q, m, "unemb_q")
+        k, k_q = self.unemb_p.shape[0], self.unemb_q.shape[0]
+        if k != k_q:
+            raise ValueError(f"`unemb_p` and `unemb_q` must have the same number of labels, got {k} and {k_q}")
+        check_num_labels(k, m, need_subsets=True)
+
+    def _unembeddings(self, m: int, device: torch.device) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+        """Float64 weights and biases on ``device``, checked (finite included)."""
+        self._check_unembeddings(m)
         w_p, b_p = split_unembedding(self.unemb_p.to(device), m, "unemb_p")
         w_q, b_q = split_unembedding(self.unemb_q.to(device), m, "unemb_q")
-        if w_p.shape[0] != w_q.shape[0]:
-            raise ValueError(
-                f"`unemb_p` and `unemb_q` must have the same number of labels, got {w_p.shape[0]} and {w_q.shape[0]}"
-            )
-        k = w_p.shape[0]
-        check_num_labels(k, m, need_subsets=True)
-        self.options.resolve(k)
+        self.options.resolve(w_p.shape[0])
         return w_p, b_p, w_q, b_q
 
     def _raw_unembeddings(self, m: int) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
         """Weights and biases as views of the unembeddings in their own dtype and device (no K x M float64 copy per
         update: ``log_partition`` converts blocks of labels), after the shape checks."""
-        if self.unemb_p is None or self.unemb_q is None:
-            self._unembeddings(m, torch.device("cpu"))  # raises the missing-unembedding error
-        for unemb, name in ((self.unemb_p, "unemb_p"), (self.unemb_q, "unemb_q")):
-            if unemb.shape[1] not in (m, m + 1):
-                raise ValueError(
-                    f"`{name}` must have shape (K, M) or (K, M+1) (bias as last column) with M={m} "
-                    f"(the embedding dimension), got {tuple(unemb.shape)}"
-                )
-        if self.unemb_p.shape[0] != self.unemb_q.shape[0]:
-            raise ValueError(
-                f"`unemb_p` and `unemb_q` must have the same number of labels, got {self.unemb_p.shape[0]} and "
-                f"{self.unemb_q.shape[0]}"
-            )
-        check_num_labels(self.unemb_p.shape[0], m, need_subsets=True)
-        parts = []
-        for unemb in (self.unemb_p, self.unemb_q):
-            parts += [unemb[:, :m], unemb[:, m] if unemb.shape[1] == m + 1 else None]
-        return tuple(parts)  # type: ignore[return-value]
+        self._check_unembeddings(m)
+        return (*unembedding_parts(self.unemb_p, m, "unemb_p"), *unembedding_parts(self.unemb_q, m, "unemb_q"))
 
     @staticmethod
     def _check_unchanged(unemb: Tensor, name: str, used: tuple[Tensor, int]) -> None:
