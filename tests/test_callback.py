@@ -524,3 +524,21 @@ def test_every_compared_batch_takes_the_same_path_with_or_without_a_sanity_check
     assert cb_fresh.stats["own_student_forward"] == 1 and cb_fresh.stats["reused_student_forward"] == 4
     trainer(callbacks=[cb_fresh], num_sanity_val_steps=0).validate(student, val, verbose=False)  # head known now
     assert cb_fresh.history[0] == cb_fresh.history[1]
+
+
+def test_low_precision_logits_are_recomputed_in_float32_with_the_bias():
+    """bf16 logits (mixed precision) are not used for the statistics: they are recomputed in float32 from the
+    embedding and the unembedding (bias as its last column); float32 logits are used as they are."""
+    from lightning_repsim.callbacks.extraction import Representations
+    from lightning_repsim.callbacks.metric_suite import logits_for_statistics
+
+    gen = torch.Generator().manual_seed(0)
+    f = torch.randn(2, 5, 3, generator=gen)
+    unemb = torch.randn(7, 4, generator=gen)  # (K, M + 1): weights and bias
+    exact = f.reshape(-1, 3).double() @ unemb[:, :3].double().T + unemb[:, 3].double()
+    keep = torch.tensor([True, False, True, True, True, False, True, True, True, True])
+    z = logits_for_statistics(Representations(exact.bfloat16().reshape(2, 5, 7), f, unemb), keep)
+    assert z.dtype == torch.float32 and z.shape == (8, 7)
+    torch.testing.assert_close(z.double(), exact[keep], rtol=1e-6, atol=1e-6)
+    own = torch.randn(2, 5, 7, generator=gen)
+    assert torch.equal(logits_for_statistics(Representations(own, f, unemb), None), own.reshape(-1, 7))

@@ -20,9 +20,8 @@ from torch import Tensor
 
 from lightning_repsim.callbacks.extraction import Representations
 from lightning_repsim.functional import LLVOptions
-from lightning_repsim.functional.family import logits_from_parts, split_unembedding
+from lightning_repsim.functional.family import unembedding_parts
 from lightning_repsim.functional.kl import logit_pair_rows
-from lightning_repsim.functional.llv_terms import CHUNK_NUMBERS
 
 __all__ = ["METRIC_KEYS", "MetricSuite"]
 
@@ -65,14 +64,13 @@ def _rows(t: Tensor, keep: Tensor | None) -> Tensor:
 def logits_for_statistics(reps: Representations, keep: Tensor | None) -> Tensor:
     """The model's logit rows as the statistics use them: its own logits when they are float32 or float64, else
     (missing, or float16/bfloat16 from mixed precision) recomputed in float32 from the embedding and the
-    unembedding, in blocks of rows."""
+    unembedding (one float32 product: no float64 copy of the unembedding or of the logits)."""
     if reps.logits is not None and reps.logits.dtype not in _LOW_PRECISION:
         return _rows(reps.logits, keep)
     f = _rows(reps.embeddings, keep)
-    w, b = split_unembedding(reps.unembedding.to(f.device), f.shape[1], "unembedding")
-    step = max(1, CHUNK_NUMBERS // w.shape[0])
-    w32, b32 = w.float(), None if b is None else b.float()
-    return torch.cat([logits_from_parts(f[i : i + step].float(), w32, b32).float() for i in range(0, f.shape[0], step)])
+    w, b = unembedding_parts(reps.unembedding.to(f.device), f.shape[1], "unembedding")
+    logits = f.float() @ w.float().T
+    return logits if b is None else logits.add_(b.float())
 
 
 class MetricSuite:
