@@ -4,7 +4,6 @@ embedding image end up in the offline run's files; other loggers (CSV) get the s
 from __future__ import annotations
 
 import csv
-import glob
 import json
 import math
 import os
@@ -13,58 +12,19 @@ import pytest
 from test_callback import KEYS, assert_close, expected_report, make_pair, radial_loaders, trainer
 
 from lightning_repsim.callbacks import ReferenceComparison
+from tests.conftest import finish_wandb_run, read_wandb_run
 
 wandb = pytest.importorskip("wandb")
 
 
-def wandb_records(path: str):
-    """The protobuf records of an offline run file (``run-*.wandb``, LevelDB log format: 7-byte header,
-    32 KiB blocks of chunks ``crc32 (4) | length (2, LE) | type (1) | payload``). wandb 0.31 writes no
-    ``wandb-summary.json`` for offline runs, so the logged values are read from here."""
-    from wandb.proto import wandb_internal_pb2
-
-    with open(path, "rb") as fh:
-        data = fh.read()
-    assert data[:4] == b":W&B", "not a wandb run file"
-    block, pos, pending = 32768, 7, b""
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:  # block trailer
-            pos += left
-            continue
-        length = int.from_bytes(data[pos + 4 : pos + 6], "little")
-        kind = data[pos + 6]
-        payload = data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind == 1:
-            chunks = [payload]
-        elif kind == 2:
-            pending, chunks = payload, []
-        elif kind == 3:
-            pending, chunks = pending + payload, []
-        elif kind == 4:
-            chunks, pending = [pending + payload], b""
-        else:
-            continue
-        for chunk in chunks:
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(chunk)
-            yield record
+def logged_history(run_dir: str) -> list[dict]:
+    """The ``wandb.log`` rows of a finished offline run (the reader is in conftest, shared with the demo's test)."""
+    return read_wandb_run(run_dir).history
 
 
 def read_json(path: str):
     with open(path) as fh:
         return json.load(fh)
-
-
-def logged_history(run_dir: str) -> list[dict]:
-    """The ``wandb.log`` rows of an offline run, values decoded from JSON (nested keys joined by "/")."""
-    (path,) = glob.glob(os.path.join(run_dir, "run-*.wandb"))
-    rows = []
-    for record in wandb_records(path):
-        if record.WhichOneof("record_type") == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
-    return rows
 
 
 @pytest.fixture
@@ -105,7 +65,7 @@ def test_wandb_offline_run_has_scalars_table_plot_and_image(wandb_env):
     tr = trainer(tmp, callbacks=[cb], logger=[wl, cl], log_every_n_steps=1)
     tr.fit(student, train, val)
     files_dir = wl.experiment.dir  # .../wandb/offline-run-*/files
-    wandb.finish()
+    finish_wandb_run(wl.experiment)  # the whole run on disk before it is read
 
     expected = expected_report(ref, student, val, cb)
     history = logged_history(os.path.dirname(files_dir))

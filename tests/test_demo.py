@@ -1,17 +1,21 @@
-"""The first-run demo (``python -m lightning_repsim.demo``): quick configuration, summary.json, and the full demo's
-message on its default seed (about 30 s on one core)."""
+"""The first-run demo (``python -m lightning_repsim.demo``): quick configuration, summary.json, the offline wandb run
+read back, the report alone, and the full demo's message on its default seed (about 30 s on one core)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from lightning_repsim.callbacks import METRIC_KEYS
-from lightning_repsim.demo import STUDENTS, acceptance, load_data, load_digits_split, load_radial_split, main
+from lightning_repsim.demo import STUDENTS, acceptance, load_data, load_digits_split, load_radial_split, main, report
+from lightning_repsim.demo.tables import StudentsTable
+from tests.conftest import read_wandb_run
 
 SUMMARY_KEYS = {"kl", "d_llv", "d_svd", "mcca", "accuracy", "agreement"}
 
@@ -51,6 +55,7 @@ def check_summary(summary: dict, num_test: int) -> None:
     "teacher_accuracy": ...} (plus the run's settings)."""
     assert set(summary["students"]) == set(STUDENTS) == {"kl", "logit"}
     assert 0.0 <= summary["teacher_accuracy"] <= 1.0
+    assert abs(summary["teacher_accuracy"] * num_test - round(summary["teacher_accuracy"] * num_test)) < 1e-9
     for name, values in summary["students"].items():
         assert set(values) == SUMMARY_KEYS, name
         assert all(isinstance(v, float) and math.isfinite(v) for v in values.values()), name
@@ -103,18 +108,24 @@ def test_demo_quick_logs_everything(offline_wandb, capsys):
     for name in ("kl", "logit"):
         assert {f"{name}_student/{k}" for k in ("kl", "d_llv", "d_svd", "mcca")} <= set(header)
         assert {f"val_acc/{name}", f"agreement/{name}"} <= set(header)
+    # the offline wandb run, read back as soon as main() returned: finished and complete on disk (its exit record is
+    # there), one row per epoch with each student's values of that epoch, the pictures and the final summary
     run_dir = result["wandb_dir"]
     assert run_dir.is_dir() and run_dir.name.startswith("offline-run-")
-    from test_callback_wandb import logged_history
-
-    logged: dict = {}
-    for row in logged_history(str(run_dir)):
-        logged.update(row)
+    run = read_wandb_run(run_dir, complete=True)
     for name in ("kl", "logit"):
-        for key in ("kl", "d_llv", "d_svd", "mcca"):
-            assert logged[f"{name}_student/{key}"] == pytest.approx(result["histories"][name][-1][key], rel=1e-6)
-        assert logged[f"{name}_student/embeddings/_type"] == "images/separated"
-    assert logged["demo/embeddings/_type"] == "images/separated"
+        rows = [row for row in run.history if f"{name}_student/d_llv" in row]
+        history = result["histories"][name]
+        assert [row["epoch"] for row in rows] == [h["epoch"] for h in history] == [0, 1, 2], name
+        for row, h in zip(rows, history):
+            for key in METRIC_KEYS:
+                if math.isfinite(h[key]):
+                    assert row[f"{name}_student/{key}"] == pytest.approx(h[key], rel=1e-12), (name, key, h["epoch"])
+        pictures = [row[f"{name}_student/embeddings/_type"] for row in run.history if f"{name}_student/embeddings/_type" in row]
+        assert pictures == ["images/separated"] * 3, name  # one picture per epoch
+        for key in ("kl", "d_llv", "d_svd", "mcca", "accuracy", "agreement"):
+            assert run.summary[f"final/{name}/{key}"] == pytest.approx(summary["students"][name][key], rel=1e-12)
+    assert [row["demo/embeddings/_type"] for row in run.history if "demo/embeddings/_type" in row] == ["images/separated"]
 
     # called as a function, the demo leaves the process as it found it
     assert torch.get_num_threads() == threads
@@ -132,6 +143,36 @@ def test_demo_without_wandb_restores_environment(tmp_path, monkeypatch):
     check_summary(summary, 2000)
     assert summary["seed"] == 3 and summary["student_seed"] == 4
     assert not any(name.startswith("WANDB_") for name in os.environ)
+
+
+def test_report_alone_prints_the_tables_and_the_message(capsys):
+    """The report needs only the numbers: the final table and the message from a summary, no training."""
+
+    def student(kl, d_llv, d_svd, mcca):
+        return {"kl": kl, "d_llv": d_llv, "d_svd": d_svd, "mcca": mcca, "accuracy": 0.99, "agreement": 0.995}
+
+    summary = {"students": {"kl": student(0.02, 1.2, 0.28, 0.886), "logit": student(0.009, 0.0098, 6.2e-5, 0.9999)},
+               "teacher_accuracy": 0.996, "epochs": 30, "num_test": 2000}
+    table = StudentsTable({name: None for name in STUDENTS})
+    table.rows = [{"epoch": e, "kl": {"acc": 0.9, "agree": 0.9, **{k: summary["students"]["kl"][k] for k in
+                                                                  ("kl", "d_llv", "d_svd", "mcca")}},
+                   "logit": {"acc": 0.9, "agree": 0.9, **{k: summary["students"]["logit"][k] for k in
+                                                          ("kl", "d_llv", "d_svd", "mcca")}}} for e in range(1, 31)]
+    check = acceptance(summary)
+    assert check["ok"]
+    report.print_results(table, summary, check, full_epochs=30)
+    text = capsys.readouterr().out
+    assert [line.split("|")[0].strip() for line in text.splitlines() if "|" in line][2:] == ["1", "2", "3", "5", "10",
+                                                                                           "20", "30"]
+    assert "logit student     0.9900  0.995  0.0090  0.0098  6.2e-05 0.9999" in text
+    assert "d_LLV 1.200 vs 0.0098 (122x apart)" in text and "Check (both KL <= 0.05" in text and "holds" in text
+    assert "The logit student's embedding is nearly a linear map of the teacher's" in text
+
+
+def test_module_entry_point_answers_help():
+    out = subprocess.run([sys.executable, "-m", "lightning_repsim.demo", "--help"], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert out.startswith("usage: python -m lightning_repsim.demo") and "--quick" in out and "--no-wandb" in out
 
 
 def test_acceptance_rule():
