@@ -185,6 +185,8 @@ def test_custom_dataloader_and_student_untouched():
     plain, _, _ = run(False)
     student, (cb,), ref = run(True)
     assert len(plain.grads) == len(student.grads) == 8
+    # bit-identical: both runs do the same float operations in one process; any change by the callback (e.g. a draw
+    # from the global RNG shifting the dropout masks) shows as a difference
     for g_plain, g in zip(plain.grads, student.grads):
         assert torch.equal(g_plain, g)
     for (name, p_plain), p in zip(plain.named_parameters(), student.parameters()):
@@ -258,7 +260,7 @@ def test_resume_continues_history_and_refuses_other_reference(tmp_path):
     tr2 = trainer(tmp_path, max_epochs=3, callbacks=[cb2], enable_checkpointing=False)
     tr2.fit(resumed_student, train, val, ckpt_path=last)
     assert [h["epoch"] for h in cb2.history] == [0, 1, 2]
-    assert cb2.history[:2] == cb.history
+    assert cb2.history[:2] == cb.history  # restored from the checkpoint (the same floats), not recomputed
     assert cb2.reference_fingerprint == cb.reference_fingerprint
     expected = expected_report(cb2.reference, resumed_student, val, cb2)
     assert_close(cb2.history[-1]["d_llv"], expected["d_llv"], "d_llv after resume")
@@ -523,7 +525,7 @@ def test_every_compared_batch_takes_the_same_path_with_or_without_a_sanity_check
     trainer(callbacks=[cb_fresh], num_sanity_val_steps=0).validate(student, val, verbose=False)
     assert cb_fresh.stats["own_student_forward"] == 1 and cb_fresh.stats["reused_student_forward"] == 4
     trainer(callbacks=[cb_fresh], num_sanity_val_steps=0).validate(student, val, verbose=False)  # head known now
-    assert cb_fresh.history[0] == cb_fresh.history[1]
+    assert cb_fresh.history[0] == cb_fresh.history[1]  # the same path and arithmetic on the same inputs: bit-identical
 
 
 def test_low_precision_logits_are_recomputed_in_float32_with_the_bias():

@@ -12,8 +12,9 @@ from lightning_repsim.functional.cka import cka_batch_state, cka_merge, cka_valu
 from lightning_repsim.functional.kl import logit_pair_rows
 from lightning_repsim.losses import LogitDistanceLoss
 from lightning_repsim.metrics import LinearCKA, LogitDistance, MeanKLDivergence, ProcrustesDistance
+from tests.conftest import STREAM_RTOL
 
-RTOL = 1e-9
+RTOL = STREAM_RTOL
 
 
 def rel(a, b) -> float:

@@ -8,9 +8,9 @@ import torch
 
 from lightning_repsim.functional import compare
 from lightning_repsim.functional.compare import choose_route
-from tests.conftest import assert_rel
+from tests.conftest import STREAM_RTOL, assert_rel
 
-RTOL = 1e-9
+RTOL = STREAM_RTOL
 
 
 def assert_same_report(a, b, rtol=RTOL):

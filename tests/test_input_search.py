@@ -11,7 +11,7 @@ import torch
 from lightning_repsim.functional import llv_distance, llv_seed_spread
 from lightning_repsim.functional.llv_terms import set_entries
 from lightning_repsim.metrics import LLVDistance, SVDDissimilarity
-from tests.conftest import REFERENCE_FILES, load_reference
+from tests.conftest import REFERENCE_FILES, STREAM_RTOL, assert_close_dict, load_reference
 
 
 def pair(n=200, k=6, seed=0, noise=0.5):
@@ -35,7 +35,7 @@ def test_repeated_inputs_never_share_a_set():
     res = metric.compute_result()
     assert len({int(i) % 10 for i in res.input_set.tolist()}) == 3
     # the optimum over distinct inputs equals the search on the distinct inputs alone
-    assert float(res.t2) == pytest.approx(float(llv_distance(base_p, base_q, rep_dim=2).t2), rel=1e-9)
+    assert float(res.t2) == pytest.approx(float(llv_distance(base_p, base_q, rep_dim=2).t2), rel=STREAM_RTOL)
 
 
 def test_too_few_distinct_inputs_is_a_clear_error():
@@ -90,8 +90,9 @@ def test_streaming_search_is_independent_of_batching_and_route():
         results.append((llv.compute_result(), svd.compute_result().llv))
     for llv_res, svd_res in results:
         assert llv_res.input_set.tolist() == results[0][0].input_set.tolist() == svd_res.input_set.tolist()
-        assert float(llv_res.t2) == pytest.approx(float(svd_res.t2), rel=1e-9)
-        assert llv_res.search == results[0][0].search
+        assert float(llv_res.t2) == pytest.approx(float(svd_res.t2), rel=STREAM_RTOL)
+        # the search report holds floats (e.g. the best sampled T2), summed in another order per batching
+        assert_close_dict(llv_res.search, results[0][0].search, STREAM_RTOL, "search")
 
 
 def test_independent_members_greedy_matches_rank_checks_and_skips_impossible_sets():

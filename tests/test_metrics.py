@@ -16,9 +16,9 @@ from lightning_repsim.functional.llv import LLVResult
 from lightning_repsim.metrics import LLVDistance, MeanCCA, MeanKLDivergence, SVDDissimilarity
 from lightning_repsim.metrics.moment_state import fold_moments
 from lightning_repsim.metrics.sketch import bottom_k, buffer_content, fold_buffers, hash_keys
-from tests.conftest import assert_rel
+from tests.conftest import STREAM_RTOL, assert_close_dict, assert_rel
 
-RTOL = 1e-9
+RTOL = STREAM_RTOL
 FILE_FIELDS_LLV = ("t1", "t3", "t1_terms", "t3_terms")
 
 
@@ -36,7 +36,8 @@ def _one_thread():
 # helpers
 # ----------------------------------------------------------------------------------------------
 def assert_same(a, b, rtol: float = RTOL, path: str = "result") -> None:
-    """Every field equal: integers, strings and integer tensors exactly, float tensors to ``rtol``."""
+    """Every field equal: integers, strings and integer tensors exactly, floats (tensors, or inside dicts such as
+    the search report) to ``rtol``."""
     if dataclasses.is_dataclass(a):
         assert type(a) is type(b), path
         for f in dataclasses.fields(a):
@@ -56,8 +57,8 @@ def assert_same(a, b, rtol: float = RTOL, path: str = "result") -> None:
             assert torch.equal(a.cpu(), b.cpu()), f"{path}: {a} != {b}"
     elif isinstance(a, float):
         assert math.isclose(a, b, rel_tol=rtol), f"{path}: {a} != {b}"
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
+    else:  # dicts and lists may hold floats
+        assert_close_dict(a, b, rtol, path)
 
 
 def batches(n: int, size: int, order: torch.Tensor | None = None):

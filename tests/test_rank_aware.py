@@ -17,9 +17,9 @@ from lightning_repsim import ReferenceComparison
 from lightning_repsim.functional import DiversityWarning, compare, mean_cca, svd_dissimilarity
 from lightning_repsim.functional.subspace import embedding_subspace
 from lightning_repsim.metrics import MeanCCA, SVDDissimilarity
-from tests.conftest import assert_rel, near_collinear_unembedding
+from tests.conftest import STREAM_RTOL, assert_rel, near_collinear_unembedding
 
-RTOL = 1e-9
+RTOL = STREAM_RTOL
 
 
 class LayerNormNet(pl.LightningModule):
