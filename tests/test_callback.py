@@ -117,7 +117,7 @@ def expected_report(ref: RadialNet, student: RadialNet, loader: DataLoader, cb: 
     return compare(
         radial_representations(ref, loader), unembedding(ref.head),
         radial_representations(student, loader), unembedding(student.head), input_sets=candidate_sets(cb),
-        logits_p=radial_logits(ref, loader), logits_q=radial_logits(student, loader), route="representation",
+        logits=(radial_logits(ref, loader), radial_logits(student, loader)), route="representation",
     ).as_dict()
 
 
@@ -195,7 +195,7 @@ def test_custom_dataloader_and_student_untouched():
     loader = DataLoader(TensorDataset(extra_x, extra_y), batch_size=40)
     x = radial_representations(ref, loader)
     expected = compare(x, unembedding(ref.head), radial_representations(student, loader), unembedding(student.head),
-                       logits_p=radial_logits(ref, loader), logits_q=radial_logits(student, loader),
+                       logits=(radial_logits(ref, loader), radial_logits(student, loader)),
                        route="representation").as_dict()
     # the loader shuffles, so the inputs' ids (positions in the loader's order) are not dataset indices:
     # only the quantities that do not depend on the input set are compared here
@@ -357,7 +357,7 @@ def test_lm_head_with_padding_mask():
     row_of = {int(t): r for r, t in enumerate(ids[masks].tolist())}
     sets = candidate_sets(cb, lambda i: row_of[i])
     w_p, w_q = ref.lm_head.weight.detach().double(), student.lm_head.weight.detach().double()
-    expected = compare(f_p, w_p, f_q, w_q, input_sets=sets, logits_p=z_p, logits_q=z_q, route="representation").as_dict()
+    expected = compare(f_p, w_p, f_q, w_q, input_sets=sets, logits=(z_p, z_q), route="representation").as_dict()
     assert cb.history[-1]["num_inputs"] == f_p.shape[0] == int(sum(b["attention_mask"].sum() for b in batches))
     for key in KEYS:
         assert_close(cb.history[-1][key], expected[key], key)
@@ -410,7 +410,7 @@ def test_distributed_sampler_padding_is_not_counted():
     sets = candidate_sets(cb, lambda i: (i - 1) // 2)
     expected = compare(
         radial_representations(ref, rows), unembedding(ref.head), radial_representations(student, rows),
-        unembedding(student.head), input_sets=sets, logits_p=radial_logits(ref, rows), logits_q=radial_logits(student, rows),
+        unembedding(student.head), input_sets=sets, logits=(radial_logits(ref, rows), radial_logits(student, rows)),
         route="representation",
     ).as_dict()
     for key in KEYS:
@@ -459,7 +459,7 @@ def test_reference_runs_at_the_students_precision(precision):
         with torch.no_grad():
             f_p, f_q, z_p, z_q = ref.body(x), student.body(x), ref(x), student(x)
         expected = compare(f_p, unembedding(ref.head), f_q, unembedding(student.head), input_sets=candidate_sets(cb),
-                           logits_p=z_p, logits_q=z_q, route="representation").as_dict()
+                           logits=(z_p, z_q), route="representation").as_dict()
         for key in KEYS:
             assert_close(cb.history[-1][key], expected[key], key, rtol=1e-7)  # float64 batches of 50 vs all at once
 

@@ -121,7 +121,7 @@ def test_gpt2_through_the_callback_equals_compare_and_the_reference_sees_the_mas
     llv = cb.last_results["svd"].llv
     sets = llv.candidate_sets.cpu().apply_(lambda i: row_of[i])
     w_p, w_q = reference.lm_head.weight.detach().double(), student.model.lm_head.weight.detach().double()
-    expected = compare(f_p, w_p, f_q, w_q, input_sets=sets, logits_p=z_p, logits_q=z_q, route="representation")
+    expected = compare(f_p, w_p, f_q, w_q, input_sets=sets, logits=(z_p, z_q), route="representation")
     for key, value in (("kl", expected.kl), ("d_llv", expected.llv.value), ("llv_t1", expected.llv.t1),
                        ("llv_t2", expected.llv.t2)):
         assert abs(h[key] - float(value)) <= 1e-9 * abs(float(value)), key

@@ -57,13 +57,53 @@ def test_the_search_is_the_exact_argmin_when_every_pivot_is_tried():
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_never_above_the_sampled_value(seed):
-    z_p, z_q = pair(n=3000, k=40, seed=seed)  # 3000^2 x 40 > the all-pivots budget: the pivot search runs
-    optimised = llv_distance(z_p, z_q, rep_dim=4, seed=seed)
+def test_never_above_the_sampled_value(seed, monkeypatch):
+    """Exhaustive (within the budget) and local search (beyond it: the budget is lowered here) are never above the
+    best sampled set."""
+    from lightning_repsim.functional import input_search
+
+    z_p, z_q = pair(n=3000, k=40, seed=seed)
     sampled = llv_distance(z_p, z_q, rep_dim=4, seed=seed, input_set_search="sample")
-    assert not optimised.search["all_pivots"] and optimised.search["pivots_evaluated"] > 0
-    assert float(optimised.t2) <= float(sampled.t2) + 1e-12
-    assert optimised.search["sampled_best"] == pytest.approx(float(sampled.t2), rel=1e-12)
+    exhaustive = llv_distance(z_p, z_q, rep_dim=4, seed=seed)
+    assert exhaustive.search["exhaustive"] and exhaustive.search["pivots_evaluated"] == 3000
+    monkeypatch.setattr(input_search, "EXHAUSTIVE_BUDGET", 10**6)
+    local = llv_distance(z_p, z_q, rep_dim=4, seed=seed)
+    assert not local.search["exhaustive"] and 0 < local.search["pivots_evaluated"] <= input_search.MAX_PIVOTS
+    for optimised in (exhaustive, local):
+        assert float(optimised.t2) <= float(sampled.t2) + 1e-12
+        assert optimised.search["sampled_best"] == pytest.approx(float(sampled.t2), rel=1e-12)
+    assert float(exhaustive.t2) <= float(local.t2) + 1e-12
+
+
+@pytest.mark.parametrize("shape", [(2500, 12, 3), (4000, 100, 6)])
+def test_exhaustive_search_is_seed_free(shape):
+    """Every pair scored: T2, d_LLV and the chosen set do not depend on the seed of the sampled sets."""
+    n, k, m = shape
+    z_p, z_q = pair(n=n, k=k, seed=5)
+    results = [llv_distance(z_p, z_q, rep_dim=m, seed=seed) for seed in range(3)]
+    for res in results:
+        assert res.search["exhaustive"]
+        assert float(res.t2) == pytest.approx(float(results[0].t2), rel=1e-12)
+        assert float(res.value) == pytest.approx(float(results[0].value), rel=1e-12)
+        assert res.input_set.tolist() == results[0].input_set.tolist()  # the same argmin: no seed enters the search
+
+
+def test_exhaustive_search_equals_brute_force_over_pivots():
+    """The blocked all-pairs scoring equals scoring each pivot against every input (the local search's path)."""
+    from lightning_repsim.functional.input_search import PairStatistics, all_pivots, evaluate_pivots
+
+    z_p, z_q = pair(n=1300, k=7, seed=4)  # more than two blocks of 512
+    lp, lq = torch.log_softmax(z_p, -1), torch.log_softmax(z_q, -1)
+    stats = PairStatistics.from_log_probabilities(lp, lq)
+    table = all_pivots(stats, 3)
+    direct = evaluate_pivots(stats, torch.arange(1300), 3)
+    assert torch.equal(table.pivots, direct.pivots)
+    torch.testing.assert_close(table.scores, direct.scores, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(table.t2, direct.t2, rtol=1e-9, atol=1e-12)
+    # the factors' scores equal the entry formula on the log-probabilities
+    sets = torch.cat([table.pivots[:, None], table.partners[:, :3]], 1)[:50]
+    b, b_piv, _, _ = set_entries(lp, lq, sets)
+    torch.testing.assert_close(torch.maximum(b, b_piv), table.scores[:50, :3], rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("path", REFERENCE_FILES, ids=[p.stem for p in REFERENCE_FILES])
@@ -97,7 +137,7 @@ def test_streaming_search_is_independent_of_batching_and_route():
 
 def test_independent_members_greedy_matches_rank_checks_and_skips_impossible_sets():
     """The incremental orthogonalisation keeps exactly the partners a rank check per candidate would keep; a set
-    size above the rows' affine dimension is recognised as impossible at once."""
+    larger than the rows' affine dimension spans it (diversity within the model's own rank)."""
     from lightning_repsim.functional.input_search import PairStatistics, _independent_members
 
     g = torch.Generator().manual_seed(0)
@@ -117,10 +157,13 @@ def test_independent_members_greedy_matches_rank_checks_and_skips_impossible_set
                 expected.append(index)
                 if len(expected) == m:
                     break
-        assert _independent_members(stats, 0, order, values, m).tolist() == expected
+        assert order[_independent_members(stats, 0, order, values, m)].tolist() == expected
     assert expected[:2] == [1, 6]
-    assert stats.diverse_sets_exist(7) and not stats.diverse_sets_exist(8)  # K = 8 log-probabilities: 7 dimensions
-    assert _independent_members(stats, 0, order, values, 8) is None
+    assert stats.affine_ranks() == (7, 7)  # K = 8 log-probabilities: 7 dimensions
+    # a set larger than the rows' affine dimension: 7 members span it, the 8th is the next by score
+    members = order[_independent_members(stats, 0, order, values, 8)]
+    assert stats.rank_ok(0, members) and members.numel() == 8
+    assert int(torch.linalg.matrix_rank(stats.displaced(0, members)[0])) == 7
 
 
 def test_tied_pivots_resolve_to_the_smallest_whatever_the_rounding():

@@ -309,7 +309,7 @@ def test_state_size_does_not_grow_with_inputs():
     assert sizes[1_000] == sizes[100_000]
     # the documented formulas (+ 8 bytes for the dropped-row counter, 8 per dimension and per configuration entry)
     assert sizes[1_000]["llv"] == 8 * (1 + 2 * k + 4 * k * k + buf * (2 * k + 3)) + 8 + 8 + 5 * 8
-    assert sizes[1_000]["svd"] == 8 * (1 + (2 * m + 2) + (2 * m + 2) ** 2 + buf * (2 * m + 3)) + 8 + 4 * 8
+    assert sizes[1_000]["svd"] == 8 * (1 + (2 * m + 2) + (2 * m + 2) ** 2 + buf * (2 * m + 3)) + 8 + 4 * 8 + 2 * 8  # + widths
     assert sizes[1_000]["kl"] == 8 * 3 + 8 + 8
     assert sizes[1_000]["cca"] == 8 * (1 + 2 * m + 4 * m * m) + 8 + 16
 
@@ -531,7 +531,9 @@ def test_bad_input_errors_match_the_functional_layer():
     for a, b in [(f, torch.randn(19, 2)), (f, badf)]:
         assert _message(MeanCCA().update, a, b) == _message(mean_cca, a, b)
     w = torch.randn(5, 2)
-    assert "same shape" in _message(SVDDissimilarity(unemb_p=w, unemb_q=w).update, f, torch.randn(20, 3))
+    # widths may differ (a smaller student), but each unembedding must fit its embedding
+    assert "`unemb_q` must have shape (K, M) or (K, M+1)" in _message(SVDDissimilarity(unemb_p=w, unemb_q=w).update, f,
+                                                                     torch.randn(20, 3))
     assert "unembeddings" in _message(SVDDissimilarity().update, f, f)
     assert "(K, M) or (K, M+1)" in _message(SVDDissimilarity(unemb_p=torch.randn(5, 4), unemb_q=w).update, f, f)
     assert "K >= M + 2" in _message(SVDDissimilarity(unemb_p=w[:3], unemb_q=w[:3]).update, f, f)

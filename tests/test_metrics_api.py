@@ -310,7 +310,7 @@ def test_merge_state_refuses_incompatible_metrics():
     a, b = SVDDissimilarity(unemb_p=w, unemb_q=w), SVDDissimilarity(unemb_p=w3, unemb_q=w3)
     a.update(f, f)
     b.update(torch.randn(50, 3, dtype=torch.float64), torch.randn(50, 3, dtype=torch.float64))
-    with pytest.raises(ValueError, match="M=3.*M=2"):
+    with pytest.raises(ValueError, match=r"M_p \+ M_q = 6.*M_p \+ M_q = 4"):
         a.merge_state(b)
 
 

@@ -79,11 +79,15 @@ class MetricSuite:
     The metrics are created at the first :meth:`update`, once the shapes are known:
 
     * always ``MeanKLDivergence`` and ``LogitDistance`` on the logits;
-    * both models give embeddings of the same width M and K >= M + 2:
-      ``SVDDissimilarity`` (its ``.llv`` is d_LLV by the representation route, O(M^2) state, any K) fed with
-      the embeddings and each input's ``logZ`` from the logits, ``MeanCCA`` on the embeddings;
-    * otherwise (logits only, different widths, or K < M + 2): ``LLVDistance`` on the logits with ``rep_dim``
-      (default: M, or ``K - 1`` for logits only), plus ``MeanCCA`` when both have embeddings.
+    * both models give embeddings (of any widths M_p, M_q) and K >= max(M_p, M_q) + 2 (or ``rep_dim`` + 2):
+      ``SVDDissimilarity`` (its ``.llv`` is d_LLV by the representation route, O((M_p + M_q)^2) state, any K) fed
+      with the embeddings and each input's ``logZ`` from the logits, at the representation dimension
+      ``max(r_p, r_q)`` of the embeddings (or ``rep_dim``), and ``MeanCCA`` on the embeddings;
+    * otherwise (logits only, or K < M + 2 as for a ResNet's 10-class head on 512-d features): ``LLVDistance`` on
+      the logits with ``rep_dim`` (default: the larger width, or ``K - 1`` for logits only), plus ``MeanCCA`` when
+      both have embeddings.
+
+    ``compute()`` reports which M it used and why (``info["rep_dim"]``, ``info["rep_dim_reason"]``).
 
     ``ids`` (global sample positions from the callback) are given to the metrics with a candidate buffer,
     so the candidate inputs, hence every value, do not depend on the number of processes.
@@ -104,6 +108,8 @@ class MetricSuite:
         self.mode: str | None = None
         self.m: int | None = None
         self.k: int | None = None
+        self.widths: tuple[int, int] | None = None
+        self.rep_dim_reason = ""
         self.device = torch.device("cpu")
         self.num_rows = 0
         self.results: dict[str, Any] = {}
@@ -135,22 +141,30 @@ class MetricSuite:
         self.check_compatible(ref, stu)
         both = ref.has_representations and stu.has_representations
         self.k = int(ref.num_labels)
-        same_width = both and ref.embeddings.shape[-1] == stu.embeddings.shape[-1]
-        if same_width:
-            self.m = int(ref.embeddings.shape[-1])
-        elif self.rep_dim is not None:
+        self.widths = (int(ref.embeddings.shape[-1]), int(stu.embeddings.shape[-1])) if both else None
+        widest = max(self.widths) if both else None
+        # the representation route whenever both models expose embeddings, whatever their widths, as long as d_SVD's
+        # label subsets fit (K >= M + 2); M is then max(r_p, r_q) of the embeddings (or `rep_dim`), found at compute()
+        needed = self.rep_dim if self.rep_dim is not None else widest
+        self.mode = "representations" if both and self.k >= needed + 2 else "logits"
+        if self.mode == "representations":
             self.m = self.rep_dim
+            self.rep_dim_reason = ("given (rep_dim)" if self.rep_dim is not None else
+                                   "max(rank of the reference's embeddings, rank of the student's)")
+        elif self.rep_dim is not None:
+            self.m, self.rep_dim_reason = self.rep_dim, "given (rep_dim)"
         elif both:
-            self.m = int(min(ref.embeddings.shape[-1], stu.embeddings.shape[-1]))
+            self.m = widest
+            self.rep_dim_reason = (f"the larger embedding width (logits route: K={self.k} < M + 2, so d_SVD is not "
+                                   "defined and the ranks are not computed)")
         else:
-            self.m = self.k - 1
-        self.mode = "representations" if same_width and self.k >= self.m + 2 else "logits"
+            self.m, self.rep_dim_reason = self.k - 1, "K - 1 (logits only: no embeddings, rep_dim not given)"
         metrics: dict[str, Any] = {
             "kl": M.MeanKLDivergence(**self._kwargs_for(M.MeanKLDivergence)),
             "logit": M.LogitDistance(**self._kwargs_for(M.LogitDistance)),
         }
         if self.mode == "representations":
-            # d_SVD on the sets d_LLV chooses; its .llv is d_LLV by the representation route (O(M^2) state)
+            # d_SVD on the sets d_LLV chooses; its .llv is d_LLV by the representation route (O((M_p + M_q)^2) state)
             metrics["svd"] = M.SVDDissimilarity(rep_dim=self.m, **self._kwargs_for(M.SVDDissimilarity))
         else:
             metrics["llv"] = M.LLVDistance(rep_dim=self.m, **self._kwargs_for(M.LLVDistance))
@@ -256,7 +270,8 @@ class MetricSuite:
                 d_llv=d, llv_t1=float(llv.t1), llv_t2=float(llv.t2), llv_t3=float(llv.t3), llv_t4=float(llv.t4),
                 bound_paper=2 * llv.rep_dim * d, bound_sharp=2 * d * d,
             )
-            info["rep_dim"] = int(llv.rep_dim)  # the embeddings' rank when they are rank-deficient
+            info["rep_dim"] = int(llv.rep_dim)  # max(r_p, r_q) of the embeddings unless given
+            info["rep_dim_reason"] = self.rep_dim_reason
             info.update(
                 label_pivot=int(llv.label_pivot), leave_out=int(llv.leave_out),
                 input_set=[int(i) for i in llv.input_set.tolist()],
@@ -264,6 +279,12 @@ class MetricSuite:
         svd = results.get("svd")
         if svd is not None:
             values.update(d_svd=float(svd.value), d_svd_f=float(svd.f_part), d_svd_g=float(svd.g_part))
+            info["embedding_rank"] = [int(r) for r in svd.svd.embedding_rank]
+            if self.rep_dim is None:
+                r_p, r_q = info["embedding_rank"]
+                info["rep_dim_reason"] = f"max(rank {r_p} of the reference's embeddings, rank {r_q} of the student's)"
+        if self.widths is not None:
+            info["widths"] = list(self.widths)
         elif self.mode == "logits" and self.k is not None and self.m is not None and self.k < self.m + 2:
             problems["d_svd"] = f"d_SVD needs K >= M + 2 labels, got K={self.k}, M={self.m}"
         if "cca" in results:

@@ -22,7 +22,7 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -95,8 +95,11 @@ class ReferenceComparison(Callback):
             head captured by a forward hook while ``validation_step`` ran (accepted only when the head ran
             exactly once with the batch's shape). Otherwise (or when False) the student is run under
             ``no_grad`` in eval mode on the batch.
-        rep_dim: M for d_LLV when the models give logits only (default ``K - 1``). Ignored when
-            embeddings are available (M is their width).
+        rep_dim: the representation dimension M (input sets of M + 1 inputs, d_SVD's label subsets of M labels).
+            Default: with embeddings, the larger rank of the two models' embeddings, ``max(r_p, r_q)``, whatever
+            their widths (a smaller student compares at the teacher's dimension, see ``docs/smaller_student.md``);
+            from logits only, ``K - 1``. The M used and why are in ``history[i]["rep_dim"]`` /
+            ``["rep_dim_reason"]`` and in one log line per fit.
         metric_kwargs: passed to the streaming metrics (the d_LLV options ``lam``, ``reduce``, ``combine``,
             ``num_input_sets``, ``seed``, ... of :class:`~lightning_repsim.functional.LLVOptions`, and
             ``nan_strategy``: by default ``"ignore"`` here, so rows with non-finite outputs (a diverging
@@ -513,6 +516,10 @@ class ReferenceComparison(Callback):
         if info.get("num_dropped"):
             self._warn_once("dropped", f"ReferenceComparison: {info['num_dropped']} validation input(s) had non-finite outputs "
                             "and were skipped (history: `num_dropped`); the values use the other inputs.")
+        if info.get("rep_dim") is not None:
+            widths = f", embedding widths {tuple(info['widths'])}" if info.get("widths") else ""
+            self._info_once("rep_dim", f"ReferenceComparison: comparing at representation dimension M={info['rep_dim']} "
+                            f"({info.get('rep_dim_reason', '')}{widths})")
         entry: dict[str, Any] = {
             "epoch": int(trainer.current_epoch),
             "global_step": int(trainer.global_step),
@@ -546,6 +553,11 @@ class ReferenceComparison(Callback):
             key = ("fit", entry["epoch"], entry["global_step"])
             self.history = [h for h in self.history if (h.get("stage"), h.get("epoch"), h.get("global_step")) != key]
         self.history.append(entry)
+
+    def _info_once(self, key: str, message: str) -> None:
+        if f"info:{key}" not in self._warned:
+            self._warned.add(f"info:{key}")
+            rank_zero_info(message)
 
     def _warn_once(self, key: str, message: str, category: type[Warning] = UserWarning) -> None:
         if key not in self._warned:

@@ -74,6 +74,21 @@ def check_logit_pair(logits_p: Tensor, logits_q: Tensor) -> tuple[Tensor, Tensor
     return p, q
 
 
+def check_embedding_pair(emb_p: Tensor, emb_q: Tensor) -> tuple[Tensor, Tensor]:
+    """Validate two models' embeddings of the same inputs and return them as float64 ``(N, M_p)``, ``(N, M_q)``
+    matrices: the widths may differ (a smaller student), the inputs (leading shapes) may not."""
+    p = as_matrix(emb_p, "emb_p")
+    q = as_matrix(emb_q, "emb_q")
+    if emb_p.shape[:-1] != emb_q.shape[:-1]:
+        raise ValueError(
+            f"`emb_p` and `emb_q` must hold the same inputs (leading shape), got {tuple(emb_p.shape[:-1])} and "
+            f"{tuple(emb_q.shape[:-1])} (widths may differ)"
+        )
+    check_finite(p, "emb_p")
+    check_finite(q, "emb_q")
+    return p, q
+
+
 def check_mask(mask: Tensor | None, lead_shape: torch.Size | tuple[int, ...], device: torch.device | str | None = None,
                name: str = "mask") -> Tensor | None:
     """Flattened boolean ``mask`` (True = keep the input) from a bool or 0/1 integer tensor of the inputs' leading

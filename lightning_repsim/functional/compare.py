@@ -10,28 +10,16 @@ import torch
 from torch import Tensor
 
 from lightning_repsim.functional._moments import batch_moments, covariance_from_moments
-from lightning_repsim.functional._validation import (
-    as_matrix,
-    check_finite,
-    check_input_sets,
-    check_logit_pair,
-    check_num_inputs,
-    check_num_labels,
-)
+from lightning_repsim.functional._validation import check_input_sets, check_logit_pair, check_num_inputs, check_num_labels
 from lightning_repsim.functional.cca import canonical_correlations_from_cov, check_cca_inputs
 from lightning_repsim.functional.cka import logit_distance_rows
-from lightning_repsim.functional.family import logits_from_parts, split_unembedding
+from lightning_repsim.functional.family import ModelPair, logits_from_parts
 from lightning_repsim.functional.kl import kl_per_input, mean_kl_divergence
 from lightning_repsim.functional.llv import LLVOptions, LLVResult, draw_input_sets, llv_distance
-from lightning_repsim.functional.llv_representation import embedding_covariance, label_covariance_of_h, representation_llv
+from lightning_repsim.functional.llv_representation import RepresentationRoute, embedding_covariance, representation_rows
+from lightning_repsim.functional.llv_route import Candidates, LLVSizes, llv_from_route
 from lightning_repsim.functional.llv_terms import CHUNK_NUMBERS
-from lightning_repsim.functional.svd import (
-    SVDResult,
-    default_max_label_subsets,
-    embedding_pair_covariance,
-    representation_dim,
-    svd_from_parts,
-)
+from lightning_repsim.functional.svd import SVDResult, SVDStatistics, embedding_pair_covariance, representation_dim, svd_from_parts
 
 __all__ = ["ComparisonReport", "compare"]
 
@@ -49,6 +37,8 @@ class ComparisonReport:
         mcca: mean canonical correlation of the embeddings; ``canonical_correlations`` all of them.
         bound_paper: ``2 M d_LLV`` (Theorem 4.6/4.7; informative below 1/(2M)).
         bound_sharp: ``2 d_LLV^2`` (SPEC §5).
+        rep_dim: the representation dimension r the sets were sized for (``max(r_p, r_q)`` unless given).
+        embedding_rank: the ranks ``(r_p, r_q)`` of the two embeddings; widths: their widths ``(M_p, M_q)``.
     """
 
     llv: LLVResult
@@ -62,6 +52,8 @@ class ComparisonReport:
     rep_dim: int
     num_inputs: int
     num_labels: int
+    embedding_rank: tuple[int, int] = (0, 0)
+    widths: tuple[int, int] = (0, 0)
 
     def as_dict(self) -> dict[str, float]:
         """Flat scalar dictionary (keys as logged by the callback)."""
@@ -80,7 +72,9 @@ class ComparisonReport:
         """A human-readable report."""
         d = self.as_dict()
         lines = [
-            f"Compared two models on N={self.num_inputs} inputs, K={self.num_labels} labels, M={self.rep_dim}",
+            f"Compared two models on N={self.num_inputs} inputs, K={self.num_labels} labels, M={self.rep_dim}"
+            + ("" if self.widths == (self.rep_dim, self.rep_dim) else
+               f" (widths {self.widths[0]} and {self.widths[1]}, ranks {self.embedding_rank[0]} and {self.embedding_rank[1]})"),
             f"  mean KL(p||q)          {d['kl']:.6g}      (predictive closeness; small does NOT imply similar representations)",
             f"  d_logit                {d['d_logit']:.6g}      (centred-logit distance)",
             f"  d_LLV                  {d['d_llv']:.6g}      T1={d['llv_t1']:.4g} T2={d['llv_t2']:.4g} "
@@ -125,34 +119,38 @@ def compare(
     unemb_p: Tensor,
     emb_q: Tensor,
     unemb_q: Tensor,
-    max_label_subsets: int | None = None,
+    rep_dim: int | None = None,
     route: str = "auto",
-    logits_p: Tensor | None = None,
-    logits_q: Tensor | None = None,
+    logits: tuple[Tensor, Tensor] | None = None,
     **options: Any,
 ) -> ComparisonReport:
     """Compare two models of the family ``p(y|x) = softmax(f(x)^T g(y))`` on the same inputs.
 
     Args:
-        emb_p, emb_q: embeddings ``f`` (N x M).
+        emb_p, emb_q: embeddings ``f`` (N x M_p, N x M_q). The widths may differ: a student smaller than its teacher
+            compares at the representation dimension ``max(r_p, r_q)`` (see ``rep_dim``).
         unemb_p, unemb_q: unembeddings ``g`` (K x M), or K x (M+1) with the bias as last column
             (e.g. ``torch.cat([linear.weight, linear.bias[:, None]], 1)``).
-        max_label_subsets: as in :func:`svd_dissimilarity` (default: 4096 up to M = 51, fewer above).
+        rep_dim: the representation dimension r: d_LLV's input sets have r + 1 inputs, d_SVD's label subsets r
+            labels. Default: the larger rank of the two embeddings, ``max(r_p, r_q)`` (M for two full-rank embeddings
+            of width M; a LayerNorm-final or redundant coordinate does not count). Why that default, and the floor of
+            d_SVD it implies when the student's rank is lower: ``docs/smaller_student.md``.
         route: ``"logits"`` computes d_LLV from the N x K log-probabilities and a 2K x 2K covariance
-            (:func:`llv_distance`); ``"representation"`` from the ``(2M+2)^2`` covariance of
-            ``[f_p, logZ_p, f_q - f_p, logZ_q - logZ_p]`` and the unembeddings (as
+            (:func:`llv_distance`); ``"representation"`` from the ``(M_p + M_q + 2)^2`` covariance of
+            ``[f_p, logZ_p, f_q - fit(f_p), logZ_q - logZ_p]`` and the unembeddings (as
             :class:`~lightning_repsim.metrics.SVDDissimilarity` does: O(N K M) time for the logits, which are
             formed in blocks of rows, and O(N M^2 + K M^2) for the statistics; never K x K or N x K at once);
-            ``"auto"`` (default) takes the representation route when K > max(256, 4 (M + 1)). Both give the
-            same numbers (to rounding) for the same options; the representation route's default pivot search
-            is bounded (see :class:`LLVOptions`).
-        logits_p, logits_q: the models' own logits (N, K), optional. When given, the KL and each input's
-            ``logZ`` come from them (in float64) rather than from ``f g^T``, on the logits route d_LLV too:
+            ``"auto"`` (default) takes the representation route when K > max(256, 4 (M + 1)), M the larger width.
+            Both give the same numbers (to rounding) for the same options; the representation route's default pivot
+            search is bounded (see :class:`LLVOptions`).
+        logits: the models' own logits ``(logits_p, logits_q)``, each (N, K), optional. When given, the KL and each
+            input's ``logZ`` come from them (in float64) rather than from ``f g^T``, on the logits route d_LLV too:
             what :class:`~lightning_repsim.ReferenceComparison` does with the logits the models produced (in
             float32 they differ from ``f g^T`` in float64 by rounding).
         options: the d_LLV options of :class:`LLVOptions` (``lam``, ``reduce``, ``combine``, ``label_pivot``,
             ``leave_out``, ``labels`` (logits route only), ``input_sets``, ``num_input_sets``, ``seed``, ...);
-            ``seed`` also seeds the sample of label subsets of d_SVD.
+            ``seed`` also seeds the sample of label subsets of d_SVD, and ``max_label_subsets`` is d_SVD's (as in
+            :func:`svd_dissimilarity`: 4096 up to r = 51, fewer above).
 
     Example:
         >>> from lightning_repsim.constructions import theorem31_pair
@@ -164,53 +162,40 @@ def compare(
         >>> bool(abs(same.llv.value - report.llv.value) < 1e-9)
         True
     """
+    max_label_subsets = options.pop("max_label_subsets", None)
     opts = LLVOptions(**options)
-    f_p = as_matrix(emb_p, "emb_p")
-    f_q = as_matrix(emb_q, "emb_q")
-    if f_p.shape != f_q.shape:
-        raise ValueError(f"`emb_p` and `emb_q` must have the same shape, got {tuple(f_p.shape)} and {tuple(f_q.shape)}")
-    check_finite(f_p, "emb_p")
-    check_finite(f_q, "emb_q")
-    n, m = f_p.shape
-    w_p, b_p = split_unembedding(unemb_p, m, "unemb_p")
-    w_q, b_q = split_unembedding(unemb_q, m, "unemb_q")
-    if w_p.shape != w_q.shape:
-        raise ValueError(f"`unemb_p` and `unemb_q` must have the same number of labels, got {w_p.shape[0]} and {w_q.shape[0]}")
-    k = w_p.shape[0]
-    given = _given_logits(logits_p, logits_q, n, k)
-    if choose_route(route, k, m) == "logits":
-        cov_f, cov_w = embedding_pair_covariance(f_p, f_q), None
-        r = representation_dim(cov_f, m)  # M unless the embeddings are rank-deficient (LayerNorm-final, dead units)
-        logits_p, logits_q = given if given is not None else (logits_from_parts(f_p, w_p, b_p), logits_from_parts(f_q, w_q, b_q))
+    pair = ModelPair.of(emb_p, unemb_p, emb_q, unemb_q)
+    n, k, (m_p, m_q) = pair.num_inputs, pair.num_labels, pair.widths
+    given = _given_logits(logits, n, k)
+    if choose_route(route, k, max(m_p, m_q)) == "logits":
+        cov_f, cov_w = embedding_pair_covariance(pair.f_p, pair.f_q), None
+        r = representation_dim(cov_f, m_p, rep_dim)
+        logits_p, logits_q = given if given is not None else pair.logits()
         llv = llv_distance(logits_p, logits_q, rep_dim=r, **options)
         kl = mean_kl_divergence(logits_p, logits_q)
         d_logit = logit_distance_rows(logits_p, logits_q).mean().sqrt()
     else:
         if opts.labels is not None:
             raise ValueError("`labels` (a label subset) applies to the logits route; the representation route is exact for any K")
-        check_num_labels(k, m)
-        kl, d_logit, u = _kl_and_representation_rows(f_p, w_p, b_p, f_q, w_q, b_q, given)
+        kl, d_logit, u = _kl_and_representation_rows(pair, given)
         count, mean_u, m2 = batch_moments(u)
         cov_u = covariance_from_moments(count, m2)
-        cov_f = embedding_covariance(cov_u, m)
-        r = representation_dim(cov_f, m)
+        cov_f = embedding_covariance(cov_u, m_p)
+        r = representation_dim(cov_f, m_p, rep_dim)
+        check_num_labels(k, r)
         check_num_inputs(n, r)
         if opts.input_sets is None:
-            sets = draw_input_sets(n, r + 1, opts.num_input_sets, opts.seed)
+            candidates = Candidates(draw_input_sets(n, r + 1, opts.num_input_sets, opts.seed).to(pair.f_p.device))
         else:
-            sets = check_input_sets(opts.input_sets, r, n)
-        sets = sets.to(f_p.device)
-        sigma_h = label_covariance_of_h(w_p, b_p, w_q, b_q)  # shared by the input terms and the g-part
-        llv, _ = representation_llv(n, mean_u, cov_u, w_p, b_p, w_q, b_q, f_p, f_q, sets, lambda s: s, opts, sigma_h, rep_dim=r)
-        cov_w = embedding_covariance(sigma_h, m)
+            candidates = Candidates(check_input_sets(opts.input_sets, r, n).to(pair.f_p.device), given=True)
+        route_ = RepresentationRoute((mean_u, cov_u), (pair.w_p, pair.b_p, pair.w_q, pair.b_q), (pair.f_p, pair.f_q))
+        llv, _ = llv_from_route(route_, candidates, opts, opts.resolve(k), LLVSizes(n, k, r))
+        cov_w = embedding_covariance(route_.sigma_h, m_p)  # the sigma shared by the input terms serves the g-part
     check_num_labels(k, r, need_subsets=True)
-    subsets = default_max_label_subsets(r) if max_label_subsets is None else max_label_subsets
-    svd = svd_from_parts(
-        f_p, w_p, f_q, w_q, llv.label_pivot, llv.leave_out, llv.input_set, f_p[llv.input_set], f_q[llv.input_set],
-        subsets, opts.seed, cov_f=cov_f, cov_w=cov_w,
-    )
-    check_cca_inputs(n, m, m)
-    ccs = canonical_correlations_from_cov(cov_f, m)
+    stats = SVDStatistics(cov_f, pair.w_p, pair.w_q, pair.f_p[llv.input_set], pair.f_q[llv.input_set], cov_w)
+    svd = svd_from_parts(stats, (llv.label_pivot, llv.leave_out, llv.input_set), r, max_label_subsets, opts.seed)
+    check_cca_inputs(n, m_p, m_q)
+    ccs = canonical_correlations_from_cov(cov_f, m_p)
     d = llv.value
     return ComparisonReport(
         llv=llv,
@@ -224,36 +209,35 @@ def compare(
         rep_dim=r,
         num_inputs=n,
         num_labels=llv.num_labels,
+        embedding_rank=svd.embedding_rank,
+        widths=(m_p, m_q),
     )
 
 
-def _given_logits(logits_p: Tensor | None, logits_q: Tensor | None, n: int, k: int) -> tuple[Tensor, Tensor] | None:
-    if logits_p is None and logits_q is None:
+def _given_logits(logits: tuple[Tensor, Tensor] | None, n: int, k: int) -> tuple[Tensor, Tensor] | None:
+    if logits is None:
         return None
-    if logits_p is None or logits_q is None:
-        raise ValueError("pass both `logits_p` and `logits_q`, or neither")
-    p, q = check_logit_pair(logits_p, logits_q)
+    if not isinstance(logits, (tuple, list)) or len(logits) != 2:
+        raise ValueError("`logits` must be a pair (logits_p, logits_q) of the models' own logits, or None")
+    p, q = check_logit_pair(*logits)
     if p.shape != (n, k):
-        raise ValueError(f"`logits_p`/`logits_q` must have shape (N, K) = ({n}, {k}) (the embeddings' inputs, the "
+        raise ValueError(f"`logits` must have shape (N, K) = ({n}, {k}) (the embeddings' inputs, the "
                          f"unembeddings' labels), got {tuple(p.shape)}")
     return p, q
 
 
-def _kl_and_representation_rows(
-    f_p: Tensor, w_p: Tensor, b_p: Tensor | None, f_q: Tensor, w_q: Tensor, b_q: Tensor | None,
-    given: tuple[Tensor, Tensor] | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean KL(p || q), d_logit and the rows ``u = [f_p, logZ_p, f_q - f_p, logZ_q - logZ_p]``, from the ``given``
-    logits or those formed from the representations, in blocks of rows (float64; memory O(block K))."""
-    n, k = f_p.shape[0], w_p.shape[0]
+def _kl_and_representation_rows(pair: ModelPair, given: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean KL(p || q), d_logit and the rows ``u`` of the representation layout, from the ``given`` logits or those
+    formed from the representations, in blocks of rows (float64; memory O(block K))."""
+    n, k = pair.num_inputs, pair.num_labels
     step = max(1, CHUNK_NUMBERS // k)
-    kl_sum = f_p.new_zeros(())
-    logit_sum = f_p.new_zeros(())
+    kl_sum = pair.f_p.new_zeros(())
+    logit_sum = pair.f_p.new_zeros(())
     logz = []
     for start in range(0, n, step):
         sl = slice(start, start + step)
         if given is None:
-            z_p, z_q = logits_from_parts(f_p[sl], w_p, b_p), logits_from_parts(f_q[sl], w_q, b_q)
+            z_p, z_q = logits_from_parts(pair.f_p[sl], pair.w_p, pair.b_p), logits_from_parts(pair.f_q[sl], pair.w_q, pair.b_q)
         else:
             z_p, z_q = given[0][sl], given[1][sl]
         lz_p, lz_q = torch.logsumexp(z_p, dim=1), torch.logsumexp(z_q, dim=1)
@@ -261,5 +245,4 @@ def _kl_and_representation_rows(
         logit_sum = logit_sum + logit_distance_rows(z_p, z_q).sum()
         logz.append(torch.stack([lz_p, lz_q], dim=1))
     lz = torch.cat(logz)
-    u = torch.cat([f_p, lz[:, :1], f_q - f_p, lz[:, 1:] - lz[:, :1]], dim=1)
-    return kl_sum / n, (logit_sum / n).sqrt(), u
+    return kl_sum / n, (logit_sum / n).sqrt(), representation_rows(pair.f_p, lz[:, 0], pair.f_q, lz[:, 1])

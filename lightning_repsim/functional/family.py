@@ -11,15 +11,44 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_repsim.functional._validation import as_matrix, check_finite
+from dataclasses import dataclass
 
-__all__ = ["log_partition", "logits_from_parts", "logits_from_representations", "split_unembedding", "unembedding_parts"]
+from lightning_repsim.functional._validation import as_matrix, check_embedding_pair, check_finite
+
+__all__ = [
+    "ModelPair",
+    "fit_width",
+    "log_partition",
+    "logits_from_parts",
+    "logits_from_representations",
+    "split_unembedding",
+    "unembedding_parts",
+]
 
 #: Labels per block when ``logZ`` is computed for large vocabularies (never a B x K float64 block); on CPU the
 #: block is narrowed so that a block of logits holds about :data:`CPU_BLOCK_NUMBERS` numbers (4 MB: its passes stay
 #: in cache; 4x faster at N = 256, K = 50,257, M = 2).
 LABEL_BLOCK = 8192
 CPU_BLOCK_NUMBERS = 1 << 19
+
+
+def fit_width(x: Tensor, width: int) -> Tensor:
+    """``x`` with its last dimension cut or zero-padded to ``width`` (a view when it is cut or already fits).
+
+    How two models of different embedding widths ``M_p``, ``M_q`` are put side by side: the narrower one is read
+    as the same model with constant-zero coordinates and zero unembedding columns appended, which changes none of
+    its logits. Coordinates the two models share by position are then compared by their *difference*, so two
+    identical models (one with a redundant coordinate appended) compare as identical to rounding.
+
+    Example:
+        >>> import torch
+        >>> fit_width(torch.ones(2, 3), 5).tolist(), fit_width(torch.ones(2, 3), 2).shape
+        ([[1.0, 1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 0.0, 0.0]], torch.Size([2, 2]))
+    """
+    have = x.shape[-1]
+    if have >= width:
+        return x[..., :width]
+    return torch.cat([x, x.new_zeros(*x.shape[:-1], width - have)], dim=-1)
 
 
 def split_unembedding(unemb: Tensor, rep_dim: int, name: str = "unemb") -> tuple[Tensor, Tensor | None]:
@@ -56,6 +85,49 @@ def unembedding_parts(unemb: Tensor, rep_dim: int, name: str = "unemb") -> tuple
         f"`{name}` must have shape (K, M) or (K, M+1) (bias as last column) with M={rep_dim} "
         f"(the embedding dimension), got {tuple(unemb.shape)}"
     )
+
+
+@dataclass(frozen=True)
+class ModelPair:
+    """Two models of the family on the same N inputs, checked and in float64: embeddings ``f_p`` (N, M_p), ``f_q``
+    (N, M_q), unembedding weights ``w_p`` (K, M_p), ``w_q`` (K, M_q) and biases (K,) or None. The widths may differ
+    (a smaller student); K may not."""
+
+    f_p: Tensor
+    w_p: Tensor
+    b_p: Tensor | None
+    f_q: Tensor
+    w_q: Tensor
+    b_q: Tensor | None
+
+    @classmethod
+    def of(cls, emb_p: Tensor, unemb_p: Tensor, emb_q: Tensor, unemb_q: Tensor) -> ModelPair:
+        """Check and convert ``(emb_p, unemb_p, emb_q, unemb_q)``; unembeddings are (K, M) or (K, M+1) with the bias
+        as last column."""
+        f_p, f_q = check_embedding_pair(emb_p, emb_q)
+        w_p, b_p = split_unembedding(unemb_p, f_p.shape[1], "unemb_p")
+        w_q, b_q = split_unembedding(unemb_q, f_q.shape[1], "unemb_q")
+        if w_p.shape[0] != w_q.shape[0]:
+            raise ValueError(
+                f"`unemb_p` and `unemb_q` must have the same number of labels, got {w_p.shape[0]} and {w_q.shape[0]}"
+            )
+        return cls(f_p, w_p, b_p, f_q, w_q, b_q)
+
+    @property
+    def widths(self) -> tuple[int, int]:
+        return int(self.f_p.shape[1]), int(self.f_q.shape[1])
+
+    @property
+    def num_inputs(self) -> int:
+        return int(self.f_p.shape[0])
+
+    @property
+    def num_labels(self) -> int:
+        return int(self.w_p.shape[0])
+
+    def logits(self) -> tuple[Tensor, Tensor]:
+        """Both models' logits (N, K), float64."""
+        return logits_from_parts(self.f_p, self.w_p, self.b_p), logits_from_parts(self.f_q, self.w_q, self.b_q)
 
 
 def logits_from_parts(emb: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

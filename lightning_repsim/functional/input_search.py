@@ -1,75 +1,114 @@
-"""Choosing the input set of d_LLV: an optimiser instead of a random draw (SPEC §3, term 2).
+"""Choosing the input set of d_LLV: the exact argmin of T2, whatever the seed (SPEC §3, term 2).
 
 Term 2 is evaluated on an input set ``(x0; x1..xM)`` chosen as the argmin of T2. Its entries ``b(i)``, ``b_piv(i)``
 depend only on the pair ``(x_i, x0)`` (the normalisers ``tau(i)`` too), so
 
     T2(set) = max_i e(x_i; x0),    e(x; x0) = max(b, b_piv) for the pair,
 
-and for a fixed pivot ``x0`` the best set is exactly the ``M`` inputs with the smallest pair scores. The search
-(``input_set_search="optimise"``, the default) therefore
+and for a fixed pivot ``x0`` the best set is exactly the ``M`` inputs with the smallest pair scores. The pair score is
+symmetric (``e(x; x0) = e(x0; x)``: swapping the two inputs swaps ``b`` and ``b_piv``) and needs only the two rows,
+through inner products of their log-probability vectors over labels. Those vectors span few dimensions for the model
+family of SPEC §1 (``2M + 2`` at most from embeddings, the rank of the log-probabilities otherwise; K at worst), so the
+search works on low-rank factors ``A``, ``S`` of both models' centred rows (R x D): one score costs O(D).
 
-1. evaluates the seeded random candidate sets (as ``"sample"`` does, and keeps the best of them);
-2. for pivots -- every candidate input when that is cheap (R <= 1,024 candidate inputs and ``R^2 D <= 2^28`` for
-   dimension D: the metrics' buffer), else the pivots of the best sampled sets -- takes the ``M`` best partners of
-   each pivot (exact);
-3. then tries the members of the best set found as pivots, round after round, while that improves T2 (at most
-   :data:`MAX_PIVOTS` pivots in all);
+``input_set_search="optimise"`` (the default):
 
-and returns the set with the smallest T2 (ties within ``TIE_RTOL``: the first pivot in candidate order, then the
-sampled sets). It is deterministic given the data and the seed, never above the best sampled set, and exact (the
-argmin over all sets of distinct candidate inputs) when every pivot is evaluated. Candidate inputs with identical
-content (identical log-probabilities under both models, e.g. the first token of every sequence) count once: a set
-never holds two of them, and the result says how many distinct candidates there were. The chosen set's members
-must also be linearly independent (the diversity condition): when the M best partners are not, partners are taken
-in order of their score as long as they add a dimension.
+* **exhaustive** when scoring all ``R (R - 1) / 2`` pairs of the R distinct candidate inputs costs at most
+  :data:`EXHAUSTIVE_BUDGET` (about ``R^2 (D + 20)`` operations: N = 10,000 inputs with D up to about 1,300). The pairs
+  are scored in blocks (memory O(R L + block^2), never R x R), each row keeping its ``L`` best partners. The result is
+  the argmin of T2 over all sets of distinct candidate inputs: it does not depend on ``seed`` at all;
+* beyond the budget, a local search: the pivots of the best sampled sets, then the members of the best set found, round
+  after round while that improves T2 (at most :data:`MAX_PIVOTS` pivots); never above the best sampled set, but
+  seed-dependent (``result.search["exhaustive"]`` is False).
+
+Ties within ``TIE_RTOL`` go to the smallest pivot (row position). Candidate inputs with identical content (identical
+log-probabilities under both models, e.g. the first token of every sequence) count once: a set never holds two of them.
+The chosen set's members must also be *diverse* (the diversity condition): their displacements from the pivot span, for
+each model, as many dimensions as they can -- ``M``, or the model's own rank when that is lower (a smaller student) --
+so when the ``M`` best partners are not, partners are taken in order of their score as long as they add a dimension.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from lightning_repsim.functional.llv_terms import CHUNK_NUMBERS, TIE_RTOL, InputPart, entries, normalisers, select_input_set
+from lightning_repsim.functional.llv_terms import TIE_RTOL, ZERO_VAR_ULPS
 
-__all__ = ["MAX_PIVOTS", "PairStatistics", "SearchInfo", "choose_input_set", "distinct_contents", "search_input_set"]
+__all__ = [
+    "EXHAUSTIVE_BUDGET",
+    "MAX_PIVOTS",
+    "PairStatistics",
+    "PivotTable",
+    "SearchInfo",
+    "distinct_contents",
+    "search_input_set",
+]
 
-#: Pivots evaluated at most by the search when not every candidate input is tried as a pivot.
+#: Pair-scoring work (about ``R^2 / 2 * (2 D + 40)`` operations for R distinct candidates of dimension D) up to which the
+#: search is exhaustive: N = 10,000 inputs with D up to about 1,350; the metrics' buffer of 1,024 inputs for any D below
+#: 130,000. About 5 s of one CPU core at the limit, well under a second for D <= 100.
+EXHAUSTIVE_BUDGET = 2**37
+#: Pivots evaluated at most by the local search (beyond the budget).
 MAX_PIVOTS = 32
-#: Evaluate every candidate input as a pivot when there are at most ALL_PIVOTS_ROWS candidates (R) and ``R^2 D`` is at
-#: most ALL_PIVOTS_BUDGET (dimension D): the metrics' buffer of 1,024 inputs for D up to 256.
-ALL_PIVOTS_ROWS = 1024
-ALL_PIVOTS_BUDGET = 2**28
+#: Rows (and columns) of a block of pair scores: 2 MB of float64, so its element-wise passes stay in cache.
+PAIR_BLOCK = 512
+#: Eigenvalues of the rows' Gram matrix below this fraction of the largest are dropped by the low-rank factorisation
+#: (the inner products the scores need then change by about this much relative to the largest).
+FACTOR_RTOL = 1e-13
 _INITIAL_PIVOTS = 8
 _MAX_ROUNDS = 8
+
+
+def _low_rank_factors(a: Tensor, s: Tensor, weight: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    """Factors ``A``, ``S`` (R x D') with ``A_i . A_j = scale * a_i W a_j^T`` (same for ``s``), ``W`` PSD (identity when
+    None), D' the rank of the rows in the weighted inner product: the search's Grams then cost O(R^2 D')."""
+    if weight is not None:  # W = V diag(lam) V^T: x -> x V sqrt(lam), on the range of W
+        lam, vec = torch.linalg.eigh(weight)
+        keep = lam > FACTOR_RTOL * lam.abs().max().clamp_min(torch.finfo(lam.dtype).tiny)
+        root = vec[:, keep] * lam[keep].sqrt()
+        a, s = a @ root, s @ root
+    a, s = a * math.sqrt(scale), s * math.sqrt(scale)
+    rows, dim = a.shape
+    if 2 * rows <= dim:  # fewer rows than columns: the rows' own span, through the (2R x 2R) Gram
+        return a, s
+    gram = a.T @ a + s.T @ s  # the joint row space of both models' rows
+    lam, vec = torch.linalg.eigh(gram)
+    keep = lam > FACTOR_RTOL * lam.abs().max().clamp_min(torch.finfo(lam.dtype).tiny)
+    if int(keep.sum()) >= dim:
+        return a, s
+    basis = vec[:, keep]
+    return a @ basis, s @ basis
 
 
 @dataclass
 class PairStatistics:
     """What the pair scores ``e(x_i; x0)`` need for R candidate inputs.
 
-    ``a``, ``d``: (R, D) vectors whose weighted inner products ``<u, v> = u . v_w`` are the covariances over
-    labels of ``l_p`` (``a``) and ``l_q - l_p`` (``d``) of two inputs (``a_w``, ``d_w``: the weighted vectors);
-    ``var_x``, ``cov_xd``, ``var_d``: each input's own variances over labels of ``l_p`` and ``l_q - l_p`` and their
-    covariance; ``directions_p``, ``directions_q``: (R, D') vectors whose differences span the diversity matrices
-    of each model (log-probabilities, compared up to a constant over labels: ``center_directions``, or
-    embeddings), for the rank check.
+    ``a``, ``s``: (R, D) factors whose dot products are the covariances over labels of two inputs' log-probabilities
+    under model p (``a``) and model q (``s``); ``var_x``, ``cov_xd``, ``var_d``: each input's own variances over labels
+    of ``l_p`` and ``l_q - l_p`` and their covariance (exact, not from the factors); ``directions_p``,
+    ``directions_q``: (R, D') vectors whose differences span the diversity matrices of each model (log-probabilities,
+    compared up to a constant over labels: ``center_directions``; or embeddings), for the rank checks.
     """
 
     a: Tensor
-    d: Tensor
-    a_w: Tensor | None
-    d_w: Tensor | None
+    s: Tensor
     var_x: Tensor
     cov_xd: Tensor
     var_d: Tensor
     directions_p: Tensor
     directions_q: Tensor
     center_directions: bool = True
-    scale: float = 1.0  # the weighting when ``a_w``/``d_w`` are None: ``<u, v> = scale * u . v``
-    _affine_ranks: tuple[int, ...] | None = field(default=None, repr=False)  # cache of diverse_sets_exist
+    _affine_ranks: tuple[int, int] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.norm_a = (self.a * self.a).sum(1)
+        self.norm_s = (self.s * self.s).sum(1)
+        self.var_q = self.var_x + 2 * self.cov_xd + self.var_d
 
     @classmethod
     def from_log_probabilities(cls, lp: Tensor, lq: Tensor) -> PairStatistics:
@@ -79,7 +118,16 @@ class PairStatistics:
         d = lq - lp
         dc = d - d.mean(1, keepdim=True)
         var_x, cov_xd, var_d = (xc * xc).sum(1) * scale, (xc * dc).sum(1) * scale, (dc * dc).sum(1) * scale
-        return cls(xc, dc, None, None, var_x, cov_xd, var_d, lp, lq, center_directions=True, scale=scale)
+        a, s = _low_rank_factors(xc, xc + dc, None, scale)
+        return cls(a, s, var_x, cov_xd, var_d, lp, lq, center_directions=True)
+
+    @classmethod
+    def from_weighted(cls, a: Tensor, d: Tensor, weight: Tensor, row_moments: tuple[Tensor, Tensor, Tensor],
+                      directions: tuple[Tensor, Tensor]) -> PairStatistics:
+        """For coefficient rows ``a`` (model p) and ``d`` (the difference) whose covariances over labels are
+        ``a_i W a_j^T`` (the representation route: ``W`` the label covariance of the unembeddings)."""
+        a_f, s_f = _low_rank_factors(a, a + d, weight, 1.0)
+        return cls(a_f, s_f, *row_moments, *directions, center_directions=False)
 
     @property
     def num_rows(self) -> int:
@@ -89,199 +137,297 @@ class PairStatistics:
     def dim(self) -> int:
         return int(self.a.shape[1])
 
-    def scores(self, pivots: Tensor) -> Tensor:
-        """Pair scores ``e(x_i; x_z)`` (P, R) for pivots ``z``; ``inf`` where invalid (a zero normaliser) and on the
-        pivot itself. Evaluated in chunks of pivots."""
-        r = self.num_rows
-        a_w = self.a if self.a_w is None else self.a_w
-        d_w = self.d if self.d_w is None else self.d_w
-        s = self.scale if self.a_w is None else 1.0
-        diag_aa = (a_w * self.a).sum(1) * s
-        diag_ad = (a_w * self.d).sum(1) * s
-        diag_dd = (d_w * self.d).sum(1) * s
-        var_q = self.var_x + 2 * self.cov_xd + self.var_d
-        out = []
-        step = max(1, CHUNK_NUMBERS // (8 * max(r, 1)))
-        for z in pivots.split(step):
-            gaa = (self.a[z] @ a_w.T).mul_(s)  # <a_z, a_i>
-            gad = (self.d[z] @ a_w.T).mul_(s)  # <a_i, d_z>
-            gda = (self.a[z] @ d_w.T).mul_(s)  # <d_i, a_z>
-            gdd = (self.d[z] @ d_w.T).mul_(s)
-            zc = z[:, None]
-            tp2 = diag_aa[None, :] + diag_aa[zc] - 2 * gaa
-            cad = diag_ad[None, :] - gad - gda + diag_ad[zc]
-            vdd = diag_dd[None, :] + diag_dd[zc] - 2 * gdd
-            delta = 2 * cad + vdd
-            valid, tp, tq = normalisers(tp2, delta, self.var_x[None, :] + self.var_x[zc], var_q[None, :] + var_q[zc])
-            compared = (self.var_x[None, :], self.cov_xd[None, :], self.var_d[None, :])
-            reference = (self.var_x[zc], self.cov_xd[zc], self.var_d[zc])
-            b, b_piv, _ = entries(valid, tp, tq, delta, compared, reference)
-            score = torch.maximum(b, b_piv)
-            score[torch.arange(z.numel(), device=z.device), z] = float("inf")
-            out.append(score)
-        return torch.cat(out) if out else self.a.new_zeros(0, r)
+    def select(self, rows: Tensor) -> PairStatistics:
+        """The statistics of a subset of the rows."""
+        return PairStatistics(
+            self.a[rows], self.s[rows], self.var_x[rows], self.cov_xd[rows], self.var_d[rows], self.directions_p[rows],
+            self.directions_q[rows], self.center_directions, None,
+        )
 
-    def _displacement_space(self, directions: Tensor) -> Tensor:
-        """The rows' displacements from their mean, as :meth:`rank_ok` compares them (centred over labels for
-        log-probabilities): their rank is the dimension of the affine span of the rows, the same from every pivot."""
-        centred = directions - directions.mean(0, keepdim=True)
-        if self.center_directions:
-            centred = centred - centred.mean(1, keepdim=True)
-        return centred
+    def squared_scores(self, z: Tensor | slice, i: Tensor | slice) -> Tensor:
+        """``e(x_i; x_z)^2`` for pivots ``z`` (rows) and inputs ``i`` (columns), ``inf`` where a normaliser is zero:
+        ``tau_p^2`` and ``tau_q^2`` from the factors, ``b^2 = Var[gamma X - beta D]`` from the rows' own moments."""
+        eps = torch.finfo(torch.float64).eps * ZERO_VAR_ULPS
+        tp2 = torch.mm(self.a[z], self.a[i].T).mul_(-2).add_(self.norm_a[i]).add_(self.norm_a[z][:, None])
+        tq2 = torch.mm(self.s[z], self.s[i].T).mul_(-2).add_(self.norm_s[i]).add_(self.norm_s[z][:, None])
+        invalid = (tp2 <= eps * (self.var_x[i] + self.var_x[z][:, None])) | (tq2 <= eps * (self.var_q[i] + self.var_q[z][:, None]))
+        delta = tq2 - tp2
+        tp = tp2.clamp_min_(0).sqrt_()
+        tq = tq2.clamp_min_(0).sqrt_()
+        beta = tq.reciprocal()
+        gamma = delta.div_((tp + tq).mul_(tp).mul_(tq))  # Delta / (tau_p tau_q (tau_p + tau_q))
+        gb = gamma * beta
+        g2 = gamma.square()
+        b2 = beta.square_()
+        score = g2 * self.var_x[i] - 2 * gb * self.cov_xd[i] + b2 * self.var_d[i]
+        piv = g2.mul_(self.var_x[z][:, None]).sub_(gb.mul_(2 * self.cov_xd[z][:, None])).add_(b2.mul_(self.var_d[z][:, None]))
+        return torch.maximum(score, piv).clamp_min_(0).masked_fill_(invalid, float("inf"))
 
-    def diverse_sets_exist(self, m: int) -> bool:
-        """Whether any pivot can have ``m`` partners with independent displacements for both models: the affine
-        span of the rows must have dimension at least ``m`` (one rank computation per model, cached)."""
+    def affine_ranks(self) -> tuple[int, int]:
+        """The dimension of the affine span of the rows, for each model (cached): the most dimensions a set's
+        displacements can span for that model."""
         if self._affine_ranks is None:
-            spaces = (self._displacement_space(d) for d in (self.directions_p, self.directions_q))
-            self._affine_ranks = tuple(int(torch.linalg.matrix_rank(space)) for space in spaces)
-        return min(self._affine_ranks) >= m
+            ranks = []
+            for directions in (self.directions_p, self.directions_q):
+                centred = directions - directions.mean(0, keepdim=True)
+                if self.center_directions:
+                    centred = centred - centred.mean(1, keepdim=True)
+                ranks.append(int(torch.linalg.matrix_rank(centred)))
+            self._affine_ranks = (ranks[0], ranks[1])
+        return self._affine_ranks
+
+    def displaced(self, pivot: int, members: Tensor) -> tuple[Tensor, Tensor]:
+        """The members' displacements from the pivot, for each model (up to a constant over labels for
+        log-probabilities)."""
+        out = []
+        for directions in (self.directions_p, self.directions_q):
+            moved = directions[members] - directions[pivot]
+            if self.center_directions:
+                moved = moved - moved.mean(1, keepdim=True)
+            out.append(moved.to(torch.float64))
+        return out[0], out[1]
 
     def rank_ok(self, pivot: int, members: Tensor) -> bool:
-        """Whether the displacements of the members from the pivot are linearly independent for both models."""
-        for directions in (self.directions_p, self.directions_q):
-            displaced = directions[members] - directions[pivot]
-            if self.center_directions:  # log-probabilities: displacements count up to a constant over labels
-                displaced = displaced - displaced.mean(1, keepdim=True)
-            if int(torch.linalg.matrix_rank(displaced)) < members.numel():
+        """Whether the members' displacements from the pivot span, for each model, ``len(members)`` dimensions, or the
+        model's own affine rank when that is lower."""
+        for moved, rank in zip(self.displaced(pivot, members), self.affine_ranks()):
+            if int(torch.linalg.matrix_rank(moved)) < min(members.numel(), rank):
                 return False
         return True
 
 
 @dataclass(frozen=True)
+class PivotTable:
+    """Evaluated pivots (row positions), each with its ``L`` best partners in increasing score (ties: row position),
+    their scores, and ``t2``: the ``M``-th best score (T2 of the pivot's best set, before the diversity check)."""
+
+    pivots: Tensor
+    partners: Tensor
+    scores: Tensor
+    t2: Tensor
+
+    @staticmethod
+    def from_candidates(pivots: Tensor, partners: Tensor, squared: Tensor, m: int, width: int) -> PivotTable:
+        """The ``width`` best of candidate partners (P, C) with squared scores: sorted by row position, then stably
+        by score, so that ties keep the smaller row first."""
+        order = torch.argsort(partners, dim=1)
+        partners, squared = partners.gather(1, order), squared.gather(1, order)
+        order = torch.argsort(squared, dim=1, stable=True)[:, :width]
+        partners, squared = partners.gather(1, order), squared.gather(1, order)
+        scores = squared.sqrt()
+        t2 = scores[:, m - 1] if scores.shape[1] >= m else scores.new_full((scores.shape[0],), float("inf"))
+        return PivotTable(pivots, partners, scores, t2)
+
+    def cat(self, other: PivotTable) -> PivotTable:
+        return PivotTable(*(torch.cat([x, y]) for x, y in zip(
+            (self.pivots, self.partners, self.scores, self.t2), (other.pivots, other.partners, other.scores, other.t2))))
+
+    def leader(self) -> tuple[float, int]:
+        """``(T2, row)`` of the best evaluated pivot; ties within ``TIE_RTOL`` go to the smallest pivot."""
+        value = float(self.t2.min())
+        if not math.isfinite(value):
+            return value, -1
+        tied = self.t2 <= value + TIE_RTOL * abs(value)
+        return value, int(torch.nonzero(tied).flatten()[torch.argmin(self.pivots[tied])])
+
+
+def partner_width(m: int, rows: int) -> int:
+    """Partners kept per pivot: the M best and room for the diversity check (4 M + 8 in all)."""
+    return max(1, min(rows - 1, 4 * m + 8))
+
+
+def evaluate_pivots(stats: PairStatistics, pivots: Tensor, m: int) -> PivotTable:
+    """The :class:`PivotTable` of some pivots, scored against every row (P x R scores, in chunks of pivots)."""
+    width = partner_width(m, stats.num_rows)
+    cols = torch.arange(stats.num_rows, device=stats.a.device)
+    parts = []
+    for z in pivots.split(PAIR_BLOCK):
+        squared = stats.squared_scores(z, cols)
+        squared[torch.arange(z.numel(), device=z.device), z] = float("inf")
+        top = torch.topk(squared, min(width + 8, squared.shape[1]), dim=1, largest=False)
+        parts.append(PivotTable.from_candidates(z, top.indices, top.values, m, width))
+    table = parts[0]
+    for part in parts[1:]:
+        table = table.cat(part)
+    return table
+
+
+def all_pivots(stats: PairStatistics, m: int) -> PivotTable:
+    """The :class:`PivotTable` of every row, from all pairs scored once each (the score is symmetric) in blocks of
+    :data:`PAIR_BLOCK` rows: memory O(R L + block^2)."""
+    r = stats.num_rows
+    width = partner_width(m, r)
+    keep = min(width + 8, r)
+    device = stats.a.device
+    starts = list(range(0, r, PAIR_BLOCK))
+    found: list[list[tuple[Tensor, Tensor]]] = [[] for _ in starts]
+    for bi, zi in enumerate(starts):
+        z = slice(zi, min(r, zi + PAIR_BLOCK))
+        for bj in range(bi, len(starts)):
+            ci = starts[bj]
+            c = slice(ci, min(r, ci + PAIR_BLOCK))
+            block = stats.squared_scores(z, c)
+            if bi == bj:
+                block.fill_diagonal_(float("inf"))
+            top = torch.topk(block, min(keep, block.shape[1]), dim=1, largest=False)
+            found[bi].append((top.indices + ci, top.values))
+            if bi != bj:
+                top = torch.topk(block.T, min(keep, block.shape[0]), dim=1, largest=False)
+                found[bj].append((top.indices + zi, top.values))
+    parts = []
+    for bi, zi in enumerate(starts):
+        partners = torch.cat([p for p, _ in found[bi]], dim=1)
+        squared = torch.cat([v for _, v in found[bi]], dim=1)
+        top = torch.topk(squared, min(keep, squared.shape[1]), dim=1, largest=False)
+        pivots = torch.arange(zi, zi + partners.shape[0], device=device)
+        parts.append(PivotTable.from_candidates(pivots, partners.gather(1, top.indices), top.values, m, width))
+    table = parts[0]
+    for part in parts[1:]:
+        table = table.cat(part)
+    return table
+
+
+def exhaustive_cost(rows: int, dim: int) -> int:
+    """The work of scoring all pairs of ``rows`` candidates of dimension ``dim`` (compared with
+    :data:`EXHAUSTIVE_BUDGET`)."""
+    return rows * (rows - 1) // 2 * (2 * dim + 40)
+
+
+@dataclass(frozen=True)
 class SearchInfo:
-    """What the input-set search did (``LLVResult.search``)."""
+    """What the input-set search did (``LLVResult.search``): the method, the sampled sets and the best of them, the
+    pivots evaluated, whether the search was ``exhaustive`` (every pair of distinct candidates scored: the result does
+    not depend on the seed; also reported as ``all_pivots``), the local search's rounds and whether it converged, and the
+    number of distinct candidate inputs."""
 
     method: str
     sampled_sets: int
     sampled_best: float
     pivots_evaluated: int
-    all_pivots: bool
+    exhaustive: bool
     rounds: int
     converged: bool
     distinct_candidates: int
 
     def as_dict(self) -> dict[str, float | int | bool | str]:
-        return dict(self.__dict__)
+        return {**self.__dict__, "all_pivots": self.exhaustive}
+
+
+def _local_search(stats: PairStatistics, m: int, sampled_sets: Tensor, sampled_scores: Tensor) -> tuple[PivotTable | None, int, bool]:
+    """The pivots of the best sampled sets, then the members of the best set found, while that improves T2."""
+    order = torch.argsort(sampled_scores.masked_fill(~torch.isfinite(sampled_scores), float("inf")), stable=True)
+    start: list[int] = []
+    for index in order.tolist():
+        pivot = int(sampled_sets[index, 0])
+        if pivot >= 0 and pivot not in start:
+            start.append(pivot)
+        if len(start) >= _INITIAL_PIVOTS:
+            break
+    if not start:
+        return None, 0, True
+    table = evaluate_pivots(stats, torch.tensor(start, device=stats.a.device), m)
+    rounds = 0
+    while rounds < _MAX_ROUNDS and table.pivots.numel() < MAX_PIVOTS:
+        rounds += 1
+        before, row = table.leader()
+        if not math.isfinite(before):
+            break
+        seen = set(table.pivots.tolist())
+        fresh = [p for p in table.partners[row, :m].tolist() if p not in seen][: MAX_PIVOTS - table.pivots.numel()]
+        if fresh:
+            table = table.cat(evaluate_pivots(stats, torch.tensor(fresh, device=stats.a.device), m))
+        if not fresh or not table.leader()[0] < before - TIE_RTOL * abs(before):
+            return table, rounds, True
+    return table, rounds, False
 
 
 def search_input_set(
-    stats: PairStatistics, set_size: int, sampled_sets: Tensor, sampled_scores: Tensor, distinct: Tensor, num_distinct: int,
-) -> tuple[Tensor | None, float, SearchInfo]:
-    """``(best set or None, its T2, info)``: the best set (row positions, pivot first) found by the search described
-    in the module docstring, when it beats the best sampled set (``sampled_scores``: T2 of ``sampled_sets``, inf for
-    invalid or repeated-content sets); None when the best sampled set is at least as good."""
+    stats: PairStatistics, set_size: int, sampled_sets: Tensor, sampled_scores: Tensor, distinct: Tensor,
+) -> tuple[Tensor | None, SearchInfo]:
+    """``(best set or None, info)``: the best set (row positions, pivot first) found by the search of the module
+    docstring; None when the local search found nothing better than the best sampled set (``sampled_scores``: T2 of
+    ``sampled_sets``, inf for invalid or repeated-content sets). ``distinct``: a mask of the first row of each
+    content; only those rows take part."""
     m = set_size - 1
-    r = stats.num_rows
+    rows = torch.nonzero(distinct).flatten()
+    local = stats.select(rows)
     sampled_best = float(sampled_scores.min()) if sampled_scores.numel() else float("inf")
-    all_pivots = r <= ALL_PIVOTS_ROWS and r * r * stats.dim <= ALL_PIVOTS_BUDGET
-    found: dict[int, tuple[float, Tensor, Tensor]] = {}  # pivot -> (T2 of its M best partners, sorted partners, scores)
-
-    def evaluate(pivots: list[int]) -> None:
-        pivots = [p for p in pivots if p not in found and bool(distinct[p])]
-        if not pivots:
-            return
-        z = torch.tensor(pivots, dtype=torch.long, device=stats.a.device)
-        scores = stats.scores(z).masked_fill(~distinct[None, :], float("inf"))
-        t2 = torch.kthvalue(scores, m, dim=1).values.tolist()  # the M-th best partner; rows are sorted only when used
-        for row, pivot in enumerate(pivots):
-            found[pivot] = (t2[row], scores[row])
-
-    def leader() -> tuple[float, int]:
-        value, pivot = min(((v[0], p) for p, v in found.items()), default=(float("inf"), -1))
-        ties = [p for p, v in found.items() if v[0] <= value + TIE_RTOL * abs(value)]
-        return value, min(ties) if ties else pivot
-
+    exhaustive = exhaustive_cost(local.num_rows, local.dim) <= EXHAUSTIVE_BUDGET
     rounds, converged = 0, True
-    if all_pivots:
-        evaluate(torch.nonzero(distinct).flatten().tolist())
-    else:
-        finite = torch.isfinite(sampled_scores)
-        order = torch.argsort(sampled_scores.masked_fill(~finite, float("inf")), stable=True)
-        start: list[int] = []
-        for index in order.tolist():
-            pivot = int(sampled_sets[index, 0])
-            if pivot not in start:
-                start.append(pivot)
-            if len(start) >= _INITIAL_PIVOTS:
-                break
-        evaluate(start)
-        converged = False
-        while found and rounds < _MAX_ROUNDS and len(found) < MAX_PIVOTS:
-            rounds += 1
-            before, pivot = leader()
-            members = _sorted_partners(found, pivot)[0][:m].tolist()
-            evaluate(members[: MAX_PIVOTS - len(found)])
-            if not leader()[0] < before - TIE_RTOL * abs(before):
-                converged = True
-                break
+    if exhaustive:
+        table: PivotTable | None = all_pivots(local, m)
+    else:  # the sampled sets' pivots as positions among the distinct rows (-1: not a first row of its content)
+        position = torch.full((stats.num_rows,), -1, dtype=torch.long, device=rows.device)
+        position[rows] = torch.arange(rows.numel(), device=rows.device)
+        table, rounds, converged = _local_search(local, m, position[sampled_sets], sampled_scores)
     info = SearchInfo(
         method="optimise", sampled_sets=int(sampled_sets.shape[0]), sampled_best=sampled_best,
-        pivots_evaluated=len(found), all_pivots=all_pivots, rounds=rounds, converged=converged,
-        distinct_candidates=num_distinct,
+        pivots_evaluated=0 if table is None else int(table.pivots.numel()), exhaustive=exhaustive, rounds=rounds,
+        converged=converged, distinct_candidates=int(rows.numel()),
     )
-    best = _best_diverse_set(stats, found, m)
-    if best is None or not best[0] < sampled_best - TIE_RTOL * abs(sampled_best):
-        return None, sampled_best, info
-    return best[1], best[0], info
+    best = None if table is None else _best_diverse_set(local, table, m)
+    if best is None:
+        return None, info
+    chosen = rows[best[1]]
+    if exhaustive:  # the argmin over every set: the sampled sets do not enter (the result is seed-free)
+        return chosen, info
+    if not best[0] < sampled_best - TIE_RTOL * abs(sampled_best):
+        return None, info
+    return chosen, info
 
 
-def _sorted_partners(found: dict, pivot: int) -> tuple[Tensor, Tensor]:
-    """``(partners, scores)`` of an evaluated pivot in increasing order of score (stable: ties by row position)."""
-    ordered = torch.sort(found[pivot][1], stable=True)
-    return ordered.indices, ordered.values
-
-
-def _best_diverse_set(stats: PairStatistics, found: dict, m: int) -> tuple[float, Tensor] | None:
-    """The evaluated pivot whose best diverse set (members with linearly independent displacements) has the
-    smallest T2: pivots in order of their unconstrained T2 (a lower bound), until that bound exceeds the best."""
+def _best_diverse_set(stats: PairStatistics, table: PivotTable, m: int) -> tuple[float, Tensor] | None:
+    """The evaluated pivot whose best diverse set has the smallest T2: pivots in order of their unconstrained T2 (a
+    lower bound), until that bound exceeds the best found. Ties within TIE_RTOL go to the smallest pivot, whatever the
+    rounding of the two values (a per-input offset of the logits must not change the chosen set)."""
     best: tuple[float, Tensor] | None = None
     best_pivot = -1
-    for value, pivot in sorted((v[0], p) for p, v in found.items()):
+    order = torch.argsort(table.pivots)  # by pivot, then stably by T2
+    order = order[torch.argsort(table.t2[order], stable=True)]
+    t2s, pivots = table.t2[order].tolist(), table.pivots[order].tolist()
+    for row, value, pivot in zip(order.tolist(), t2s, pivots):
         if not value < float("inf") or (best is not None and value > best[0] + TIE_RTOL * abs(best[0])):
             break
-        order, scores = _sorted_partners(found, pivot)
-        members = order[:m]
+        partners, scores = table.partners[row], table.scores[row]
+        members = partners[:m]
         if not stats.rank_ok(pivot, members):
-            if not stats.diverse_sets_exist(m):  # e.g. M above the rank of the logits: no pivot has a diverse set
-                return best
-            members = _independent_members(stats, pivot, order, scores, m)
-            if members is None:
+            chosen = _independent_members(stats, pivot, partners, scores, m)
+            if chosen is None:
                 continue
-            pair_scores = torch.empty_like(scores).scatter_(0, order, scores)  # scores by row position
-            value = float(pair_scores[members].max())
-        # ties within TIE_RTOL go to the smallest pivot (row position), whatever the rounding of the two values: a
-        # per-input offset of the logits must not change the chosen set
+            members = partners[chosen]
+            value = float(scores[chosen].max())
         tol = TIE_RTOL * abs(best[0]) if best is not None else 0.0
         if best is None or value < best[0] - tol or (value <= best[0] + tol and pivot < best_pivot):
-            best, best_pivot = (value, torch.cat([torch.tensor([pivot], device=order.device), members])), pivot
+            best, best_pivot = (value, torch.cat([partners.new_tensor([pivot]), members])), pivot
     return best
 
 
 def _independent_members(stats: PairStatistics, pivot: int, order: Tensor, values: Tensor, m: int) -> Tensor | None:
-    """Partners in order of their score, each kept when it adds a dimension to the displacements of both models (at
-    most 4 M + 8 tried). Incremental: each candidate's displacement is orthogonalised against the kept ones (twice,
-    for stability) and kept when a relative residual above ``1e-9`` remains, O(M D) per candidate instead of a rank
-    computation; the chosen set is confirmed by :meth:`PairStatistics.rank_ok` (one rank computation)."""
-    candidates = [(i, v) for i, v in zip(order[: 4 * m + 8].tolist(), values[: 4 * m + 8].tolist()) if v < float("inf")]
-    if len(candidates) < m:
+    """Positions (into ``order``) of ``m`` partners taken in order of their score, each kept when it adds a dimension to
+    the displacements of every model that can still gain one (a model's displacements span at most its affine rank),
+    among the first 4 M + 8. Incremental: each candidate's displacement is orthogonalised against the kept ones (twice,
+    for stability) and adds a dimension when a relative residual above ``1e-9`` remains, O(M D) per candidate; the
+    chosen set is confirmed by :meth:`PairStatistics.rank_ok` (one rank computation per model)."""
+    limit = min(order.numel(), 4 * m + 8)
+    finite = [i for i in range(limit) if float(values[i]) < float("inf")]
+    if len(finite) < m:
         return None
-    index = torch.tensor([i for i, _ in candidates], dtype=torch.long, device=order.device)
-    spaces = []
-    for directions in (stats.directions_p, stats.directions_q):
-        displaced = directions[index] - directions[pivot]
-        if stats.center_directions:
-            displaced = displaced - displaced.mean(1, keepdim=True)
-        spaces.append(displaced.to(torch.float64))
-    bases = [torch.empty(m, d.shape[1], dtype=torch.float64, device=order.device) for d in spaces]
+    index = order[finite]
+    spaces = stats.displaced(pivot, index)
+    capacity = [min(m, rank) for rank in stats.affine_ranks()]
+    bases = [torch.empty(c, space.shape[1], dtype=torch.float64, device=order.device) for c, space in zip(capacity, spaces)]
+    filled = [0, 0]
     chosen: list[int] = []
-    for row in range(len(candidates)):
-        residuals = []
-        for basis, space in zip(bases, spaces):
+    for row, position in enumerate(finite):
+        residuals: list[Tensor | None] = []
+        for model, space in enumerate(spaces):
+            if filled[model] >= capacity[model]:
+                residuals.append(None)  # saturated: any member will do for this model
+                continue
             v = space[row].clone()
             norm = float(v.norm())
-            if chosen:
-                q = basis[: len(chosen)]
+            if filled[model]:
+                q = bases[model][: filled[model]]
                 for _ in range(2):
                     v -= q.T @ (q @ v)
             rest = float(v.norm())
@@ -290,12 +436,14 @@ def _independent_members(stats: PairStatistics, pivot: int, order: Tensor, value
             residuals.append(v / rest)
         if len(residuals) < 2:
             continue
-        for basis, v in zip(bases, residuals):
-            basis[len(chosen)] = v
-        chosen.append(row)
+        for model, v in enumerate(residuals):
+            if v is not None:
+                bases[model][filled[model]] = v
+                filled[model] += 1
+        chosen.append(position)
         if len(chosen) == m:
-            members = index[chosen]
-            return members if stats.rank_ok(pivot, members) else None
+            picked = torch.tensor(chosen, dtype=torch.long, device=order.device)
+            return picked if stats.rank_ok(pivot, order[picked]) else None
     return None
 
 
@@ -312,43 +460,3 @@ def distinct_contents(content: Tensor) -> tuple[Tensor, Tensor, int]:
     mask = torch.zeros(content.shape[0], dtype=torch.bool, device=content.device)
     mask[first] = True
     return ids, mask, count
-
-
-def choose_input_set(
-    entries_of: Callable[[Tensor], tuple[Tensor, Tensor, Tensor, Tensor]],
-    stats: Callable[[], PairStatistics],
-    sampled: Tensor,
-    report: Callable[[Tensor], Tensor],
-    content: Tensor,
-    method: str,
-    reduce: str = "max",
-) -> tuple[InputPart, SearchInfo, Tensor]:
-    """The input set by ``method`` (``"optimise"`` or ``"sample"``) among candidate rows with content ``content``
-    (R, D): ``entries_of(positions)`` gives the term-2/term-4 entries of sets of row positions, ``stats()`` the pair
-    statistics for the search, ``sampled`` the seeded random sets (S, M+1), ``report(positions)`` the sets as the
-    result reports them. Sets whose members repeat a content are not diversity sets and are never chosen. Returns the
-    chosen set as row positions too."""
-    set_size = sampled.shape[1]
-    ids, first, count = distinct_contents(content)
-    if count < set_size:
-        raise ValueError(
-            f"only {count} candidate input(s) with distinct content (log-probabilities or embeddings), but an input set "
-            f"needs M+1 = {set_size} distinct inputs: update() with more distinct inputs (repeated rows, e.g. the first "
-            "token of every sequence, count once)"
-        )
-    b, b_piv, t4, valid = entries_of(sampled)
-    member_ids = ids[sampled].sort(dim=1).values
-    repeated = (member_ids[:, 1:] == member_ids[:, :-1]).any(dim=1)
-    valid = valid & ~repeated[:, None]
-    sampled_scores = torch.where(valid.all(1), torch.maximum(b.amax(1), b_piv.amax(1)), torch.full_like(b[:, 0], float("inf")))
-    info = SearchInfo(method="sample", sampled_sets=int(sampled.shape[0]), sampled_best=float(sampled_scores.min()),
-                      pivots_evaluated=0, all_pivots=False, rounds=0, converged=True, distinct_candidates=count)
-    positions = sampled
-    if method == "optimise":
-        best, _, info = search_input_set(stats(), set_size, sampled, sampled_scores, first, count)
-        if best is not None:  # strictly better than every sampled set: appended as the last candidate
-            extra = entries_of(best[None])
-            positions = torch.cat([sampled, best[None]])
-            b, b_piv, t4, valid = (torch.cat([x, y]) for x, y in zip((b, b_piv, t4, valid), extra))
-    inputs = select_input_set(b, b_piv, t4, valid, report(positions), reduce)
-    return inputs, info, positions[inputs.chosen_candidate]

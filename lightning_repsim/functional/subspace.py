@@ -80,10 +80,12 @@ def pair_subspaces(cov_f: Tensor, dim_p: int, rtol: float = RANK_RTOL) -> tuple[
 
 
 def restricted_cond(matrix: Tensor, subspace: Subspace) -> Tensor:
-    """Condition number of a diversity matrix (rows = displaced unembeddings or embeddings, M columns) restricted to
-    the subspace the embeddings occupy: ``cond(matrix @ V)``. A rank-deficient (non-square) restriction has condition
-    number inf."""
+    """Condition number of a diversity matrix (r rows = displaced unembeddings or embeddings, M columns) restricted to
+    the subspace the embeddings occupy: ``cond(matrix @ V)``, the ratio of its largest to its smallest singular value.
+    For a model whose embeddings have a lower rank than r (a smaller student) the restriction has fewer columns than
+    rows, and the condition number says whether its rows span the model's whole subspace (diversity within its own
+    rank); with fewer rows than the rank (a ``rep_dim`` below it), whether the rows are independent. A restriction of
+    lower rank than ``min(rows, columns)`` has condition number inf."""
     restricted = matrix @ subspace.basis
-    if restricted.shape[0] != restricted.shape[1]:
-        return restricted.new_tensor(float("inf"))
-    return torch.linalg.cond(restricted)
+    values = torch.linalg.svdvals(restricted)
+    return values[0] / values[-1] if bool(values[-1] > 0) else restricted.new_tensor(float("inf"))

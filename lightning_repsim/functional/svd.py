@@ -20,13 +20,14 @@ import torch
 from torch import Tensor
 
 from lightning_repsim.functional._moments import batch_moments, covariance_from_moments
-from lightning_repsim.functional._validation import as_matrix, check_finite, check_num_labels
-from lightning_repsim.functional.family import logits_from_parts, split_unembedding
+from lightning_repsim.functional._validation import check_num_labels, check_rep_dim
+from lightning_repsim.functional.family import ModelPair
 from lightning_repsim.functional.llv import draw_input_sets, llv_distance
 from lightning_repsim.functional.subspace import Subspace, pair_subspaces, restricted_cond
 
 __all__ = [
     "SVDResult",
+    "SVDStatistics",
     "DiversityWarning",
     "svd_dissimilarity",
     "m_svd_from_cov",
@@ -70,8 +71,9 @@ class SVDResult:
         cond_l: condition numbers of ``L`` for the worst subset, (model p, model q), restricted to the subspace
             the embeddings occupy (``L V``).
         cond_n: condition numbers of ``N`` for the input set, (model p, model q), restricted likewise.
-        embedding_rank: the ranks (r_p, r_q) of the two models' embeddings; the label subsets have
-            ``max(r_p, r_q)`` labels (M for full-rank embeddings).
+        embedding_rank: the ranks (r_p, r_q) of the two models' embeddings.
+        rep_dim: the representation dimension r the label subsets (r labels) and the input set (r + 1 inputs) have:
+            ``max(r_p, r_q)`` unless given (M for two full-rank embeddings of width M).
         label_pivot, leave_out, input_set: the sets used.
     """
 
@@ -91,6 +93,7 @@ class SVDResult:
     leave_out: int
     input_set: Tensor
     embedding_rank: tuple[int, int] = (0, 0)
+    rep_dim: int = 0
 
     def as_dict(self) -> dict[str, float]:
         return {"d_svd": float(self.value), "d_svd_f": float(self.f_part), "d_svd_g": float(self.g_part)}
@@ -152,17 +155,19 @@ def f_part_from_cov(
     max_label_subsets: int = DEFAULT_MAX_LABEL_SUBSETS,
     seed: int = 0,
     subspaces: tuple[Subspace, Subspace] | None = None,
+    rep_dim: int | None = None,
 ) -> FPart:
     """m_SVD of the f-part for every (or a sample of) r-subset(s) of kept labels, r the representation dimension
-    (the rank of the embeddings, :mod:`~lightning_repsim.functional.subspace`; M when they are full rank).
+    (``rep_dim``; by default the larger rank of the two embeddings, :mod:`~lightning_repsim.functional.subspace`: M
+    when they are full rank).
 
-    ``cov_f``: covariance of ``[f_p; f_q]`` over inputs (2M x 2M); ``w_p``, ``w_q``: unembedding
-    weights (K x M). Biases do not matter: they shift the log-odds by constants.
+    ``cov_f``: covariance of ``[f_p; f_q]`` over inputs ((M_p + M_q)^2); ``w_p``, ``w_q``: unembedding
+    weights (K x M_p, K x M_q). Biases do not matter: they shift the log-odds by constants.
     """
     k, m = w_p.shape
     if subspaces is None:
         subspaces = pair_subspaces(cov_f, m)
-    r = max(subspaces[0].rank, subspaces[1].rank)
+    r = max(subspaces[0].rank, subspaces[1].rank) if rep_dim is None else rep_dim
     check_num_labels(k, r, need_subsets=True)
     keep = torch.ones(k, dtype=torch.bool, device=w_p.device)
     keep[[label_pivot, leave_out]] = False
@@ -196,8 +201,8 @@ def f_part_from_cov(
 def g_part(w_p: Tensor, w_q: Tensor, f_p_set: Tensor, f_q_set: Tensor, cov_w: Tensor | None = None,
            subspaces: tuple[Subspace, Subspace] | None = None) -> tuple[Tensor, Tensor]:
     """``(m_SVD, cond(N) per model)`` of the g-part: samples are all K labels, coordinates
-    ``(f(x_i) - f(x0))^T g(y)`` for the input set ``f_set`` (M+1 x M, first row = x0). With ``cov_w``, the
-    covariance over labels of ``[g_p; g_q]`` (2M x 2M), it costs O(M^3) instead of O(K M^2):
+    ``(f(x_i) - f(x0))^T g(y)`` for the input set ``f_set`` (r+1 x M, first row = x0). With ``cov_w``, the
+    covariance over labels of ``[g_p; g_q]`` ((M_p + M_q)^2), it costs O(M^3) instead of O(K M^2):
     ``Cov(N_p g_p, N_q g_q) = N_p Cov(g_p, g_q) N_q^T``."""
     n_p = f_p_set[1:] - f_p_set[:1]
     n_q = f_q_set[1:] - f_q_set[:1]
@@ -206,8 +211,7 @@ def g_part(w_p: Tensor, w_q: Tensor, f_p_set: Tensor, f_q_set: Tensor, cov_w: Te
         count, _, m2 = batch_moments(torch.cat([w_p @ n_p.T, w_q @ n_q.T], dim=1))
         cov = covariance_from_moments(count, m2)
     else:
-        zero = n_p.new_zeros(n_p.shape)
-        t = torch.cat([torch.cat([n_p, zero], 1), torch.cat([zero, n_q], 1)], 0)
+        t = torch.block_diag(n_p, n_q)
         cov = t @ cov_w @ t.T
     msvd = m_svd_from_cov(cov[:m, :m], cov[m:, m:], cov[:m, m:], "the input-set log-odds over labels")
     if subspaces is None:
@@ -232,22 +236,23 @@ def svd_dissimilarity(
     unemb_p: Tensor,
     emb_q: Tensor,
     unemb_q: Tensor,
-    label_pivot: int | None = None,
-    leave_out: int | None = None,
     input_set: Tensor | None = None,
+    rep_dim: int | None = None,
     max_label_subsets: int | None = None,
-    seed: int = 0,
     **options,
 ) -> SVDResult:
-    """d_SVD between two models given embeddings (N x M) and unembeddings (K x M, or K x (M+1)
-    with the bias as last column).
+    """d_SVD between two models given embeddings (N x M_p, N x M_q: the widths may differ) and unembeddings
+    (K x M, or K x (M+1) with the bias as last column).
 
-    ``label_pivot``, ``leave_out`` and ``input_set`` are normally the sets chosen by d_LLV (as in
-    :func:`compare`). Any of them left ``None`` is chosen by running :func:`llv_distance` on the
-    models' logits (the other d_LLV ``options`` of :class:`LLVOptions` are passed on; ``seed`` serves both).
+    The label set (``label_pivot``, ``leave_out``) and the ``input_set`` are normally those chosen by d_LLV (as in
+    :func:`compare`). Any of them left ``None`` is chosen by running :func:`llv_distance` on the models' logits (the
+    other d_LLV ``options`` of :class:`LLVOptions` are passed on; ``seed`` also seeds the sample of label subsets).
 
-    ``d_SVD^f`` is a max over all ``C(K-2, M)`` label subsets: all are evaluated when there are at
-    most ``max_label_subsets`` (default :func:`default_max_label_subsets`: 4096 up to M = 51), otherwise a
+    ``rep_dim``: the representation dimension r (label subsets of r labels, input sets of r + 1 inputs); by default
+    the larger rank of the two embeddings, ``max(r_p, r_q)`` (see ``docs/smaller_student.md``).
+
+    ``d_SVD^f`` is a max over all ``C(K-2, r)`` label subsets: all are evaluated when there are at
+    most ``max_label_subsets`` (default :func:`default_max_label_subsets`: 4096 up to r = 51), otherwise a
     seeded random sample (``result.exhaustive`` is then False and ``f_part`` a lower estimate).
 
     Example:
@@ -261,72 +266,55 @@ def svd_dissimilarity(
         >>> float(same.value) < 1e-9
         True
     """
-    f_p = as_matrix(emb_p, "emb_p")
-    f_q = as_matrix(emb_q, "emb_q")
-    if f_p.shape != f_q.shape:
-        raise ValueError(f"`emb_p` and `emb_q` must have the same shape, got {tuple(f_p.shape)} and {tuple(f_q.shape)}")
-    check_finite(f_p, "emb_p")
-    check_finite(f_q, "emb_q")
-    m = f_p.shape[1]
-    w_p, b_p = split_unembedding(unemb_p, m, "unemb_p")
-    w_q, b_q = split_unembedding(unemb_q, m, "unemb_q")
-    if w_p.shape != w_q.shape:
-        raise ValueError(f"`unemb_p` and `unemb_q` must have the same number of labels, got {w_p.shape[0]} and {w_q.shape[0]}")
-    cov_f = embedding_pair_covariance(f_p, f_q)
-    r = representation_dim(cov_f, m)  # M unless the embeddings are rank-deficient (e.g. LayerNorm-final)
-    check_num_labels(w_p.shape[0], r, need_subsets=True)
+    pair = ModelPair.of(emb_p, unemb_p, emb_q, unemb_q)
+    cov_f = embedding_pair_covariance(pair.f_p, pair.f_q)
+    r = representation_dim(cov_f, pair.widths[0], rep_dim)
+    check_num_labels(pair.num_labels, r, need_subsets=True)
+    label_pivot, leave_out = options.get("label_pivot"), options.get("leave_out")
     if label_pivot is None or leave_out is None or input_set is None:
-        llv = llv_distance(
-            logits_from_parts(f_p, w_p, b_p),
-            logits_from_parts(f_q, w_q, b_q),
-            rep_dim=r,
-            label_pivot=label_pivot,
-            leave_out=leave_out,
-            input_sets=None if input_set is None else torch.as_tensor(input_set)[None],
-            seed=seed,
-            **options,
-        )
+        given = None if input_set is None else torch.as_tensor(input_set)[None]
+        llv = llv_distance(*pair.logits(), rep_dim=r, **{**options, "input_sets": given})
         label_pivot, leave_out, input_set = llv.label_pivot, llv.leave_out, llv.input_set
-    input_set = torch.as_tensor(input_set, device=f_p.device).to(torch.long).flatten()
+    input_set = torch.as_tensor(input_set, device=pair.f_p.device).to(torch.long).flatten()
     if input_set.numel() != r + 1:
         raise ValueError(
-            f"`input_set` must hold r+1 = {r + 1} input indices (r = {r}, the rank of the embeddings; M = {m}), "
-            f"got {input_set.numel()}"
+            f"`input_set` must hold r+1 = {r + 1} input indices (r = {r}, the representation dimension; widths "
+            f"{pair.widths}), got {input_set.numel()}"
         )
+    stats = SVDStatistics(cov_f, pair.w_p, pair.w_q, pair.f_p[input_set], pair.f_q[input_set])
+    return svd_from_parts(stats, (int(label_pivot), int(leave_out), input_set), r, max_label_subsets, options.get("seed", 0))
+
+
+@dataclass(frozen=True)
+class SVDStatistics:
+    """What d_SVD needs: ``cov_f``, the covariance over inputs of ``[f_p; f_q]`` ((M_p + M_q)^2); the unembedding
+    weights ``w_p`` (K x M_p), ``w_q`` (K x M_q); the embeddings of the input set ``f_p_set``, ``f_q_set``
+    ((r + 1) x M, pivot first); optionally ``cov_w``, the covariance over labels of ``[g_p; g_q]``, which makes the
+    g-part O(M^3) instead of O(K M^2)."""
+
+    cov_f: Tensor
+    w_p: Tensor
+    w_q: Tensor
+    f_p_set: Tensor
+    f_q_set: Tensor
+    cov_w: Tensor | None = None
+
+
+def svd_from_parts(stats: SVDStatistics, sets: tuple[int, int, Tensor], rep_dim: int | None = None,
+                   max_label_subsets: int | None = None, seed: int = 0) -> SVDResult:
+    """d_SVD from its sufficient statistics and the chosen sets ``(label_pivot, leave_out, input_set)``, at the
+    representation dimension ``rep_dim`` (default: the larger rank of the embeddings). Shared by
+    :func:`svd_dissimilarity`, :func:`~lightning_repsim.functional.compare` and the streaming metric."""
+    label_pivot, leave_out, input_set = sets
+    subspaces = pair_subspaces(stats.cov_f, stats.w_p.shape[1])
+    r = max(subspaces[0].rank, subspaces[1].rank) if rep_dim is None else rep_dim
     subsets = default_max_label_subsets(r) if max_label_subsets is None else max_label_subsets
-    return svd_from_parts(
-        f_p, w_p, f_q, w_q, int(label_pivot), int(leave_out), input_set, f_p[input_set], f_q[input_set], subsets, seed,
-        cov_f=cov_f,
-    )
-
-
-def svd_from_parts(
-    f_p: Tensor | None,
-    w_p: Tensor,
-    f_q: Tensor | None,
-    w_q: Tensor,
-    label_pivot: int,
-    leave_out: int,
-    input_set: Tensor,
-    f_p_set: Tensor,
-    f_q_set: Tensor,
-    max_label_subsets: int = DEFAULT_MAX_LABEL_SUBSETS,
-    seed: int = 0,
-    cov_f: Tensor | None = None,
-    cov_w: Tensor | None = None,
-) -> SVDResult:
-    """d_SVD from its sufficient parts: ``cov_f`` (or the embeddings to compute it), the unembedding
-    weights, the chosen sets and the embeddings of the input set; ``cov_w`` (optional), the covariance over labels
-    of ``[g_p; g_q]``, makes the g-part O(M^3). Shared with the streaming metric."""
-    if cov_f is None:
-        cov_f = embedding_pair_covariance(f_p, f_q)
-    subspaces = pair_subspaces(cov_f, w_p.shape[1])
-    fp = f_part_from_cov(cov_f, w_p, w_q, label_pivot, leave_out, max_label_subsets, seed, subspaces)
-    msvd_g, cond_n = g_part(w_p, w_q, f_p_set, f_q_set, cov_w, subspaces)
+    fp = f_part_from_cov(stats.cov_f, stats.w_p, stats.w_q, label_pivot, leave_out, subsets, seed, subspaces, r)
+    msvd_g, cond_n = g_part(stats.w_p, stats.w_q, stats.f_p_set, stats.f_q_set, stats.cov_w, subspaces)
     warn_if_near_singular(fp.cond, "L (displaced unembeddings of the worst label subset)")
     warn_if_near_singular(cond_n, "N (displaced embeddings of the input set)")
-    f_part = 1.0 - fp.msvd[fp.worst]
-    g = 1.0 - msvd_g
+    f_part = (1.0 - fp.msvd[fp.worst]).clamp_min(0)
+    g = (1.0 - msvd_g).clamp_min(0)
     return SVDResult(
         value=torch.maximum(f_part, g),
         f_part=f_part,
@@ -344,6 +332,7 @@ def svd_from_parts(
         leave_out=leave_out,
         input_set=input_set,
         embedding_rank=(subspaces[0].rank, subspaces[1].rank),
+        rep_dim=r,
     )
 
 
@@ -353,8 +342,11 @@ def embedding_pair_covariance(f_p: Tensor, f_q: Tensor) -> Tensor:
     return covariance_from_moments(count, m2)
 
 
-def representation_dim(cov_f: Tensor, dim_p: int) -> int:
-    """The representation dimension of a pair: the larger rank of the two embeddings (see
-    :mod:`~lightning_repsim.functional.subspace`); the input sets of d_LLV and d_SVD have this many inputs plus one."""
+def representation_dim(cov_f: Tensor, dim_p: int, rep_dim: int | None = None) -> int:
+    """The representation dimension of a pair: ``rep_dim`` when given (checked), else the larger rank of the two
+    embeddings, ``max(r_p, r_q)`` (see :mod:`~lightning_repsim.functional.subspace` and ``docs/smaller_student.md``);
+    the input sets of d_LLV and d_SVD have this many inputs plus one, d_SVD's label subsets this many labels."""
+    if rep_dim is not None:
+        return check_rep_dim(rep_dim)
     sub_p, sub_q = pair_subspaces(cov_f, dim_p)
     return max(sub_p.rank, sub_q.rank)

@@ -12,9 +12,8 @@ import torch
 from torch import Tensor
 
 from lightning_repsim.functional._validation import check_positive_int
-from lightning_repsim.functional.input_search import choose_input_set
 from lightning_repsim.functional.llv import LLVOptions, draw_input_sets
-from lightning_repsim.functional.llv_terms import select_input_set
+from lightning_repsim.functional.llv_route import Candidates
 from lightning_repsim.metrics.base import StreamingMetric
 from lightning_repsim.metrics.sketch import META, buffer_content, empty_buffer, hash_keys
 
@@ -70,11 +69,13 @@ class CandidateMixin(StreamingMetric):
         id_col = ids.to(torch.float64) if ids is not None else torch.full_like(key, -1.0)
         return torch.cat([key[:, None], key2[:, None], id_col[:, None], data], dim=1)
 
-    def _candidate_sets(self, buffer: Tensor, set_size: int) -> tuple[Tensor, Tensor, Tensor]:
-        """``(rows, positions, reported)``: the filled buffer rows, the candidate sets as row positions in them, and
-        as reported in the result (input ids when every buffered input has one, else buffer positions)."""
+    def _candidate_sets(self, buffer: Tensor, set_size: int) -> tuple[Tensor, Candidates]:
+        """``(rows, candidates)``: the filled buffer rows and the candidate sets as row positions in them, reported
+        as input ids when every buffered input has one (else as buffer positions): the given ``input_sets`` (ids),
+        or sets drawn from the buffer."""
         rows = buffer_content(buffer) if buffer.numel() else buffer.new_zeros(0, META)
         ids = rows[:, 2].to(torch.long)
+        row_ids = ids if bool((ids >= 0).all()) else None
         if self.options.input_sets is not None:
             sets = self.options.input_sets.to(rows.device)
             pos = torch.searchsorted(ids, sets.reshape(-1)).clamp_max(max(ids.numel() - 1, 0))
@@ -85,28 +86,11 @@ class CandidateMixin(StreamingMetric):
                     f"`input_sets` refer to input ids never passed to update(): {missing[:10]}"
                     + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else "")
                 )
-            return rows, pos.reshape(sets.shape), sets.clone()
+            return rows, Candidates(pos.reshape(sets.shape), given=True, row_ids=ids)
         if rows.shape[0] < set_size:
             raise ValueError(
                 f"the candidate buffer holds {rows.shape[0]} distinct inputs, fewer than the M+1 = {set_size} of an "
                 "input set: update() with more (distinct) inputs"
             )
         pos = draw_input_sets(rows.shape[0], set_size, self.options.num_input_sets, self.options.seed).to(rows.device)
-        return rows, pos, self._report(rows, pos)
-
-    @staticmethod
-    def _report(rows: Tensor, positions: Tensor) -> Tensor:
-        """Sets of buffer positions as the result reports them: input ids when every buffered input has one."""
-        ids = rows[:, 2].to(torch.long)
-        return ids[positions] if bool((ids >= 0).all()) else positions
-
-    def _choose(self, rows: Tensor, positions: Tensor, reported: Tensor, entries_of, stats, content: Tensor):
-        """``(InputPart, SearchInfo or None)``: the given ``input_sets`` as they are, else the search of
-        :func:`~lightning_repsim.functional.input_search.choose_input_set` over the buffered inputs."""
-        if self.options.input_sets is not None:
-            return select_input_set(*entries_of(positions), reported, self.options.reduce), None
-        inputs, info, _ = choose_input_set(
-            entries_of, stats, positions, lambda p: self._report(rows, p), content, self.options.input_set_search,
-            self.options.reduce,
-        )
-        return inputs, info
+        return rows, Candidates(pos, row_ids=row_ids)

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_repsim.functional._validation import check_num_inputs, check_num_labels, check_positive_int, check_rep_dim
-from lightning_repsim.functional.input_search import PairStatistics
-from lightning_repsim.functional.llv import LLVOptions, LLVResult, ResolvedLabels, choose_pivots, llv_result
-from lightning_repsim.functional.llv_terms import CHUNK_NUMBERS, label_cov_from_full, label_part, set_entries
+from lightning_repsim.functional.llv import LLVOptions, LLVResult, ResolvedLabels
+from lightning_repsim.functional.llv_route import LLVSizes, LogitsRoute, llv_from_route
+from lightning_repsim.functional.llv_terms import CHUNK_NUMBERS
 from lightning_repsim.metrics.base import DEFAULT_MEMORY_BUDGET_GB
 from lightning_repsim.metrics.candidates import DEFAULT_BUFFER_SIZE, CandidateMixin
 from lightning_repsim.metrics.inputs import logit_rows
@@ -186,19 +185,9 @@ class LLVDistance(CandidateMixin):
         kk = cov.shape[0] // 2
         check_num_inputs(n, self.rep_dim)
         k = int(states["dims"][0]) or kk
-        resolved = self.options.resolve(k)
-        pivots = choose_pivots(mean[:kk], mean[:kk] + mean[kk:], resolved, self.options.max_pivot_candidates)
-        labels = label_part(
-            partial(label_cov_from_full, cov), kk, cov.device, self.options.reduce, resolved.label_pivot,
-            resolved.leave_out, pivots, refine=resolved.pivot_candidates is None,
-        )
-        rows, pos, reported = self._candidate_sets(states["candidates"], self.rep_dim + 1)
-        lp_rows, lq_rows = rows[:, META : META + kk], rows[:, META + kk :]
-        inputs, search = self._choose(
-            rows, pos, reported, partial(set_entries, lp_rows, lq_rows),
-            partial(PairStatistics.from_log_probabilities, lp_rows, lq_rows), rows[:, META:],
-        )
-        return llv_result(labels, inputs, resolved, n, k, self.rep_dim, self.options, search)
+        rows, candidates = self._candidate_sets(states["candidates"], self.rep_dim + 1)
+        route = LogitsRoute.from_moments(mean, cov, rows[:, META : META + kk], rows[:, META + kk :])
+        return llv_from_route(route, candidates, self.options, self.options.resolve(k), LLVSizes(n, k, self.rep_dim))[0]
 
     def compute_result(self) -> LLVResult:
         """The full :class:`~lightning_repsim.functional.LLVResult` (``.value`` is what ``compute()`` returns)."""

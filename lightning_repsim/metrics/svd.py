@@ -12,13 +12,14 @@ from torch import Tensor
 from lightning_repsim.functional._validation import check_finite, check_num_inputs, check_num_labels, check_rep_dim, check_tensor
 from lightning_repsim.functional.family import log_partition, split_unembedding, unembedding_parts
 from lightning_repsim.functional.llv import LLVOptions, LLVResult
-from lightning_repsim.functional.llv_representation import embedding_covariance, label_covariance_of_h, representation_llv
+from lightning_repsim.functional.llv_representation import RepresentationRoute, embedding_covariance, representation_rows
+from lightning_repsim.functional.llv_route import LLVSizes, llv_from_route
 from lightning_repsim.functional.llv_terms import CHUNK_NUMBERS
-from lightning_repsim.functional.svd import SVDResult, default_max_label_subsets, representation_dim, svd_from_parts
+from lightning_repsim.functional.svd import SVDResult, SVDStatistics, representation_dim, svd_from_parts
 from lightning_repsim.metrics.base import DEFAULT_MEMORY_BUDGET_GB
 from lightning_repsim.metrics.candidates import DEFAULT_BUFFER_SIZE, CandidateMixin
 from lightning_repsim.metrics.inputs import embedding_rows
-from lightning_repsim.metrics.moment_state import empty_moments, moments_covariance, moments_dim
+from lightning_repsim.metrics.moment_state import moments_covariance, moments_dim
 from lightning_repsim.metrics.sketch import META
 
 __all__ = ["SVDDissimilarity", "SVDDissimilarityResult"]
@@ -166,59 +167,59 @@ class SVDDissimilarity(CandidateMixin):
         self.unemb_p = None if unemb_p is None else _check_unembedding(unemb_p, "unemb_p")
         self.unemb_q = None if unemb_q is None else _check_unembedding(unemb_q, "unemb_q")
         self._in_use: tuple | None = None  # (unembedding, its version) of p and q that the accumulated inputs used
-        m = self.rep_dim
-        self._add_state_kind("moments", "moments", empty_moments(2 * m + 2) if m else torch.zeros(0, dtype=torch.float64))
+        # sized at the first update, once both widths are known (an unembedding may carry a bias column)
+        self._add_state_kind("moments", "moments", torch.zeros(0, dtype=torch.float64))
+        self._add_state_kind("widths", "dims", torch.zeros(2, dtype=torch.int64))
         self.buffer_size = buffer_size
-        self._init_candidates(buffer_size, None if m is None else m + 1, None if m is None else 2 * m)
-        if m is not None and self.unemb_p is not None:
-            self._check_sizes(m, self.unemb_p.shape[0])
+        self._init_candidates(buffer_size, None if rep_dim is None else rep_dim + 1, None)
 
     def _describe(self, name: str, shape: tuple[int, ...]) -> str:
         if name == "moments":
-            return f"M={(moments_dim(shape[0]) - 2) // 2}"
+            return f"M_p + M_q = {moments_dim(shape[0]) - 2}"
         if name == "candidates":
-            return f"a buffer of {shape[0]} inputs with M={(shape[1] - META) // 2}"
+            return f"a buffer of {shape[0]} inputs with M_p + M_q = {shape[1] - META}"
+        if name == "widths":
+            return f"widths (M_p, M_q) = {shape}"
         return super()._describe(name, shape)
 
-    def _check_sizes(self, m: int, k: int) -> None:
-        """M, K and the memory the states and compute() need, before anything is allocated."""
-        if self.rep_dim is not None and m != self.rep_dim:
-            raise ValueError(f"SVDDissimilarity was built for M={self.rep_dim}, got embeddings with M={m}")
+    def _check_sizes(self, m_p: int, m_q: int, k: int) -> None:
+        """The set sizes, K and the memory the states and compute() need, before anything is allocated."""
+        m = self.rep_dim if self.rep_dim is not None else max(m_p, m_q)
         if self.buffer_size < m + 1 and self.options.input_sets is None:
             raise ValueError(f"`buffer_size`={self.buffer_size} cannot hold an input set of M+1 = {m + 1} inputs")
         check_num_labels(k, m, need_subsets=True)
-        d = 2 * m + 2
-        state = 8.0 * (1 + d + d * d + self.buffer_size * (2 * m + 3))
-        compute = 8.0 * (2 * k * m + 40 * CHUNK_NUMBERS)
-        self._check_memory(state, compute, f"with K={k:,} labels and M={m}", "Lower `buffer_size`.")
+        d = m_p + m_q + 2
+        state = 8.0 * (1 + d + d * d + self.buffer_size * (m_p + m_q + 3))
+        compute = 8.0 * (k * (m_p + m_q) + 40 * CHUNK_NUMBERS)
+        self._check_memory(state, compute, f"with K={k:,} labels and widths {m_p}, {m_q}", "Lower `buffer_size`.")
 
-    def _check_unembeddings(self, m: int) -> None:
-        """Both unembeddings given, of width M or M+1, with the same number K >= M + 2 of labels."""
+    def _check_unembeddings(self, m_p: int, m_q: int) -> None:
+        """Both unembeddings given, of widths M_p (+1) and M_q (+1), with the same number K >= 3 of labels."""
         if self.unemb_p is None or self.unemb_q is None:
             raise ValueError(
                 "SVDDissimilarity needs both models' unembeddings: pass `unemb_p` and `unemb_q` to the "
                 "constructor or to update()"
             )
-        unembedding_parts(self.unemb_p, m, "unemb_p")
-        unembedding_parts(self.unemb_q, m, "unemb_q")
+        unembedding_parts(self.unemb_p, m_p, "unemb_p")
+        unembedding_parts(self.unemb_q, m_q, "unemb_q")
         k, k_q = self.unemb_p.shape[0], self.unemb_q.shape[0]
         if k != k_q:
             raise ValueError(f"`unemb_p` and `unemb_q` must have the same number of labels, got {k} and {k_q}")
-        check_num_labels(k, m, need_subsets=True)
+        check_num_labels(k)
 
-    def _unembeddings(self, m: int, device: torch.device) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    def _unembeddings(self, m_p: int, m_q: int, device: torch.device) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
         """Float64 weights and biases on ``device``, checked (finite included)."""
-        self._check_unembeddings(m)
-        w_p, b_p = split_unembedding(self.unemb_p.to(device), m, "unemb_p")
-        w_q, b_q = split_unembedding(self.unemb_q.to(device), m, "unemb_q")
+        self._check_unembeddings(m_p, m_q)
+        w_p, b_p = split_unembedding(self.unemb_p.to(device), m_p, "unemb_p")
+        w_q, b_q = split_unembedding(self.unemb_q.to(device), m_q, "unemb_q")
         self.options.resolve(w_p.shape[0])
         return w_p, b_p, w_q, b_q
 
-    def _raw_unembeddings(self, m: int) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    def _raw_unembeddings(self, m_p: int, m_q: int) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
         """Weights and biases as views of the unembeddings in their own dtype and device (no K x M float64 copy per
         update: ``log_partition`` converts blocks of labels), after the shape checks."""
-        self._check_unembeddings(m)
-        return (*unembedding_parts(self.unemb_p, m, "unemb_p"), *unembedding_parts(self.unemb_q, m, "unemb_q"))
+        self._check_unembeddings(m_p, m_q)
+        return (*unembedding_parts(self.unemb_p, m_p, "unemb_p"), *unembedding_parts(self.unemb_q, m_q, "unemb_q"))
 
     @staticmethod
     def _check_unchanged(unemb: Tensor, name: str, used: tuple[Tensor, int]) -> None:
@@ -262,25 +263,27 @@ class SVDDissimilarity(CandidateMixin):
         given = _stack_log_partitions(emb_p, emb_q, logz_p, logz_q)
         if given is not None:  # carried as an extra column, so masks and dropped rows apply to it too
             emb_p, emb_q = torch.cat([emb_p.double(), given[0]], -1), torch.cat([emb_q.double(), given[1]], -1)
-        f_p, f_q, ids, dropped = embedding_rows(emb_p, emb_q, mask, ids, self.nan_strategy, same_dim=True)
+        f_p, f_q, ids, dropped = embedding_rows(emb_p, emb_q, mask, ids, self.nan_strategy, same_dim=False)
         if given is not None:
             (f_p, lz_p), (f_q, lz_q) = (f_p[:, :-1], f_p[:, -1]), (f_q[:, :-1], f_q[:, -1])
-        m = f_p.shape[1]
+        m_p, m_q = f_p.shape[1], f_q.shape[1]
         self.unemb_p, self.unemb_q = new_p, new_q
-        w_p, b_p, w_q, b_q = self._raw_unembeddings(m)
+        w_p, b_p, w_q, b_q = self._raw_unembeddings(m_p, m_q)
         if self._in_use is None:  # the first inputs of this accumulation: sizes, memory and finiteness, once
-            self._check_sizes(m, w_p.shape[0])
+            self._check_sizes(m_p, m_q, w_p.shape[0])
             for unemb, name in ((self.unemb_p, "unemb_p"), (self.unemb_q, "unemb_q")):
                 if not bool(torch.isfinite(unemb).all()):
                     check_finite(unemb.to(torch.float64), name)
-        contributions: dict[str, Any] = {"num_dropped": dropped} if dropped else {}
+        contributions: dict[str, Any] = {"widths": torch.tensor([m_p, m_q], dtype=torch.int64)}
+        if dropped:
+            contributions["num_dropped"] = dropped
         if f_p.shape[0]:
             if given is None:
                 lz_p = log_partition(f_p, w_p.to(f_p.device), None if b_p is None else b_p.to(f_p.device))
                 lz_q = log_partition(f_q, w_q.to(f_p.device), None if b_q is None else b_q.to(f_p.device))
             if not (bool(torch.isfinite(lz_p).all()) and bool(torch.isfinite(lz_q).all())):
                 raise ValueError("the log-partition logsumexp(W f + b) is not finite for some inputs (logits overflow float64)")
-            contributions["moments"] = torch.cat([f_p, lz_p[:, None], f_q - f_p, (lz_q - lz_p)[:, None]], dim=1)
+            contributions["moments"] = representation_rows(f_p, lz_p, f_q, lz_q)
             both = torch.cat([f_p, f_q], dim=1)
             contributions["candidates"] = self._candidate_rows(both, both, ids)
         self._accumulate(contributions)
@@ -299,26 +302,21 @@ class SVDDissimilarity(CandidateMixin):
         moments = states["moments"]
         if moments.numel() == 0 or int(moments[0]) == 0:
             raise ValueError("SVDDissimilarity needs at least M + 2 inputs, got N=0")
-        m = (moments_dim(moments.numel()) - 2) // 2
+        m_p, m_q = (int(w) for w in states["widths"].tolist())
         n, mean_u, cov_u = moments_covariance(moments)
-        check_num_inputs(n, m)
-        cov_f = embedding_covariance(cov_u, m)
-        r = representation_dim(cov_f, m)  # M unless the embeddings are rank-deficient (LayerNorm-final, dead units)
-        device = cov_u.device
-        w_p, b_p, w_q, b_q = self._unembeddings(m, device)
-        check_num_labels(w_p.shape[0], r, need_subsets=True)
-        rows, pos, reported = self._candidate_sets(states["candidates"], r + 1)
-        fp_rows, fq_rows = rows[:, META : META + m], rows[:, META + m :]
-        sigma_h = label_covariance_of_h(w_p, b_p, w_q, b_q)  # shared by the input terms and the g-part
-        llv, chosen = representation_llv(
-            n, mean_u, cov_u, w_p, b_p, w_q, b_q, fp_rows, fq_rows, pos, lambda p: self._report(rows, p), self.options,
-            sigma_h, rep_dim=r,
-        )
-        subsets = self.max_label_subsets if self.max_label_subsets is not None else default_max_label_subsets(r)
-        svd = svd_from_parts(
-            None, w_p, None, w_q, llv.label_pivot, llv.leave_out, llv.input_set, fp_rows[chosen], fq_rows[chosen],
-            int(subsets), self.options.seed, cov_f=cov_f, cov_w=embedding_covariance(sigma_h, m),
-        )
+        cov_f = embedding_covariance(cov_u, m_p)
+        r = representation_dim(cov_f, m_p, self.rep_dim)  # max(r_p, r_q) unless given
+        check_num_inputs(n, r)
+        heads = self._unembeddings(m_p, m_q, cov_u.device)
+        k = heads[0].shape[0]
+        check_num_labels(k, r, need_subsets=True)
+        rows, candidates = self._candidate_sets(states["candidates"], r + 1)
+        fp_rows, fq_rows = rows[:, META : META + m_p], rows[:, META + m_p :]
+        route = RepresentationRoute((mean_u, cov_u), heads, (fp_rows, fq_rows))
+        llv, chosen = llv_from_route(route, candidates, self.options, self.options.resolve(k), LLVSizes(n, k, r))
+        stats = SVDStatistics(cov_f, heads[0], heads[2], fp_rows[chosen], fq_rows[chosen],
+                              cov_w=embedding_covariance(route.sigma_h, m_p))
+        svd = svd_from_parts(stats, (llv.label_pivot, llv.leave_out, llv.input_set), r, self.max_label_subsets, self.options.seed)
         return SVDDissimilarityResult(value=svd.value, f_part=svd.f_part, g_part=svd.g_part, llv=llv, svd=svd)
 
     def compute_result(self) -> SVDDissimilarityResult:
