@@ -82,8 +82,9 @@ def _worker(rank: int, world: int, port: int, path: str) -> None:
         dist.destroy_process_group()
 
 
-def test_two_processes_equal_one(tmp_path):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+def test_two_processes_equal_one(tmp_path, monkeypatch):
+    if "OMP_NUM_THREADS" not in os.environ:  # single-threaded workers; restored after the test (no leak into later ones)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
     path = str(tmp_path / "result")
     # a fork server imports this module once and forks both workers from that clean, single-threaded
     # process: half the start-up of "spawn" and none of the hazards of forking the test process
