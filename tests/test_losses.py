@@ -428,7 +428,7 @@ def test_bad_configuration_errors():
         LLVLoss()
     with pytest.raises(ValueError, match="`input_set_search` must be one of"):
         LLVLoss(input_set_search="all")
-    with pytest.raises(ValueError, match="`num_input_sets` must be a positive int"):
+    with pytest.raises(ValueError, match="`num_input_sets` must be an int >= 1"):
         LLVLoss(rep_dim=2, num_input_sets=0)
     with pytest.raises(ValueError, match="\\(S, M\\+1\\) = \\(S, 3\\)"):
         LLVLoss(rep_dim=2, input_sets=[0, 1])

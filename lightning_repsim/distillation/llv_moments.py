@@ -1,0 +1,254 @@
+"""The second moments a mini-batch d_LLV needs, in two passes over blocks of logits, with a hand-written backward.
+
+Write ``X = l_p = log_softmax(s)`` (student), ``Q = l_q = log_softmax(t)`` (teacher), ``D = Q - X``, and for a row
+reference ``r(x) = w . l(x)`` (``w`` the mean over labels, or the pivot label) ``U = X - r_p``, ``V = D - (r_q - r_p)``.
+Every label term of :class:`~lightning_repsim.distillation.LLVLoss` (T1, T3) is a function of the column
+moments over the kept rows (unbiased, per label)
+
+    Var X, Cov(X, D), Var D, Var U, Delta = 2 Cov(U, V) + Var V
+
+and of the row references ``r_p``, ``r_q - r_p``; the all-pivots input terms (``input_set_search="mean"``: every
+row against the column means ``Xbar``, ``Dbar``) are functions of the same moments taken over labels per row,
+and of ``Xbar``, ``Dbar``. :func:`batch_moments` returns exactly these (and, for explicit or sampled input sets,
+the raw student rows they need), so the loss is assembled from small tensors by ordinary autograd.
+
+Pass 1 finds the row log-partitions, references and the column sums; pass 2 the centred products (accumulated in
+float64). The backward pass is the transpose of those sums: for a centred moment ``(1/(n-1)) sum_i A~_i B~_i``
+the gradient in ``A_i`` is ``B~_i / (n-1)``, so the gradient in ``X`` is a per-label (or per-row) combination
+of the same centred blocks, mapped through ``log_softmax`` (``g - p sum_y g``). Nothing of size ``(N, K)`` is
+kept or allocated but the gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from lightning_repsim.distillation.rows import LogitRows
+
+__all__ = ["BatchMoments", "batch_moments"]
+
+
+class BatchMoments(NamedTuple):
+    """Moments over the kept rows (compute dtype, differentiable in the student's logits).
+
+    Attributes:
+        label: ``(Var X, Cov(X, D), Var D, Var U, Delta)``, each (K,) (empty without label terms).
+        x_ref, d_ref: ``r_p`` and ``r_q - r_p`` per kept row, (n,).
+        rows: the same five moments over labels per kept row, each (n,) (empty without row terms).
+        col_x, col_d: column means ``Xbar``, ``Dbar`` (K,).
+        gathered: the requested student rows (R, K), compute dtype.
+    """
+
+    label: tuple[Tensor, ...]
+    x_ref: Tensor
+    d_ref: Tensor
+    rows: tuple[Tensor, ...]
+    col_x: Tensor
+    col_d: Tensor
+    gathered: Tensor
+
+
+@dataclasses.dataclass
+class _Pass1:
+    """Per-row and per-label quantities of pass 1 (rows not kept hold zeros)."""
+
+    lse_s: Tensor  # (N,)
+    lse_t: Tensor
+    ref_s: Tensor  # w . s per row
+    ref_t: Tensor
+    mean_s: Tensor  # mean over labels per row (row terms)
+    mean_t: Tensor
+    x_ref_c: Tensor  # r_p centred over kept rows, (N,)
+    d_ref_c: Tensor
+    col_x: Tensor  # Xbar (K,)
+    col_q: Tensor  # Qbar
+    col_x0: Tensor  # Xbar centred over labels (row terms' reference)
+    col_d0: Tensor  # Dbar centred over labels
+
+
+def _pass1(rows: LogitRows, index: Tensor, pivot: int | None) -> tuple[_Pass1, Tensor, Tensor]:
+    n_all, k, cdt = rows.num_rows, rows.num_classes, rows.dtype
+    dev = rows.student.device
+    buf = torch.zeros(6, n_all, dtype=cdt, device=dev)
+    col = torch.zeros(2, k, dtype=torch.float64, device=dev)
+    for a, b in rows.blocks():
+        sb, tb, _ = rows.block(a, b)
+        buf[0, a:b], buf[1, a:b] = torch.logsumexp(sb, -1), torch.logsumexp(tb, -1)
+        buf[4, a:b], buf[5, a:b] = sb.mean(-1), tb.mean(-1)
+        if pivot is not None:
+            buf[2, a:b], buf[3, a:b] = sb[:, pivot], tb[:, pivot]
+        col[0] += sb.sum(0)
+        col[1] += tb.sum(0)
+    if pivot is None:
+        buf[2:4] = buf[4:6]
+    n = index.numel()
+    kept = buf.index_select(1, index).to(torch.float64)
+    x_ref = kept[2] - kept[0]
+    d_ref = (kept[3] - kept[1]) - x_ref
+    col_x = col[0] / n - kept[0].mean()
+    col_q = col[1] / n - kept[1].mean()
+    col_d = col_q - col_x
+    centred = torch.zeros(2, n_all, dtype=cdt, device=dev)
+    centred[:, index] = torch.stack([x_ref - x_ref.mean(), d_ref - d_ref.mean()]).to(cdt)
+    p1 = _Pass1(buf[0], buf[1], buf[2], buf[3], buf[4], buf[5], centred[0], centred[1], col_x.to(cdt),
+                col_q.to(cdt), (col_x - col_x.mean()).to(cdt), (col_d - col_d.mean()).to(cdt))
+    return p1, torch.stack([x_ref, d_ref]).to(cdt), torch.stack([col_x, col_d]).to(cdt)
+
+
+def _label_fields(sb: Tensor, tb: Tensor, p1: _Pass1, a: int, b: int) -> tuple[Tensor, Tensor]:
+    """Column-centred ``X~`` and ``D~`` of a block."""
+    xt = (sb - p1.lse_s[a:b, None]).sub_(p1.col_x)
+    dt = (tb - p1.lse_t[a:b, None]).sub_(p1.col_q).sub_(xt)
+    return xt, dt
+
+
+def _row_fields(sb: Tensor, tb: Tensor, p1: _Pass1, a: int, b: int) -> tuple[Tensor, Tensor]:
+    """Label-centred ``X`` and ``D`` of a block (``s - mean s``, ``(t - mean t) - (s - mean s)``)."""
+    cs = sb - p1.mean_s[a:b, None]
+    cd = (tb - p1.mean_t[a:b, None]).sub_(cs)
+    return cs, cd
+
+
+def _pass2(rows: LogitRows, p1: _Pass1, label: bool, row: bool) -> tuple[Tensor, Tensor]:
+    """Label sums (6, K) of ``X~X~, X~D~, D~D~, U~U~, U~V~, V~V~`` and the same row sums (6, N)."""
+    dev, cdt = rows.student.device, rows.dtype
+    acc = torch.zeros(6, rows.num_classes if label else 0, dtype=torch.float64, device=dev)
+    per_row = torch.zeros(6, rows.num_rows if row else 0, dtype=cdt, device=dev)
+    dot = torch.linalg.vecdot
+    for a, b in rows.blocks():
+        sb, tb, _ = rows.block(a, b)
+        if label:
+            xt, dt = _label_fields(sb, tb, p1, a, b)
+            acc[0] += dot(xt, xt, dim=0)
+            acc[1] += dot(xt, dt, dim=0)
+            acc[2] += dot(dt, dt, dim=0)
+            ut, vt = xt.sub_(p1.x_ref_c[a:b, None]), dt.sub_(p1.d_ref_c[a:b, None])
+            acc[3] += dot(ut, ut, dim=0)
+            acc[4] += dot(ut, vt, dim=0)
+            acc[5] += dot(vt, vt, dim=0)
+        if row:
+            cs, cd = _row_fields(sb, tb, p1, a, b)
+            per_row[0, a:b], per_row[1, a:b], per_row[2, a:b] = dot(cs, cs), dot(cs, cd), dot(cd, cd)
+            uc, vc = cs.sub_(p1.col_x0), cd.sub_(p1.col_d0)
+            per_row[3, a:b], per_row[4, a:b], per_row[5, a:b] = dot(uc, uc), dot(uc, vc), dot(vc, vc)
+    return acc, per_row
+
+
+def _moments(sums: Tensor, count: int) -> tuple[Tensor, ...]:
+    """``(Var X, Cov(X, D), Var D, Var U, Delta)`` from the six sums (unbiased with ``count`` terms)."""
+    scale = 1.0 / (count - 1)
+    return (sums[0] * scale, sums[1] * scale, sums[2] * scale, sums[3] * scale, (2 * sums[4] + sums[5]) * scale)
+
+
+class _BatchMoments(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, rows, index, gather, pivot, label, row):
+        p1, refs, cols = _pass1(rows, index, pivot)
+        acc, per_row = _pass2(rows, p1, label, row)
+        n, k = index.numel(), rows.num_classes
+        empty = student.new_zeros(0, dtype=rows.dtype)
+        label_m = tuple(m.to(rows.dtype) for m in _moments(acc, n)) if label else (empty,) * 5
+        row_m = tuple(m.index_select(0, index) for m in _moments(per_row, k)) if row else (empty,) * 5
+        gathered = student.index_select(0, gather).to(rows.dtype)
+        ctx.save_for_backward(student, teacher, index, gather)
+        ctx.rows, ctx.p1, ctx.options = rows, p1, (pivot, label, row)
+        return (*label_m, refs[0], refs[1], *row_m, cols[0], cols[1], gathered)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        student, teacher, index, gather = ctx.saved_tensors
+        rows = dataclasses.replace(ctx.rows, student=student, teacher=teacher)
+        grad = _input_grad(rows, ctx.p1, index, ctx.options, grads)
+        if gather.numel():
+            grad.index_add_(0, gather, grads[14].to(grad.dtype))
+        return grad, None, None, None, None, None, None, None
+
+
+def _input_grad(rows: LogitRows, p1: _Pass1, index: Tensor, options, grads) -> Tensor:
+    """The gradient in the student's logits of ``sum <grad, output>`` over the outputs of :class:`_BatchMoments`."""
+    pivot, label, row = options
+    cdt, dev, k, n = rows.dtype, rows.student.device, rows.num_classes, index.numel()
+    g = [x.to(cdt) for x in grads]
+    full = torch.zeros(7, rows.num_rows, dtype=cdt, device=dev)  # per-row grads scattered to all rows
+    full[0, index], full[1, index] = g[5], g[6]  # r_p, r_q - r_p
+    if row:
+        for j in range(5):
+            full[2 + j, index] = g[7 + j]
+    c, cr = 1.0 / (n - 1), 1.0 / (k - 1)
+    if label:
+        gvx, gcxd, gvd, gvu, gdel = g[:5]
+        k_x, k_d, k_u = c * (2 * gvx - gcxd), c * (gcxd - 2 * gvd), c * (2 * gvu - 2 * gdel)
+        # X~ @ [kX + kU, 2c Gvu, 2c Gdelta] and D~ @ [kD, 2c Gdelta]: the row sums of the label part
+        proj_x = torch.stack([k_x + k_u, 2 * c * gvu, 2 * c * gdel], 1)
+        proj_d = torch.stack([k_d, 2 * c * gdel], 1)
+        sums = (k_u.sum(), proj_x[:, 1].sum(), proj_x[:, 2].sum())
+    col_grad = (g[12] - g[13]) / n  # Xbar and Dbar are means over the kept rows: every row gets 1/n
+    if row:
+        alpha = cr * (2 * full[2] - full[3])
+        beta = cr * (full[3] - 2 * full[4])
+        gamma = cr * (2 * full[5] - 2 * full[6])
+        sum_u = torch.zeros(k, dtype=cdt, device=dev)
+        sum_v = torch.zeros(k, dtype=cdt, device=dev)
+        for a, b in rows.blocks():  # the gradient in the row terms' reference (Xbar, Dbar), over all rows
+            sb, tb, _ = rows.block(a, b)
+            uc, vc = _row_fields(sb, tb, p1, a, b)
+            uc.sub_(p1.col_x0)
+            vc.sub_(p1.col_d0)
+            w_u, w_d = 2 * cr * full[5, a:b], 2 * cr * full[6, a:b]
+            sum_u += uc.T @ w_u + vc.T @ w_d
+            sum_v += (uc.add_(vc)).T @ w_d
+        col_grad = col_grad - (sum_u - sum_v) / n
+    col_grad_sum = col_grad.sum()
+    grad = rows.new_grad()
+    for a, b in rows.blocks():
+        sb, tb, kb = rows.block(a, b)
+        row_sum = col_grad_sum.expand(b - a)
+        out = None
+        outer_rows, outer_cols = [torch.ones(b - a, dtype=cdt, device=dev)], [col_grad]
+        r_ref = full[0, a:b]
+        d_ref = full[1, a:b]
+        if label:
+            xt, dt = _label_fields(sb, tb, p1, a, b)
+            px, pd = xt @ proj_x, dt @ proj_d
+            xr, dr = p1.x_ref_c[a:b], p1.d_ref_c[a:b]
+            sum_du = px[:, 1] - xr * sums[1] + pd[:, 1] - dr * sums[2]
+            sum_dv = px[:, 2] - xr * sums[2] + pd[:, 1] - dr * sums[2]
+            r_ref = r_ref - sum_du
+            d_ref = d_ref - sum_dv
+            out = xt.mul_(k_x + k_u).addcmul_(dt, k_d)
+            outer_rows.append(-xr)
+            outer_cols.append(k_u)
+            row_sum = row_sum + px[:, 0] + pd[:, 0] - xr * sums[0]
+        if row:
+            cs, cd = _row_fields(sb, tb, p1, a, b)
+            out = torch.zeros_like(sb) if out is None else out
+            out.addcmul_(cs, (alpha[a:b] + gamma[a:b])[:, None]).addcmul_(cd, beta[a:b, None])
+            outer_rows.append(-gamma[a:b])
+            outer_cols.append(p1.col_x0)
+        shift = r_ref - d_ref  # the gradient in the row reference w . X
+        out = torch.zeros_like(sb) if out is None else out
+        out.addmm_(torch.stack(outer_rows, 1), torch.stack(outer_cols, 0))
+        if pivot is None:
+            out.add_(shift[:, None] / k)
+        else:
+            out[:, pivot] += shift
+        row_sum = row_sum + shift
+        prob = (sb - p1.lse_s[a:b, None]).exp_()
+        out.addcmul_(prob, row_sum[:, None], value=-1.0)
+        rows.store(grad, a, b, out, kb)
+    return grad
+
+
+@torch.compiler.disable  # the block loops run eagerly under torch.compile (a graph break); the rest compiles
+def batch_moments(rows: LogitRows, pivot: int | None, label: bool, row: bool, gather: Tensor) -> BatchMoments:
+    """The moments of the module docstring over the kept rows of ``rows`` (whose runs must be known), for the
+    label reference ``pivot`` (None: the mean over labels), with the student rows ``gather`` (positions in
+    ``rows``)."""
+    index = rows.kept_index()
+    out = _BatchMoments.apply(rows.student, rows.teacher, rows, index, gather, pivot, label, row)
+    return BatchMoments(out[0:5], out[5], out[6], out[7:12], out[12], out[13], out[14])
