@@ -1,11 +1,12 @@
 """The metrics against the lowest torchmetrics release pyproject.toml allows.
 
-The metrics override a few torchmetrics hooks (``_apply`` to keep float64 states, ``merge_state``,
-``forward``) and set ``_forward_cache``/``_update_count``/``_computed`` where no public hook exists, and
-they rely on ``Metric.merge_state`` (torchmetrics >= 1.6) and ``gather_all_tensors`` padding. This test
-installs the lowest allowed release into a temporary folder (one small wheel, about 2 s) and runs the
-torchmetrics-API tests and the 2-process DDP test with it, so the lower bound is a tested claim. The
-newest release is what ``make test`` installs and runs everywhere else.
+The metrics rest on torchmetrics' public API (``add_state`` with ``dist_reduce_fx`` callables, a ``dist_sync_fn``,
+``compute_with_cache=False``, the full-state ``forward``, ``merge_state``, ``metric_state``, ``sync``) and override one
+private hook, ``_apply`` (to keep float64 states under ``module.to(dtype)``, passing torchmetrics' ``exclude_state``);
+tests/test_metrics_base.py checks that no other private name is overridden or written. This test installs the lowest
+allowed release into a temporary folder (one small wheel, about 2 s) and runs those tests, the torchmetrics-API tests,
+the CKA-family tests and the 2-process DDP test with it, so the lower bound is a tested claim. The newest release is
+what ``make test`` installs and runs everywhere else.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ def test_metrics_work_with_the_lowest_allowed_torchmetrics(tmp_path):
                            env=env, capture_output=True, text=True, timeout=120)
     assert Version(probe.stdout.strip()) == Version(version), probe.stderr
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_metrics_api.py",
-         "tests/test_metrics_ddp.py"],
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_metrics_base.py",
+         "tests/test_metrics_api.py", "tests/test_cka.py", "tests/test_metrics_ddp.py"],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, f"with torchmetrics=={version}:\n{run.stdout[-4000:]}\n{run.stderr[-2000:]}"

@@ -7,7 +7,8 @@ batching and any number of processes, from float64 sufficient statistics (SPEC Â
   vocabularies.
 * :class:`MeanKLDivergence`, :class:`MeanCCA` -- the baselines.
 * :class:`LinearCKA` (biased or debiased), :class:`ProcrustesDistance` -- the covariance family, from one exact
-  shifted statistic (state O((d_p + d_q)^2), any widths); :class:`LogitDistance` -- d_logit (3 numbers).
+  shifted statistic (state O((d_p + d_q)^2), any widths).
+* :class:`LogitDistance` -- d_logit; with :class:`MeanKLDivergence` a :class:`PerInputMean` (3 numbers).
 
 ``compute()`` returns the headline value as a float64 scalar tensor (so ``self.log(name, metric)``,
 ``MetricCollection``, ``MetricTracker`` work); ``compute_result()`` returns everything (terms, sets, parts).
@@ -37,9 +38,11 @@ True
 """
 
 from lightning_repsim.metrics.cca import CCAResult, MeanCCA
-from lightning_repsim.metrics.cka import CKAResult, LinearCKA, LogitDistance, LogitDistanceResult, ProcrustesDistance
+from lightning_repsim.metrics.cka import CKAResult, LinearCKA, ProcrustesDistance
 from lightning_repsim.metrics.kl import KLResult, MeanKLDivergence
 from lightning_repsim.metrics.llv import LLVDistance
+from lightning_repsim.metrics.logit_distance import LogitDistance, LogitDistanceResult
+from lightning_repsim.metrics.per_input import PerInputMean
 from lightning_repsim.metrics.svd import SVDDissimilarity, SVDDissimilarityResult
 
 __all__ = [
@@ -52,6 +55,7 @@ __all__ = [
     "LogitDistanceResult",
     "MeanCCA",
     "MeanKLDivergence",
+    "PerInputMean",
     "ProcrustesDistance",
     "SVDDissimilarity",
     "SVDDissimilarityResult",

@@ -145,7 +145,6 @@ class StreamingMetric(Metric):
         ``[key, key2, id, data...]``, ``count`` states an int, ``dims`` states a dimension tensor, ``merged`` states a
         batch statistic. Every size is checked before any state changes, so a refused batch leaves the metric as it
         was."""
-        contributions = {k: v.detach() if isinstance(v, Tensor) else v for k, v in contributions.items()}
         targets = {}
         for name, value in contributions.items():
             try:
@@ -195,8 +194,11 @@ class StreamingMetric(Metric):
         ``compute()`` of the batch: for d_LLV and d_SVD the label search, so prefer ``update`` in tight loops). When the
         batch alone cannot define the value (too few inputs, a constant log-odds), the value over everything
         accumulated so far is returned instead, with a warning (once per reason); if that is undefined too, NaN with a
-        warning. Never synced (``dist_sync_on_step`` is not supported).
+        warning. Never synced (``dist_sync_on_step`` is not supported). The metrics are not differentiable: tensor
+        arguments are detached (torchmetrics enables gradients for the batch's update).
         """
+        args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+        kwargs = {k: v.detach() if isinstance(v, Tensor) else v for k, v in kwargs.items()}
         self._running = {}
         try:
             return super().forward(*args, **kwargs)

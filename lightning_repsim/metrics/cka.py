@@ -1,4 +1,4 @@
-"""Streaming linear CKA (biased and debiased), orthogonal Procrustes distance and logit distance.
+"""Streaming linear CKA (biased and debiased) and orthogonal Procrustes distance.
 
 The CKA family is computed from the shifted statistic of :mod:`lightning_repsim.functional.cka`: the count, mean
 and centred co-moment of ``u = [x - c_x, y - c_y, |x - c_x|^2, |y - c_y|^2]`` relative to a shift ``c`` (the first
@@ -23,14 +23,11 @@ from lightning_repsim.functional.cka import (
     cka_shift,
     cka_state_size,
     cka_values,
-    logit_distance_rows,
 )
-from lightning_repsim.functional.kl import check_num_classes
 from lightning_repsim.metrics.base import DEFAULT_MEMORY_BUDGET_GB, StreamingMetric
-from lightning_repsim.metrics.inputs import embedding_rows, given_per_input, logit_rows
-from lightning_repsim.metrics.moment_state import empty_moments
+from lightning_repsim.metrics.inputs import embedding_rows
 
-__all__ = ["CKAResult", "LinearCKA", "LogitDistance", "LogitDistanceResult", "ProcrustesDistance"]
+__all__ = ["CKAResult", "LinearCKA", "ProcrustesDistance"]
 
 
 @dataclass(frozen=True)
@@ -170,89 +167,3 @@ class ProcrustesDistance(LinearCKA):
     def __init__(self, nan_strategy: str = "error", memory_budget_gb: float | None = DEFAULT_MEMORY_BUDGET_GB,
                  **kwargs: Any) -> None:
         super().__init__(debiased=False, nan_strategy=nan_strategy, memory_budget_gb=memory_budget_gb, **kwargs)
-
-
-@dataclass(frozen=True)
-class LogitDistanceResult:
-    """What :class:`LogitDistance` computed: ``value`` = d_logit (float64 scalar), ``mean_squared`` = d_logit^2,
-    its standard deviation over inputs ``std_squared`` and ``num_inputs``."""
-
-    value: Tensor
-    mean_squared: Tensor
-    std_squared: Tensor
-    num_inputs: int
-
-    def as_dict(self) -> dict[str, float]:
-        return {"d_logit": float(self.value)}
-
-
-class LogitDistance(StreamingMetric):
-    r"""Streaming logit distance of Nielsen et al. (2026), ``d_logit = sqrt(mean_x sum_y (c(z_p)_y - c(z_q)_y)^2)``
-    with ``c`` the centring over classes: 0 exactly when the two models' log-probabilities coincide (it ignores
-    each input's log-partition). Equal to :func:`~lightning_repsim.functional.logit_distance` on the concatenated
-    data; the quantity :class:`~lightning_repsim.losses.LogitDistanceLoss` trains on.
-
-    As input to ``forward`` and ``update``: ``logits_p``, ``logits_q`` (B, K) or (B, T, K), any float dtype and
-    device (cast to float64 in blocks of rows); ``mask`` (optional, 1 = use the input).
-
-    State: a float64 Welford/Chan triple of the per-input squared distance (3 numbers) and K.
-
-    Example:
-        >>> import torch
-        >>> from lightning_repsim.functional import logit_distance
-        >>> z_p, z_q = torch.randn(2, 100, 7, dtype=torch.float64).unbind(0)
-        >>> metric = LogitDistance()
-        >>> metric.update(z_p[:40], z_q[:40] + 3.0)  # a shift per input changes nothing
-        >>> metric.update(z_p[40:], z_q[40:] - 1.0)
-        >>> bool(torch.isclose(metric.compute(), logit_distance(z_p, z_q), rtol=1e-12))
-        True
-    """
-
-    _count_state = "logit_moments"
-
-    def __init__(self, nan_strategy: str = "error", memory_budget_gb: float | None = DEFAULT_MEMORY_BUDGET_GB,
-                 **kwargs: Any) -> None:
-        super().__init__(nan_strategy=nan_strategy, memory_budget_gb=memory_budget_gb, **kwargs)
-        self._add_state_kind("logit_moments", "moments", empty_moments(1))
-        self._add_state_kind("num_classes", "dims", torch.zeros(1, dtype=torch.int64))
-
-    def _describe(self, name: str, shape: tuple[int, ...]) -> str:
-        return f"K={shape[0]} classes" if name == "num_classes" else super()._describe(name, shape)
-
-    def update(self, logits_p: Tensor, logits_q: Tensor, mask: Tensor | None = None,
-               per_input: Tensor | None = None) -> None:
-        """Accumulate a batch of both models' logits (see the class docstring). ``per_input`` (the logits' leading
-        shape, optional): each input's squared distance when the caller already computed it (e.g. together with the
-        KL by :func:`~lightning_repsim.functional.kl.logit_pair_rows`); the logits are then only checked
-        for shape."""
-        if per_input is None:
-            p, q, _, dropped = logit_rows(logits_p, logits_q, mask, None, self.nan_strategy)
-            values = logit_distance_rows(p, q) if p.shape[0] else None
-        else:
-            p, _, _, _ = logit_rows(logits_p, logits_q, mask, None, None)
-            values = given_per_input(per_input, "per_input", logits_p.shape[:-1], mask, p.device)
-            ok = torch.isfinite(values)
-            dropped = int((~ok).sum())
-            if dropped and self.nan_strategy == "error":
-                raise ValueError(f"`per_input` has {dropped} non-finite value(s) (nan_strategy='error')")
-            values = values[ok] if dropped else values
-        check_num_classes(p.shape[1])
-        contributions: dict[str, Any] = {"num_classes": torch.tensor([p.shape[1]], dtype=torch.int64)}
-        if dropped:
-            contributions["num_dropped"] = dropped
-        if values is not None and values.shape[0]:
-            contributions["logit_moments"] = values[:, None]
-        self._accumulate(contributions)
-
-    def _result_from(self, states: dict[str, Tensor]) -> LogitDistanceResult:
-        moments = states["logit_moments"]
-        n = int(moments[0])
-        if n == 0:
-            raise ValueError("logit_distance needs at least one input, got N=0")
-        std = (moments[2] / (n - 1)).sqrt() if n > 1 else torch.zeros_like(moments[2])
-        mean = moments[1].clamp_min(0)
-        return LogitDistanceResult(value=mean.sqrt(), mean_squared=mean.clone(), std_squared=std, num_inputs=n)
-
-    def compute_result(self) -> LogitDistanceResult:
-        """The :class:`LogitDistanceResult` (``.value`` is what ``compute()`` returns)."""
-        return super().compute_result()
