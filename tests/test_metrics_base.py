@@ -149,8 +149,8 @@ def test_merge_state_with_never_updated_metrics_and_clear_refusals():
     narrow.update(x[:, :2], x[:, 1:])
     wide = M.MeanCCA()
     wide.update(x, x)
-    with pytest.raises(ValueError, match="cannot combine with the incoming state: it has embedding dimensions summing to 6, this metric "
-                       "embedding dimensions summing to 4"):
+    message = "cannot combine with the incoming state: it has embedding dimensions summing to 6, this metric embedding"
+    with pytest.raises(ValueError, match=message):
         narrow.merge_state(wide)
     with pytest.raises(ValueError, match="Expected incoming state to be an instance of MeanCCA"):
         narrow.merge_state(M.LinearCKA())
