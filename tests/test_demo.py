@@ -15,7 +15,7 @@ import torch
 from lightning_repsim.callbacks import METRIC_KEYS
 from lightning_repsim.demo import STUDENTS, acceptance, load_data, load_digits_split, load_radial_split, main, report
 from lightning_repsim.demo.tables import StudentsTable
-from tests.conftest import read_wandb_run
+from tests.conftest import finish_wandb_run, read_wandb_run
 
 SUMMARY_KEYS = {"kl", "d_llv", "d_svd", "mcca", "accuracy", "agreement"}
 
@@ -66,8 +66,11 @@ def check_summary(summary: dict, num_test: int) -> None:
 
 
 def test_demo_quick_logs_everything(offline_wandb, capsys):
+    import wandb
+
     threads = torch.get_num_threads()
-    env_before = dict(os.environ)
+    wandb.init(project="before-the-demo").finish()  # the process already uses wandb: a service is running
+    env_before = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
     out = offline_wandb / "demo"
     result = main(["--quick", "--out", str(out), "--no-progress"])
 
@@ -127,9 +130,11 @@ def test_demo_quick_logs_everything(offline_wandb, capsys):
             assert run.summary[f"final/{name}/{key}"] == pytest.approx(summary["students"][name][key], rel=1e-12)
     assert [row["demo/embeddings/_type"] for row in run.history if "demo/embeddings/_type" in row] == ["images/separated"]
 
-    # called as a function, the demo leaves the process as it found it
+    # called as a function, the demo leaves the process as it found it, and wandb usable: the service it shut down to
+    # complete its run is not pointed to any more (wandb starts a new one)
     assert torch.get_num_threads() == threads
-    assert dict(os.environ) == env_before
+    assert dict(os.environ) == env_before and "WANDB_SERVICE" not in os.environ
+    finish_wandb_run(wandb.init(project="after-the-demo"))
 
 
 def test_demo_without_wandb_restores_environment(tmp_path, monkeypatch):

@@ -23,6 +23,9 @@ __all__ = ["DEFAULT_SEED", "QUICK_EPOCHS", "main", "run_demo"]
 
 DEFAULT_SEED = 0
 QUICK_EPOCHS = 3
+#: wandb's pointer to its service process: left as wandb leaves it (the demo may have shut that service down, and a
+#: restored pointer to it would break the next ``wandb.init`` of the process)
+_WANDB_SERVICE = "WANDB_SERVICE"
 #: Lightning warnings that say nothing to a demo user (silenced inside the demo only).
 _QUIET = (".*does not have many workers.*", ".*no `val_dataloader`.*", ".*LeafSpec.*is deprecated.*",
           ".*number of training batches.*")
@@ -109,7 +112,8 @@ def run_demo(data: DemoData, epochs: int, seed: int, out: Path, use_wandb: bool 
 @contextmanager
 def _demo_environment(threads: int):
     """WANDB_MODE=offline (unless set), quiet wandb, ``threads`` torch threads; the environment (wandb and
-    Lightning's seeding write variables too) and the thread count are restored afterwards."""
+    Lightning's seeding write variables too; all but wandb's service pointer) and the thread count are restored
+    afterwards."""
     import logging
     import warnings
 
@@ -129,8 +133,8 @@ def _demo_environment(threads: int):
     finally:
         pl_logger.setLevel(saved_level)
         torch.set_num_threads(saved_threads)
-        for k in set(os.environ) - set(saved_env):
+        for k in set(os.environ) - set(saved_env) - {_WANDB_SERVICE}:
             del os.environ[k]
         for k, v in saved_env.items():
-            if os.environ.get(k) != v:
+            if os.environ.get(k) != v and k != _WANDB_SERVICE:
                 os.environ[k] = v
