@@ -42,6 +42,20 @@ Example:
     [0.0, 0.0, 0.0]
 """
 
-from lightning_repsim.distillation import KDLoss, LLVLoss, LLVLossTerms, LogitDistanceLoss
+from lightning_repsim.distillation import (
+    HiddenStateKDLoss,
+    HiddenStateLogitDistanceLoss,
+    KDLoss,
+    LLVLoss,
+    LLVLossTerms,
+    LogitDistanceLoss,
+)
 
-__all__ = ["KDLoss", "LLVLoss", "LLVLossTerms", "LogitDistanceLoss"]
+__all__ = [
+    "HiddenStateKDLoss",
+    "HiddenStateLogitDistanceLoss",
+    "KDLoss",
+    "LLVLoss",
+    "LLVLossTerms",
+    "LogitDistanceLoss",
+]

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from lightning_repsim.functional import llv_distance, mean_kl_divergence
-from lightning_repsim.losses import KDLoss, LLVLoss, LogitDistanceLoss
+from lightning_repsim.losses import (
+    HiddenStateKDLoss,
+    HiddenStateLogitDistanceLoss,
+    KDLoss,
+    LLVLoss,
+    LogitDistanceLoss,
+)
 
 F64 = torch.float64
 
@@ -551,3 +557,202 @@ def test_training_brings_student_closer(name, loss):
     assert after[2] < 0.5 * before[2], (before, after)  # the training loss itself, held out
     if name in ("logit_distance", "kd", "llv_mean_inputs"):
         assert after[1] < 0.1 * before[1], (before, after)  # mean KL(teacher || student)
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks and chunks (issue 23): every block size gives the same value and gradient
+# ----------------------------------------------------------------------------------------------
+def _value_and_grad(loss, student, teacher, mask=None):
+    leaf = student.detach().clone().requires_grad_()
+    value = loss(leaf, teacher, mask=mask)
+    value.backward(torch.ones_like(value))
+    return value.detach(), leaf.grad
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize("name", list(ALL_LOSSES))
+@pytest.mark.parametrize("chunk_size", [1, 3, 7])
+def test_chunked_equals_unchunked(name, chunk_size):
+    student, teacher = pair(n=4, k=9, seed=50, t=6)
+    mask = torch.rand(4, 6, generator=torch.Generator().manual_seed(2)) > 0.3
+    reductions = ["mean"] if name.startswith("llv") else ["mean", "sum", "none"]
+    for reduction in reductions:
+        for m in (None, mask):
+            plain = _value_and_grad(make(name, reduction=reduction), student, teacher, m)
+            chunked = _value_and_grad(make(name, reduction=reduction, chunk_size=chunk_size), student, teacher, m)
+            assert _rel(chunked[0], plain[0]) < 1e-12 and _rel(chunked[1], plain[1]) < 1e-12
+    s32, t32 = student.float(), teacher.float()
+    plain = _value_and_grad(make(name), s32, t32, mask)
+    chunked = _value_and_grad(make(name, chunk_size=chunk_size), s32, t32, mask)
+    assert _rel(chunked[0], plain[0]) < 1e-6 and _rel(chunked[1], plain[1]) < 1e-6
+
+
+@pytest.mark.parametrize("name", ["ld_p2", "ld_p1", "ld_uncentred", "kd"])
+def test_mask_inside_blocks_equals_kept_runs(name, monkeypatch):
+    """Where the mask stays on the device (an accelerator, or torch.compile tracing), the blocks are sanitised
+    by ``where`` instead of skipping the masked runs: same values and gradients, NaN padding included."""
+    import lightning_repsim.distillation.rows as rows_module
+
+    student, teacher = pair(n=3, k=6, seed=51, t=5)
+    mask = torch.rand(3, 5, generator=torch.Generator().manual_seed(3)) > 0.4
+    student[~mask], teacher[~mask] = float("nan"), float("inf")
+    for reduction in ("mean", "none"):
+        runs = _value_and_grad(make(name, reduction=reduction), student, teacher, mask)
+        monkeypatch.setattr(rows_module, "compiling", lambda: True)
+        inside = _value_and_grad(make(name, reduction=reduction, chunk_size=2), student, teacher, mask)
+        monkeypatch.undo()
+        assert _rel(inside[0], runs[0]) < 1e-12 and _rel(inside[1], runs[1]) < 1e-12
+        assert float(inside[1][~mask].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("name", ["ld_p2", "kd", "llv_default", "llv_mean_inputs_soft", "llv_pivot_first",
+                                  "no_input_terms_recipe"])
+def test_float32_is_within_1e5_of_float64(name):
+    if name == "no_input_terms_recipe":
+        loss = LLVLoss(rep_dim=4, input_terms=False, reduce="softmax", combine="sum", lam=0.01, softmax_temperature=0.1)
+    else:
+        loss = make(name)
+    student, teacher = pair(n=6, k=300, seed=52, t=20)
+    mask = torch.ones(6, 20, dtype=torch.bool)
+    mask[:, :3] = False
+    v64, g64 = _value_and_grad(loss, student, teacher, mask)
+    v32, g32 = _value_and_grad(loss, student.float(), teacher.float(), mask)
+    assert _rel(v32.double(), v64) < 1e-5
+    assert float((g32.double() - g64).norm() / g64.norm()) < 1e-5
+
+
+def test_low_precision_logits_give_a_gradient_of_their_dtype():
+    student, teacher = pair(n=5, k=7, seed=53)
+    leaf = student.to(torch.bfloat16).requires_grad_()
+    for loss in (LogitDistanceLoss(chunk_size=2), KDLoss(chunk_size=2), LLVLoss(rep_dim=2, chunk_size=2)):
+        loss(leaf, teacher.to(torch.bfloat16)).backward()
+        assert leaf.grad.dtype == torch.bfloat16 and bool(torch.isfinite(leaf.grad).all())
+        leaf.grad = None
+
+
+def test_chunk_size_is_checked():
+    for cls in (LogitDistanceLoss, KDLoss):
+        with pytest.raises(ValueError, match="`chunk_size` must be an int >= 1"):
+            cls(chunk_size=0)
+    with pytest.raises(ValueError, match="`chunk_size` must be an int >= 1"):
+        LLVLoss(rep_dim=2, chunk_size=1.5)
+
+
+def test_llv_loss_student_narrower_than_teacher():
+    """LLVLoss reads logits only: a student of width 2 against a teacher of width 5 works, with the teacher's
+    representation dimension as rep_dim (input sets of 6 rows)."""
+    g = torch.Generator().manual_seed(54)
+    hs, ht = torch.randn(40, 2, generator=g, dtype=F64), torch.randn(40, 5, generator=g, dtype=F64)
+    ws, wt = torch.randn(9, 2, generator=g, dtype=F64), torch.randn(9, 5, generator=g, dtype=F64)
+    student = (hs @ ws.T).requires_grad_()
+    loss = LLVLoss(rep_dim=5)(student, ht @ wt.T)
+    loss.backward()
+    assert math.isfinite(float(loss.detach())) and float(loss.detach()) > 0 and bool(torch.isfinite(student.grad).all())
+
+
+# ----------------------------------------------------------------------------------------------
+# Hidden-state variants (issue 23): equal to the losses on the heads' logits, gradients included
+# ----------------------------------------------------------------------------------------------
+def _heads(m_s, m_t, v, seed, dtype, bias=(True, True)):
+    g = torch.Generator().manual_seed(seed)
+    ws = torch.randn(v, m_s, generator=g, dtype=dtype) / math.sqrt(m_s)
+    wt = torch.randn(v, m_t, generator=g, dtype=dtype) / math.sqrt(m_t)
+    bs = torch.randn(v, generator=g, dtype=dtype) if bias[0] else None
+    bt = torch.randn(v, generator=g, dtype=dtype) if bias[1] else None
+    return ws, bs, wt, bt
+
+
+def _hidden_and_logits(hidden_loss, logits_loss, lead, m_s, m_t, v, seed, dtype, mask=None, bias=(True, True)):
+    g = torch.Generator().manual_seed(seed + 100)
+    hs = torch.randn(*lead, m_s, generator=g, dtype=dtype)
+    ht = torch.randn(*lead, m_t, generator=g, dtype=dtype)
+    ws, bs, wt, bt = _heads(m_s, m_t, v, seed, dtype, bias)
+    results = []
+    for route in ("hidden", "logits"):
+        leaves = [x.clone().requires_grad_() for x in (hs, ws) + ((bs,) if bs is not None else ())]
+        h, w, b = leaves[0], leaves[1], leaves[2] if bs is not None else None
+        if route == "hidden":
+            value = hidden_loss(h, ht, (w, b), (wt, bt), mask=mask)
+        else:
+            zs = h @ w.T + (0 if b is None else b)
+            zt = ht @ wt.T + (0 if bt is None else bt)
+            value = logits_loss(zs, zt, mask=mask)
+        value.backward(torch.ones_like(value))
+        results.append((value.detach(), [x.grad for x in leaves]))
+    return results
+
+
+HIDDEN_CASES = {
+    "ld": (lambda **kw: HiddenStateLogitDistanceLoss(**kw), lambda **kw: LogitDistanceLoss(**kw)),
+    "ld_mean_uncentred": (lambda **kw: HiddenStateLogitDistanceLoss(centered=False, class_reduction="mean", **kw),
+                          lambda **kw: LogitDistanceLoss(centered=False, class_reduction="mean", **kw)),
+    "kd": (lambda **kw: HiddenStateKDLoss(temperature=2.0, chunk_size=5, **kw), lambda **kw: KDLoss(temperature=2.0, **kw)),
+}
+
+
+@pytest.mark.parametrize("case", list(HIDDEN_CASES))
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("bias", [(True, True), (False, True), (False, False)])
+def test_hidden_state_losses_equal_logit_losses(case, dtype, tol, bias):
+    make_hidden, make_logits = HIDDEN_CASES[case]
+    mask = torch.rand(3, 7, generator=torch.Generator().manual_seed(4)) > 0.3
+    for reduction in ("mean", "sum", "none"):
+        for m in (None, mask):
+            (vh, gh), (vl, gl) = _hidden_and_logits(make_hidden(reduction=reduction), make_logits(reduction=reduction),
+                                                    (3, 7), 5, 8, 40, seed=60, dtype=dtype, mask=m, bias=bias)
+            assert vh.dtype == dtype
+            assert _rel(vh, vl) < tol
+            for a, b in zip(gh, gl):  # student hidden states, head weight, head bias
+                assert _rel(a, b) < tol
+
+
+@pytest.mark.parametrize("case", list(HIDDEN_CASES))
+def test_hidden_state_losses_gradcheck(case):
+    make_hidden, _ = HIDDEN_CASES[case]
+    loss = make_hidden()
+    g = torch.Generator().manual_seed(61)
+    hs, ht = torch.randn(2, 3, 3, generator=g, dtype=F64), torch.randn(2, 3, 4, generator=g, dtype=F64)
+    ws, bs, wt, bt = _heads(3, 4, 6, 62, F64)
+    mask = torch.tensor([[True, True, False], [False, True, True]])
+    args = tuple(x.clone().requires_grad_() for x in (hs, ws, bs))
+    assert torch.autograd.gradcheck(lambda h, w, b: loss(h, ht, (w, b), (wt, bt), mask=mask), args, eps=1e-6,
+                                    atol=1e-6, rtol=1e-5)
+
+
+def test_hidden_state_losses_accept_linear_heads_and_cache_the_teacher_block():
+    torch.manual_seed(0)
+    student_head, teacher_head = torch.nn.Linear(3, 20), torch.nn.Linear(6, 20, bias=False)
+    hs, ht = torch.randn(4, 3), torch.randn(4, 6)
+    loss = HiddenStateLogitDistanceLoss()
+    first = loss(hs, ht, student_head, teacher_head)
+    reference = LogitDistanceLoss()(student_head(hs), teacher_head(ht))
+    assert float(first.detach()) == pytest.approx(float(reference.detach()), rel=1e-6)
+    with torch.no_grad():
+        teacher_head.weight.mul_(2.0)  # an in-place change of the teacher invalidates the cached block
+    second = loss(hs, ht, student_head, teacher_head)
+    expected = LogitDistanceLoss()(student_head(hs), teacher_head(ht)).detach()
+    assert float(second.detach()) == pytest.approx(float(expected), rel=1e-6)
+    first.backward()
+    assert student_head.weight.grad is not None and teacher_head.weight.grad is None
+
+
+def test_hidden_state_losses_bad_input():
+    loss = HiddenStateLogitDistanceLoss()
+    hs, ht = torch.randn(4, 3), torch.randn(4, 6)
+    ws, wt = torch.randn(20, 3), torch.randn(20, 6)
+    with pytest.raises(ValueError, match="`student_hidden` has width 3 but its head expects 6"):
+        loss(hs, ht, wt, wt)
+    with pytest.raises(ValueError, match="same number of classes"):
+        loss(hs, ht, ws, torch.randn(21, 6))
+    with pytest.raises(ValueError, match="same leading shape"):
+        loss(hs, ht[:3], ws, wt)
+    with pytest.raises(TypeError, match="nn.Linear, a \\(weight, bias\\) pair or a weight tensor"):
+        loss(hs, ht, "head", wt)
+    bad = hs.clone()
+    bad[1, 0] = float("nan")
+    for lossfn in (loss, HiddenStateKDLoss()):
+        with pytest.raises(ValueError, match="`student_hidden` contains 1 non-finite"):
+            lossfn(bad, ht, ws, wt)

@@ -6,8 +6,16 @@ batch moments and their backward) and :mod:`.llv_sets` (label and input sets), a
 computed from hidden states and linear heads, without the logits).
 """
 
+from lightning_repsim.distillation.hidden import HiddenStateKDLoss, HiddenStateLogitDistanceLoss
 from lightning_repsim.distillation.kd import KDLoss
 from lightning_repsim.distillation.llv_loss import LLVLoss, LLVLossTerms
 from lightning_repsim.distillation.logit_distance import LogitDistanceLoss
 
-__all__ = ["KDLoss", "LLVLoss", "LLVLossTerms", "LogitDistanceLoss"]
+__all__ = [
+    "HiddenStateKDLoss",
+    "HiddenStateLogitDistanceLoss",
+    "KDLoss",
+    "LLVLoss",
+    "LLVLossTerms",
+    "LogitDistanceLoss",
+]

@@ -87,4 +87,4 @@ class RowwiseLoss(DistillationLoss):
             rows = self.logit_rows(student_logits, teacher_logits, mask)
             per_row = self.per_row(rows)
             check_values_finite(per_row.detach(), rows, self.check_finite)
-            return reduce_rows(per_row, rows, self.reduction)
+            return reduce_rows(per_row, rows.lead, rows.num_kept(), self.reduction)

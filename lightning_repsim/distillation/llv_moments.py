@@ -81,8 +81,8 @@ def _pass1(rows: LogitRows, index: Tensor, pivot: int | None) -> tuple[_Pass1, T
         buf[4, a:b], buf[5, a:b] = sb.mean(-1), tb.mean(-1)
         if pivot is not None:
             buf[2, a:b], buf[3, a:b] = sb[:, pivot], tb[:, pivot]
-        col[0] += sb.sum(0)
-        col[1] += tb.sum(0)
+        col[0] += sb.sum(0, dtype=torch.float64)
+        col[1] += tb.sum(0, dtype=torch.float64)
     if pivot is None:
         buf[2:4] = buf[4:6]
     n = index.numel()
@@ -113,6 +113,11 @@ def _row_fields(sb: Tensor, tb: Tensor, p1: _Pass1, a: int, b: int) -> tuple[Ten
     return cs, cd
 
 
+def _column_dot(x: Tensor, y: Tensor) -> Tensor:
+    """``sum_i x_i y_i`` over the rows, accumulated in float64."""
+    return (x * y).sum(0, dtype=torch.float64)
+
+
 def _pass2(rows: LogitRows, p1: _Pass1, label: bool, row: bool) -> tuple[Tensor, Tensor]:
     """Label sums (6, K) of ``X~X~, X~D~, D~D~, U~U~, U~V~, V~V~`` and the same row sums (6, N)."""
     dev, cdt = rows.student.device, rows.dtype
@@ -121,15 +126,15 @@ def _pass2(rows: LogitRows, p1: _Pass1, label: bool, row: bool) -> tuple[Tensor,
     dot = torch.linalg.vecdot
     for a, b in rows.blocks():
         sb, tb, _ = rows.block(a, b)
-        if label:
+        if label:  # products summed over the block's rows in float64: the same sums whatever the blocks
             xt, dt = _label_fields(sb, tb, p1, a, b)
-            acc[0] += dot(xt, xt, dim=0)
-            acc[1] += dot(xt, dt, dim=0)
-            acc[2] += dot(dt, dt, dim=0)
+            acc[0] += _column_dot(xt, xt)
+            acc[1] += _column_dot(xt, dt)
+            acc[2] += _column_dot(dt, dt)
             ut, vt = xt.sub_(p1.x_ref_c[a:b, None]), dt.sub_(p1.d_ref_c[a:b, None])
-            acc[3] += dot(ut, ut, dim=0)
-            acc[4] += dot(ut, vt, dim=0)
-            acc[5] += dot(vt, vt, dim=0)
+            acc[3] += _column_dot(ut, ut)
+            acc[4] += _column_dot(ut, vt)
+            acc[5] += _column_dot(vt, vt)
         if row:
             cs, cd = _row_fields(sb, tb, p1, a, b)
             per_row[0, a:b], per_row[1, a:b], per_row[2, a:b] = dot(cs, cs), dot(cs, cd), dot(cd, cd)
@@ -192,17 +197,17 @@ def _input_grad(rows: LogitRows, p1: _Pass1, index: Tensor, options, grads) -> T
         alpha = cr * (2 * full[2] - full[3])
         beta = cr * (full[3] - 2 * full[4])
         gamma = cr * (2 * full[5] - 2 * full[6])
-        sum_u = torch.zeros(k, dtype=cdt, device=dev)
-        sum_v = torch.zeros(k, dtype=cdt, device=dev)
+        sum_u = torch.zeros(k, dtype=torch.float64, device=dev)
+        sum_v = torch.zeros(k, dtype=torch.float64, device=dev)
         for a, b in rows.blocks():  # the gradient in the row terms' reference (Xbar, Dbar), over all rows
             sb, tb, _ = rows.block(a, b)
             uc, vc = _row_fields(sb, tb, p1, a, b)
             uc.sub_(p1.col_x0)
             vc.sub_(p1.col_d0)
             w_u, w_d = 2 * cr * full[5, a:b], 2 * cr * full[6, a:b]
-            sum_u += uc.T @ w_u + vc.T @ w_d
-            sum_v += (uc.add_(vc)).T @ w_d
-        col_grad = col_grad - (sum_u - sum_v) / n
+            sum_u += _column_dot(uc, w_u[:, None]) + _column_dot(vc, w_d[:, None])
+            sum_v += _column_dot(uc.add_(vc), w_d[:, None])
+        col_grad = col_grad - ((sum_u - sum_v) / n).to(cdt)
     col_grad_sum = col_grad.sum()
     grad = rows.new_grad()
     for a, b in rows.blocks():

@@ -183,15 +183,15 @@ def check_values_finite(values: Tensor, rows: LogitRows, enabled: bool) -> None:
         check_finite(x if keep is None else torch.where(keep[:, None], x, 0.0), name)
 
 
-def reduce_rows(per_row: Tensor, rows: LogitRows, reduction: str) -> Tensor:
-    """``reduction`` of a per-row loss (N,) whose masked rows hold 0: ``"none"`` (leading shape), ``"sum"``, or
-    ``"mean"`` over the kept rows (0 when none is kept)."""
+def reduce_rows(per_row: Tensor, lead: torch.Size, num_kept: Tensor | int, reduction: str) -> Tensor:
+    """``reduction`` of a per-row loss (N,) whose masked rows hold 0: ``"none"`` (leading shape ``lead``),
+    ``"sum"``, or ``"mean"`` over the ``num_kept`` kept rows (0 when none is kept)."""
     if reduction == "none":
-        return per_row.reshape(rows.lead)
+        return per_row.reshape(lead)
     total = per_row.sum()
     if reduction == "sum":
         return total
-    count = rows.num_kept()
+    count = num_kept
     if isinstance(count, Tensor):
         return total / count.to(total.dtype).clamp_min(1.0)
     return total / max(count, 1)
