@@ -9,13 +9,30 @@ batches or processes. Raw sums of squares are never formed: log-probabilities re
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
-__all__ = ["add_gram_", "batch_moments", "merge_moments", "merge_moments_", "covariance_from_moments"]
+from lightning_repsim.functional._validation import check_finite
+
+__all__ = [
+    "add_gram_",
+    "add_rows_",
+    "batch_moments",
+    "centred_blocks",
+    "column_means",
+    "covariance_from_moments",
+    "merge_moments",
+    "merge_moments_",
+    "row_blocks",
+]
 
 #: Below twice this many columns, :func:`add_gram_` is one matrix product.
 SYMMETRIC_MIN_COLUMNS = 256
+
+#: Float64 numbers in one block of rows of the blocked statistics (4 MB): a block is all the data they copy at once.
+BLOCK_NUMBERS = 1 << 19
 
 
 def add_gram_(out: Tensor, x: Tensor) -> Tensor:
@@ -115,3 +132,78 @@ def merge_moments_(
 def covariance_from_moments(n: Tensor, m2: Tensor) -> Tensor:
     """Unbiased covariance ``m2 / (n - 1)`` (the convention used everywhere in the paper)."""
     return m2 / (n - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# blocked statistics of large row matrices: float64 copies of one block of rows at a time
+# ----------------------------------------------------------------------------------------------
+def row_blocks(n: int, width: int, block_numbers: int = BLOCK_NUMBERS) -> list[slice]:
+    """Slices of at most ``block_numbers // width`` rows (at least 64) covering ``range(n)``."""
+    step = max(64, block_numbers // max(width, 1))
+    return [slice(start, min(start + step, n)) for start in range(0, n, step)]
+
+
+def column_means(x: Tensor, name: str) -> Tensor:
+    """Float64 column means of the rows of ``x`` (any float dtype), read in blocks of rows (no float64 copy of ``x``);
+    a non-finite value raises the functional layer's error naming ``name`` (a non-finite value makes its column's
+    sum non-finite, so only that case looks at the values again).
+
+    Example:
+        >>> import torch
+        >>> column_means(torch.tensor([[1.0, 2.0], [3.0, 6.0]]), "x").tolist()
+        [2.0, 4.0]
+    """
+    total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    for sl in row_blocks(x.shape[0], x.shape[1]):
+        total += x[sl].sum(dim=0, dtype=torch.float64)
+    if not bool(torch.isfinite(total).all()):
+        check_finite(x, name)
+        raise ValueError(f"the column sums of `{name}` overflow float64 (values up to {float(x.abs().max()):.3g})")
+    return total / max(x.shape[0], 1)
+
+
+def centred_blocks(parts: list[tuple[Tensor, Tensor]], extra: int = 0) -> Iterator[Tensor]:
+    """Blocks of rows ``[x_1 - c_1, x_2 - c_2, ..., 0 (extra columns)]`` in float64, one reused buffer of at most
+    :data:`BLOCK_NUMBERS` numbers, for ``parts = [(x_1, c_1), ...]`` (matrices with the same rows, and their shifts).
+    A block is valid until the next one is drawn; its ``extra`` last columns are the caller's to fill."""
+    n = parts[0][0].shape[0]
+    widths = [x.shape[1] for x, _ in parts]
+    width = sum(widths) + extra
+    slices = row_blocks(n, width)
+    if not slices:
+        return
+    device = parts[0][0].device
+    buf = torch.empty(slices[0].stop - slices[0].start, width, dtype=torch.float64, device=device)
+    for sl in slices:
+        block = buf[: sl.stop - sl.start]
+        start = 0
+        for (x, shift), w in zip(parts, widths):
+            block[:, start : start + w].copy_(x[sl]).sub_(shift)
+            start += w
+        yield block
+
+
+def add_rows_(n: Tensor, mean: Tensor, m2: Tensor, rows: Tensor) -> None:
+    """Merge the rows of ``rows`` (float64, (B, D)) into the triple ``(n, mean, m2)`` in place (Welford/Chan: the
+    block is centred on its own mean -- in place, so ``rows`` is overwritten -- its Gram added straight into ``m2``,
+    then the rank-one Chan correction), without D x D temporaries.
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(10, 3, dtype=torch.float64) + 1e4
+        >>> n, mean, m2 = batch_moments(x[:4])
+        >>> add_rows_(n, mean, m2, x[4:].clone())
+        >>> all(torch.allclose(a, b) for a, b in zip((n, mean, m2), batch_moments(x)))
+        True
+    """
+    b = rows.shape[0]
+    if b == 0:
+        return
+    mean_b = rows.mean(dim=0)
+    rows.sub_(mean_b)
+    total = n + b
+    delta = mean_b - mean
+    root = (n * b / total).sqrt()  # Chan: + n_a n_b / n * delta delta^T
+    add_gram_(m2, rows).addr_(delta * root, delta * root)
+    mean.add_(delta * (b / total))
+    n.add_(b)

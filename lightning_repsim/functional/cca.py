@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_repsim.functional._moments import batch_moments, covariance_from_moments
-from lightning_repsim.functional._validation import as_matrix, check_finite
+from lightning_repsim.functional._moments import add_gram_, centred_blocks, column_means, covariance_from_moments
+from lightning_repsim.functional.cka import embedding_pair
 from lightning_repsim.functional.subspace import pair_subspaces
 
-__all__ = ["mean_cca", "canonical_correlations", "canonical_correlations_from_cov"]
+__all__ = ["canonical_correlations", "canonical_correlations_from_cov", "joint_covariance", "mean_cca"]
 
 
 def canonical_correlations_from_cov(cov: Tensor, dim_p: int) -> Tensor:
@@ -37,17 +37,15 @@ def check_cca_inputs(n: int, dim_p: int, dim_q: int) -> None:
         )
 
 
-def _embedding_pair(emb_p: Tensor, emb_q: Tensor) -> tuple[Tensor, Tensor]:
-    p = as_matrix(emb_p, "emb_p")
-    q = as_matrix(emb_q, "emb_q")
-    if p.shape[0] != q.shape[0]:
-        raise ValueError(
-            f"`emb_p` and `emb_q` must hold the same inputs, got {p.shape[0]} and {q.shape[0]} rows"
-        )
-    check_finite(p, "emb_p")
-    check_finite(q, "emb_q")
-    check_cca_inputs(p.shape[0], p.shape[1], q.shape[1])
-    return p, q
+def joint_covariance(x: Tensor, y: Tensor) -> Tensor:
+    """The unbiased covariance of ``[x; y]`` (rows of any float dtype) in two passes over blocks of rows: exact means,
+    then the centred Gram of each float64 block added into one (D, D) matrix (no N x D float64 copy)."""
+    mean_x, mean_y = column_means(x, "emb_p"), column_means(y, "emb_q")
+    d = x.shape[1] + y.shape[1]
+    m2 = mean_x.new_zeros(d, d)
+    for block in centred_blocks([(x, mean_x), (y, mean_y)]):
+        add_gram_(m2, block)
+    return covariance_from_moments(m2.new_tensor(float(x.shape[0])), m2)
 
 
 def canonical_correlations(emb_p: Tensor, emb_q: Tensor) -> Tensor:
@@ -60,9 +58,9 @@ def canonical_correlations(emb_p: Tensor, emb_q: Tensor) -> Tensor:
         >>> canonical_correlations(f, f @ a.T + 1.0).sub(1).abs().max() < 1e-10
         tensor(True)
     """
-    p, q = _embedding_pair(emb_p, emb_q)
-    n, _, m2 = batch_moments(torch.cat([p, q], dim=1))
-    return canonical_correlations_from_cov(covariance_from_moments(n, m2), p.shape[1])
+    p, q = embedding_pair(emb_p, emb_q)
+    check_cca_inputs(p.shape[0], p.shape[1], q.shape[1])
+    return canonical_correlations_from_cov(joint_covariance(p, q), p.shape[1])
 
 
 def mean_cca(emb_p: Tensor, emb_q: Tensor) -> Tensor:

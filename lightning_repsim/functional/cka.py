@@ -30,8 +30,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_repsim.functional._moments import batch_moments
-from lightning_repsim.functional._validation import as_matrix, check_finite, check_logit_pair
+from lightning_repsim.functional._moments import add_rows_, centred_blocks, column_means
+from lightning_repsim.functional._validation import as_rows, check_logit_pair
 from lightning_repsim.functional.kl import _blocks, _centre_rows_
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "cka_shift",
     "cka_state_size",
     "cka_values",
+    "embedding_pair",
     "linear_cka",
     "logit_distance",
     "logit_distance_rows",
@@ -70,15 +71,20 @@ def _pack(dim_p: int, dim_q: int, shift: Tensor, n: Tensor, mean: Tensor, m2: Te
 
 
 def cka_batch_state(x: Tensor, y: Tensor, shift: Tensor | None = None) -> Tensor:
-    """The packed statistic of one batch of embeddings ``x`` (B, d_p), ``y`` (B, d_q) (float64), relative to ``shift``
-    (d_p + d_q; default: the batch's own mean)."""
-    x, y = x.to(torch.float64), y.to(torch.float64)
+    """The packed statistic of embeddings ``x`` (B, d_p), ``y`` (B, d_q) of any float dtype, relative to ``shift``
+    (d_p + d_q; default: their exact means). Read in blocks of rows: ``u`` is formed one block at a time in float64
+    and added by a Welford/Chan update (:func:`~lightning_repsim.functional._moments.add_rows_`), so no B x (d_p + d_q)
+    float64 copy exists beyond a block."""
     dim_p, dim_q = x.shape[1], y.shape[1]
     if shift is None:
-        shift = torch.cat([x.mean(0), y.mean(0)]) if x.shape[0] else x.new_zeros(dim_p + dim_q)
-    xs, ys = x - shift[:dim_p], y - shift[dim_p:]
-    u = torch.cat([xs, ys, (xs * xs).sum(1, keepdim=True), (ys * ys).sum(1, keepdim=True)], dim=1)
-    n, mean, m2 = batch_moments(u)
+        shift = torch.cat([column_means(x, "emb_p"), column_means(y, "emb_q")])
+    d = dim_p + dim_q + 2
+    n = shift.new_zeros(())
+    mean, m2 = shift.new_zeros(d), shift.new_zeros(d, d)
+    for u in centred_blocks([(x, shift[:dim_p]), (y, shift[dim_p:])], extra=2):
+        u[:, -2] = torch.linalg.vector_norm(u[:, :dim_p], dim=1).square_()  # |x - c_x|^2
+        u[:, -1] = torch.linalg.vector_norm(u[:, dim_p : dim_p + dim_q], dim=1).square_()
+        add_rows_(n, mean, m2, u)
     return _pack(dim_p, dim_q, shift, n, mean, m2)
 
 
@@ -155,28 +161,52 @@ def cka_values(state: Tensor) -> dict[str, Tensor]:
     u_xy = unbiased(hsic_xy, sum_ab, tr_x, tr_y)
     u_xx, u_yy = unbiased(hsic_xx, sum_aa, tr_x, tr_x), unbiased(hsic_yy, sum_bb, tr_y, tr_y)
     out["cka_debiased"] = u_xy / (u_xx.clamp_min(0).sqrt() * u_yy.clamp_min(0).sqrt())
-    nuclear = torch.linalg.svdvals(sxy).sum()
-    out["procrustes"] = (2 - 2 * nuclear / (tr_x.sqrt() * tr_y.sqrt())).clamp_min(0).sqrt()
+    out["procrustes"] = _procrustes(sxy, tr_x, tr_y)
     return out
+
+
+def _procrustes(sxy: Tensor, tr_x: Tensor, tr_y: Tensor) -> Tensor:
+    """``sqrt(2 - 2 ||X^T Y||_* / (||X||_F ||Y||_F))`` from the centred cross co-moment and the two traces."""
+    nuclear = torch.linalg.svdvals(sxy).sum()
+    return (2 - 2 * nuclear / (tr_x.sqrt() * tr_y.sqrt())).clamp_min(0).sqrt()
 
 
 def check_cka_state(state: Tensor, name: str = "embeddings") -> None:
     """Refuse statistics on which CKA is undefined: fewer than 4 inputs, or a constant embedding."""
     dim_p, dim_q, _, n_t, _, m2 = _unpack(state)
-    n = int(n_t)
+    _check_defined(int(n_t), m2[:dim_p, :dim_p].trace(), m2[dim_p : dim_p + dim_q, dim_p : dim_p + dim_q].trace(), name)
+
+
+def _check_defined(n: int, tr_x: Tensor, tr_y: Tensor, name: str = "embeddings") -> None:
     if n < 4:
         raise ValueError(f"linear CKA needs at least 4 inputs (the debiased estimator divides by n - 3), got N={n}")
-    if not bool(m2[:dim_p, :dim_p].trace() > 0) or not bool(m2[dim_p : dim_p + dim_q, dim_p : dim_p + dim_q].trace() > 0):
+    if not bool(tr_x > 0) or not bool(tr_y > 0):
         raise ValueError(f"the {name} of one model are constant over the inputs: CKA is undefined")
 
 
-def _pair(emb_p: Tensor, emb_q: Tensor) -> tuple[Tensor, Tensor]:
-    x, y = as_matrix(emb_p, "emb_p"), as_matrix(emb_q, "emb_q")
+def embedding_pair(emb_p: Tensor, emb_q: Tensor) -> tuple[Tensor, Tensor]:
+    """Two embeddings of the same inputs as (N, d_p) and (N, d_q) rows in their own dtype (no float64 copy: the
+    blocked statistics convert one block at a time; :func:`~lightning_repsim.functional._moments.column_means` refuses
+    non-finite values)."""
+    x, y = as_rows(emb_p, "emb_p"), as_rows(emb_q, "emb_q")
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"`emb_p` and `emb_q` must hold the same inputs, got {x.shape[0]} and {y.shape[0]} rows")
-    check_finite(x, "emb_p")
-    check_finite(y, "emb_q")
     return x, y
+
+
+def _cross_statistic(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(Sxy, tr Sxx, tr Syy)``: the cross block and the traces of the centred co-moment of ``[x; y]`` (two passes:
+    exact means, then the centred products block by block) -- all the Procrustes distance needs."""
+    mean_x, mean_y = column_means(x, "emb_p"), column_means(y, "emb_q")
+    dim_p = x.shape[1]
+    sxy = mean_x.new_zeros(dim_p, y.shape[1])
+    traces = mean_x.new_zeros(2)
+    for block in centred_blocks([(x, mean_x), (y, mean_y)]):
+        xc, yc = block[:, :dim_p], block[:, dim_p:]
+        sxy.addmm_(xc.T, yc)
+        traces[0] += torch.linalg.vector_norm(xc).square()
+        traces[1] += torch.linalg.vector_norm(yc).square()
+    return sxy, traces[0], traces[1]
 
 
 def linear_cka(emb_p: Tensor, emb_q: Tensor, debiased: bool = False) -> Tensor:
@@ -191,7 +221,7 @@ def linear_cka(emb_p: Tensor, emb_q: Tensor, debiased: bool = False) -> Tensor:
         >>> bool(linear_cka(x, torch.randn(100, 8, dtype=torch.float64), debiased=True).abs() < 0.2)
         True
     """
-    x, y = _pair(emb_p, emb_q)
+    x, y = embedding_pair(emb_p, emb_q)
     state = cka_batch_state(x, y)
     check_cka_state(state)
     return cka_values(state)["cka_debiased" if debiased else "cka"]
@@ -208,10 +238,10 @@ def procrustes_distance(emb_p: Tensor, emb_q: Tensor) -> Tensor:
         >>> float(procrustes_distance(x, 2 * x @ q + 1)) < 1e-7
         True
     """
-    x, y = _pair(emb_p, emb_q)
-    state = cka_batch_state(x, y)
-    check_cka_state(state)
-    return cka_values(state)["procrustes"]
+    x, y = embedding_pair(emb_p, emb_q)
+    sxy, tr_x, tr_y = _cross_statistic(x, y)
+    _check_defined(x.shape[0], tr_x, tr_y)
+    return _procrustes(sxy, tr_x, tr_y)
 
 
 def logit_distance_rows(logits_p: Tensor, logits_q: Tensor) -> Tensor:
