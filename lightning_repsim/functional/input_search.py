@@ -109,6 +109,13 @@ class PairStatistics:
         self.norm_a = (self.a * self.a).sum(1)
         self.norm_s = (self.s * self.s).sum(1)
         self.var_q = self.var_x + 2 * self.cov_xd + self.var_d
+        ones = torch.ones_like(self.norm_a)[:, None]
+        # tau^2(z, i) = |a_z|^2 + |a_i|^2 - 2 a_z . a_i as one product of augmented factors (no element-wise passes)
+        self._left = (torch.cat([self.a, self.norm_a[:, None], ones], 1), torch.cat([self.s, self.norm_s[:, None], ones], 1))
+        self._right = (torch.cat([-2 * self.a, ones, self.norm_a[:, None]], 1), torch.cat([-2 * self.s, ones, self.norm_s[:, None]], 1))
+        eps = torch.finfo(torch.float64).eps * ZERO_VAR_ULPS
+        top = (float(v.max()) if v.numel() else 0.0 for v in (self.var_x, self.var_q))
+        self._coarse = tuple(eps * 2 * max(v, 0.0) for v in top)
 
     @classmethod
     def from_log_probabilities(cls, lp: Tensor, lq: Tensor) -> PairStatistics:
@@ -145,23 +152,32 @@ class PairStatistics:
         )
 
     def squared_scores(self, z: Tensor | slice, i: Tensor | slice) -> Tensor:
-        """``e(x_i; x_z)^2`` for pivots ``z`` (rows) and inputs ``i`` (columns), ``inf`` where a normaliser is zero:
-        ``tau_p^2`` and ``tau_q^2`` from the factors, ``b^2 = Var[gamma X - beta D]`` from the rows' own moments."""
-        eps = torch.finfo(torch.float64).eps * ZERO_VAR_ULPS
-        tp2 = torch.mm(self.a[z], self.a[i].T).mul_(-2).add_(self.norm_a[i]).add_(self.norm_a[z][:, None])
-        tq2 = torch.mm(self.s[z], self.s[i].T).mul_(-2).add_(self.norm_s[i]).add_(self.norm_s[z][:, None])
-        invalid = (tp2 <= eps * (self.var_x[i] + self.var_x[z][:, None])) | (tq2 <= eps * (self.var_q[i] + self.var_q[z][:, None]))
-        delta = tq2 - tp2
-        tp = tp2.clamp_min_(0).sqrt_()
-        tq = tq2.clamp_min_(0).sqrt_()
-        beta = tq.reciprocal()
-        gamma = delta.div_((tp + tq).mul_(tp).mul_(tq))  # Delta / (tau_p tau_q (tau_p + tau_q))
-        gb = gamma * beta
-        g2 = gamma.square()
-        b2 = beta.square_()
-        score = g2 * self.var_x[i] - 2 * gb * self.cov_xd[i] + b2 * self.var_d[i]
-        piv = g2.mul_(self.var_x[z][:, None]).sub_(gb.mul_(2 * self.cov_xd[z][:, None])).add_(b2.mul_(self.var_d[z][:, None]))
-        return torch.maximum(score, piv).clamp_min_(0).masked_fill_(invalid, float("inf"))
+        """``e(x_i; x_z)^2`` for pivots ``z`` (rows) and inputs ``i`` (columns), ``inf`` where a normaliser is zero.
+
+        With ``t = Delta / (tau_p (tau_p + tau_q))`` (``= tau_q / tau_p - 1``, written without cancellation), the compared
+        quantity ``gamma X - beta D`` is ``(t X - D) / tau_q``, so ``b^2 = (Var X t^2 - 2 Cov(X, D) t + Var D) / tau_q^2``
+        from the input's own moments, and ``b_piv^2`` the same with the pivot's: about twenty element-wise passes per
+        block, the normalisers from two matrix products of the factors."""
+        tp2 = torch.mm(self._left[0][z], self._right[0][i].T)
+        tq2 = torch.mm(self._left[1][z], self._right[1][i].T)
+        suspect = (tp2 <= self._coarse[0]) | (tq2 <= self._coarse[1])  # a zero normaliser is possible only here
+        delta = torch.sub(tq2, tp2)
+        tp = tp2.sqrt_()
+        t = delta.div_(tq2.sqrt().add_(tp).mul_(tp))
+        vx, c2, vd = self.var_x, 2 * self.cov_xd, self.var_d
+        score = torch.mul(t, vx[i]).sub_(c2[i]).mul_(t).add_(vd[i])
+        pivot = torch.mul(t, vx[z][:, None]).sub_(c2[z][:, None]).mul_(t).add_(vd[z][:, None])
+        score = torch.maximum(score, pivot, out=score).div_(tq2)
+        if bool(suspect.any()):  # the exact test of :func:`~lightning_repsim.functional.llv_terms.normalisers`
+            rows, cols = suspect.nonzero(as_tuple=True)
+            zr = torch.arange(self.num_rows, device=tq2.device)[z][rows]
+            ic = torch.arange(self.num_rows, device=tq2.device)[i][cols]
+            eps = torch.finfo(torch.float64).eps * ZERO_VAR_ULPS
+            tp2_exact = tp[rows, cols].square()
+            invalid = (tp2_exact <= eps * (vx[zr] + vx[ic])) | (tq2[rows, cols] <= eps * (self.var_q[zr] + self.var_q[ic]))
+            invalid |= ~(tp2_exact > 0) | ~(tq2[rows, cols] > 0)
+            score[rows[invalid], cols[invalid]] = float("inf")
+        return score
 
     def affine_ranks(self) -> tuple[int, int]:
         """The dimension of the affine span of the rows, for each model (cached): the most dimensions a set's
@@ -214,7 +230,7 @@ class PivotTable:
         partners, squared = partners.gather(1, order), squared.gather(1, order)
         order = torch.argsort(squared, dim=1, stable=True)[:, :width]
         partners, squared = partners.gather(1, order), squared.gather(1, order)
-        scores = squared.sqrt()
+        scores = squared.clamp_min(0).sqrt()
         t2 = scores[:, m - 1] if scores.shape[1] >= m else scores.new_full((scores.shape[0],), float("inf"))
         return PivotTable(pivots, partners, scores, t2)
 
@@ -252,39 +268,62 @@ def evaluate_pivots(stats: PairStatistics, pivots: Tensor, m: int) -> PivotTable
     return table
 
 
+class _BestPartners:
+    """Each row's ``width`` smallest squared scores seen so far (unordered, and their columns), the largest of them as a
+    threshold: a block of scores is filtered against the thresholds (one comparison per score) and only the few
+    entries below them are merged, instead of a top-k of every block."""
+
+    def __init__(self, rows: int, width: int, device: torch.device) -> None:
+        self.values = torch.full((rows, width), float("inf"), dtype=torch.float64, device=device)
+        self.columns = torch.full((rows, width), -1, dtype=torch.long, device=device)
+        self.threshold = torch.full((rows,), float("inf"), dtype=torch.float64, device=device)
+
+    def offer(self, first_row: int, block: Tensor, first_col: int) -> None:
+        span = slice(first_row, first_row + block.shape[0])
+        if block.shape[1] >= self.values.shape[1] and bool(torch.isinf(self.values[span]).all()):  # nothing seen yet
+            top = torch.topk(block, self.values.shape[1], dim=1, largest=False, sorted=False)
+            self.values[span], self.columns[span] = top.values, top.indices + first_col
+            self.threshold[span] = top.values.amax(1)
+            return
+        rows, cols = (block < self.threshold[span, None]).nonzero(as_tuple=True)
+        if rows.numel():
+            self._merge(rows + first_row, cols + first_col, block[rows, cols])
+
+    def _merge(self, rows: Tensor, cols: Tensor, values: Tensor) -> None:
+        """Merge candidate ``(row, col, value)`` triples (rows in increasing order) into the rows' best lists."""
+        owners, counts = torch.unique_consecutive(rows, return_counts=True)
+        slot = torch.repeat_interleave(torch.arange(owners.numel(), device=rows.device), counts)
+        start = torch.cumsum(counts, 0) - counts
+        position = torch.arange(rows.numel(), device=rows.device) - start[slot]
+        width = int(counts.max())
+        new_values = values.new_full((owners.numel(), width), float("inf"))
+        new_cols = cols.new_full((owners.numel(), width), -1)
+        new_values[slot, position], new_cols[slot, position] = values, cols
+        all_values = torch.cat([self.values[owners], new_values], 1)
+        all_cols = torch.cat([self.columns[owners], new_cols], 1)
+        top = torch.topk(all_values, self.values.shape[1], dim=1, largest=False, sorted=False)
+        self.values[owners] = top.values
+        self.columns[owners] = all_cols.gather(1, top.indices)
+        self.threshold[owners] = top.values.amax(1)
+
+
 def all_pivots(stats: PairStatistics, m: int) -> PivotTable:
-    """The :class:`PivotTable` of every row, from all pairs scored once each (the score is symmetric) in blocks of
-    :data:`PAIR_BLOCK` rows: memory O(R L + block^2)."""
+    """The :class:`PivotTable` of every row with its ``M`` best partners, from all pairs scored once each (the score is
+    symmetric) in blocks of :data:`PAIR_BLOCK` rows: memory O(R M + block^2)."""
     r = stats.num_rows
-    width = partner_width(m, r)
-    keep = min(width + 8, r)
-    device = stats.a.device
+    width = min(m, r - 1)  # the M best partners; a pivot whose best set is not diverse is re-scored for more
+    best = _BestPartners(r, width, stats.a.device)
     starts = list(range(0, r, PAIR_BLOCK))
-    found: list[list[tuple[Tensor, Tensor]]] = [[] for _ in starts]
     for bi, zi in enumerate(starts):
         z = slice(zi, min(r, zi + PAIR_BLOCK))
-        for bj in range(bi, len(starts)):
-            ci = starts[bj]
-            c = slice(ci, min(r, ci + PAIR_BLOCK))
-            block = stats.squared_scores(z, c)
-            if bi == bj:
+        for ci in starts[bi:]:
+            block = stats.squared_scores(z, slice(ci, min(r, ci + PAIR_BLOCK)))
+            if ci == zi:
                 block.fill_diagonal_(float("inf"))
-            top = torch.topk(block, min(keep, block.shape[1]), dim=1, largest=False)
-            found[bi].append((top.indices + ci, top.values))
-            if bi != bj:
-                top = torch.topk(block.T, min(keep, block.shape[0]), dim=1, largest=False)
-                found[bj].append((top.indices + zi, top.values))
-    parts = []
-    for bi, zi in enumerate(starts):
-        partners = torch.cat([p for p, _ in found[bi]], dim=1)
-        squared = torch.cat([v for _, v in found[bi]], dim=1)
-        top = torch.topk(squared, min(keep, squared.shape[1]), dim=1, largest=False)
-        pivots = torch.arange(zi, zi + partners.shape[0], device=device)
-        parts.append(PivotTable.from_candidates(pivots, partners.gather(1, top.indices), top.values, m, width))
-    table = parts[0]
-    for part in parts[1:]:
-        table = table.cat(part)
-    return table
+            best.offer(zi, block, ci)
+            if ci != zi:
+                best.offer(ci, block.T, zi)
+    return PivotTable.from_candidates(torch.arange(r, device=stats.a.device), best.columns, best.values, m, width)
 
 
 def exhaustive_cost(rows: int, dim: int) -> int:
@@ -391,6 +430,9 @@ def _best_diverse_set(stats: PairStatistics, table: PivotTable, m: int) -> tuple
         partners, scores = table.partners[row], table.scores[row]
         members = partners[:m]
         if not stats.rank_ok(pivot, members):
+            if partners.numel() < partner_width(m, stats.num_rows):  # the exhaustive scan kept only the M best
+                more = evaluate_pivots(stats, partners.new_tensor([pivot]), m)
+                partners, scores = more.partners[0], more.scores[0]
             chosen = _independent_members(stats, pivot, partners, scores, m)
             if chosen is None:
                 continue

@@ -17,9 +17,14 @@ from lightning_repsim.functional.llv_route import Candidates
 from lightning_repsim.metrics.base import StreamingMetric
 from lightning_repsim.metrics.sketch import META, buffer_content, empty_buffer, hash_keys
 
-__all__ = ["DEFAULT_BUFFER_SIZE", "CandidateMixin"]
+__all__ = ["DEFAULT_BUFFER_SIZE", "REPRESENTATION_BUFFER_SIZE", "CandidateMixin"]
 
+#: Candidate inputs kept by :class:`~lightning_repsim.metrics.LLVDistance` (rows of 2K + 3 numbers).
 DEFAULT_BUFFER_SIZE = 1024
+#: Candidate inputs kept by :class:`~lightning_repsim.metrics.SVDDissimilarity` (rows of M_p + M_q + 3 numbers: 0.3 MB
+#: at M = 2, 100 MB at M = 768): the input-set search is exact, hence seed-free, up to this many inputs, and beyond it
+#: T2 moved by at most 1 % over seeds on the reference families at N = 10,000 (benchmarks/bench_seed_spread.py).
+REPRESENTATION_BUFFER_SIZE = 8192
 
 
 class CandidateMixin(StreamingMetric):

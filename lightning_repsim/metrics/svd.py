@@ -17,7 +17,7 @@ from lightning_repsim.functional.llv_route import LLVSizes, llv_from_route
 from lightning_repsim.functional.llv_terms import CHUNK_NUMBERS
 from lightning_repsim.functional.svd import SVDResult, SVDStatistics, representation_dim, svd_from_parts
 from lightning_repsim.metrics.base import DEFAULT_MEMORY_BUDGET_GB
-from lightning_repsim.metrics.candidates import DEFAULT_BUFFER_SIZE, CandidateMixin
+from lightning_repsim.metrics.candidates import REPRESENTATION_BUFFER_SIZE, CandidateMixin
 from lightning_repsim.metrics.inputs import embedding_rows
 from lightning_repsim.metrics.moment_state import moments_covariance, moments_dim
 from lightning_repsim.metrics.sketch import META
@@ -82,46 +82,56 @@ def _check_unembedding(unemb: Tensor, name: str) -> Tensor:
 class SVDDissimilarity(CandidateMixin):
     r"""Streaming d_SVD (SPEC §4) on the label/input sets chosen by d_LLV, like
     :func:`~lightning_repsim.functional.compare`, from embeddings and unembeddings. This is also the
-    **representation route for d_LLV**: ``compute_result().llv`` is the d_LLV result, obtained from an O(M^2)
-    statistic, so use this metric (not :class:`LLVDistance`, whose state is O(K^2)) for large
+    **representation route for d_LLV**: ``compute_result().llv`` is the d_LLV result, obtained from an
+    O((M_p + M_q)^2) statistic, so use this metric (not :class:`LLVDistance`, whose state is O(K^2)) for large
     vocabularies such as GPT-2's K = 50,257.
 
-    As input to ``forward`` and ``update``: ``emb_p``, ``emb_q`` (B, M) or (B, T, M) embeddings of the same
-    inputs, any float dtype and device; optionally ``unemb_p``/``unemb_q`` (if not given to the constructor),
-    ``mask`` (boolean or 0/1 integers, 1 = use) and ``ids``, as in :class:`LLVDistance`.
+    As input to ``forward`` and ``update``: ``emb_p``, ``emb_q`` (B, M_p) and (B, M_q), or (B, T, M), embeddings of
+    the same inputs (the widths may differ: a smaller student), any float dtype and device; optionally
+    ``unemb_p``/``unemb_q`` (if not given to the constructor), ``mask`` (boolean or 0/1 integers, 1 = use) and
+    ``ids``, as in :class:`LLVDistance`.
 
     As output of ``forward`` and ``compute``: d_SVD as a float64 scalar tensor (``forward``: of the batch alone;
     its cost is a ``compute()`` on a batch-sized state, i.e. the label search: about a second at K = 50,257).
     :meth:`compute_result` returns the :class:`SVDDissimilarityResult` (f- and g-parts, the d_LLV result with its
     terms and sets, the full :class:`~lightning_repsim.functional.SVDResult`).
 
-    State (float64, independent of the number of inputs N; not persistent unless ``persistent(True)``):
+    State (float64, independent of the number of inputs N; not persistent unless ``persistent(True)``), sized at the
+    first ``update`` from both widths:
 
-    * the centred mean and co-moment of ``u(x) = [f_p, logZ_p, f_q - f_p, logZ_q - logZ_p]``
-      (``2M + 2`` numbers, an invertible map of ``[f_p, logZ_p, f_q, logZ_q]``): ``1 + (2M+2) + (2M+2)^2``
-      numbers. With the unembeddings they give T1, T3, the (pivot, left-out) search and the f-part of
-      d_SVD exactly (``Cov(log-probs) = B Cov(u) B^T``, never formed);
-    * a candidate buffer of ``buffer_size`` inputs' embeddings, ``buffer_size x (2M + 3)`` numbers, for
-      the input-set search (T2, T4) and the g-part. Same bottom-k hash sketch as :class:`LLVDistance`.
+    * the centred mean and co-moment of ``u(x) = [f_p, logZ_p, f_q - fit(f_p, M_q), logZ_q - logZ_p]``
+      (:data:`~lightning_repsim.functional.llv_representation.REPRESENTATION_LAYOUT`, ``D = M_p + M_q + 2``
+      numbers, an invertible map of ``[f_p, logZ_p, f_q, logZ_q]``): ``1 + D + D^2`` numbers. With the
+      unembeddings they give T1, T3, the (pivot, left-out) search and the f-part of d_SVD exactly
+      (``Cov(log-probs) = B Cov(u) B^T``, never formed);
+    * a candidate buffer of ``buffer_size`` inputs' embeddings, ``buffer_size x (M_p + M_q + 3)`` numbers, for
+      the input-set search (T2, T4) and the g-part. Same bottom-k hash sketch as :class:`LLVDistance`. With the
+      default 8,192 inputs the search is exact (every pair of buffered inputs scored), so the result does not depend on
+      ``seed`` for up to 8,192 inputs; beyond, which inputs the seeded sketch keeps still moves T2 a little (measured in
+      ``benchmarks/bench_seed_spread.py``).
 
-    So about ``8 ((2M+2)^2 + buffer_size (2M+3))`` bytes: 31.5 MB for M = 768 and the default buffer,
-    whatever K.
+    So about ``8 (D^2 + buffer_size (M_p + M_q + 3))`` bytes: 0.5 MB for M = 2, 19 MB for widths 128 and 64, 120 MB
+    for M = 768, whatever K.
 
-    Cost: ``update`` computes ``logZ`` in float64, O(B K M) per batch. ``compute()`` is O(K M^2 + P K M) time
-    (P pivots searched, at most 128 by default when K is larger) and needs about ``8 (2 K M + 40 * 2^22)``
-    bytes of temporaries (checked against ``memory_budget_gb`` before the first update allocates). The
-    unembeddings are model parameters, not state: they are held by reference, must stay fixed while inputs
-    are accumulated (``logZ`` is computed at ``update``; a changed unembedding is refused until ``reset()``).
+    Cost: ``update`` computes ``logZ`` in float64, O(B K M) per batch (none when the caller passes ``logz_p``,
+    ``logz_q``). ``compute()`` is O(K D^2 + P K D) time (P pivots searched, at most 128 by default when K is larger)
+    plus the input-set search, and needs about ``8 (K D + 40 * 2^22)`` bytes of temporaries (checked against
+    ``memory_budget_gb`` before the first update allocates). The unembeddings are model parameters, not state: they
+    are held by reference, must stay fixed while inputs are accumulated (``logZ`` is computed at ``update``; a changed
+    unembedding is refused until ``reset()``).
 
     Args:
-        rep_dim: M; if None, taken from the first ``update`` (the state is then sized lazily).
-        unemb_p, unemb_q: unembeddings (K, M), or (K, M+1) with the bias as last column (e.g.
+        rep_dim: the representation dimension M (input sets of M + 1 inputs, label subsets of M labels). None
+            (default): the larger rank of the two embeddings, ``max(r_p, r_q)``, found at ``compute()``
+            (``docs/smaller_student.md``).
+        unemb_p, unemb_q: unembeddings (K, M_p) and (K, M_q), or with the bias as last column (e.g.
             ``torch.cat([head.weight, head.bias[:, None]], 1)``); may instead be given to ``update``.
         max_label_subsets: label subsets evaluated for the f-part (see
             :func:`~lightning_repsim.functional.svd_dissimilarity`); None picks
             :func:`~lightning_repsim.functional.svd.default_max_label_subsets` (4096 up to M = 51, 256 at
             M = 128, fewer above).
-        buffer_size, nan_strategy, memory_budget_gb: as in :class:`LLVDistance`.
+        buffer_size: candidate inputs kept (default 8,192).
+        nan_strategy, memory_budget_gb: as in :class:`LLVDistance`.
         kwargs: the d_LLV options of :class:`~lightning_repsim.functional.LLVOptions` (``max_pivot_candidates``
             None means at most 128 pivots here) and the keyword arguments of :class:`torchmetrics.Metric`.
 
@@ -148,7 +158,7 @@ class SVDDissimilarity(CandidateMixin):
         unemb_p: Tensor | None = None,
         unemb_q: Tensor | None = None,
         max_label_subsets: int | None = None,
-        buffer_size: int = DEFAULT_BUFFER_SIZE,
+        buffer_size: int = REPRESENTATION_BUFFER_SIZE,
         nan_strategy: str = "error",
         memory_budget_gb: float | None = DEFAULT_MEMORY_BUDGET_GB,
         **kwargs: Any,
