@@ -18,7 +18,7 @@ from lightning_repsim.distillation.llv_moments import BatchMoments, batch_moment
 from lightning_repsim.distillation.llv_sets import InputSetChoice, LabelChoice
 from lightning_repsim.distillation.rows import LogitRows, check_values_finite
 from lightning_repsim.functional._validation import check_choice, check_rep_dim
-from lightning_repsim.functional.llv_terms import compared_variance, displacement_moments
+from lightning_repsim.functional.llv_terms import compared_variance
 
 __all__ = ["LLVLoss", "LLVLossTerms"]
 
@@ -81,12 +81,20 @@ def mean_input_entries(m: BatchMoments, eps: float) -> tuple[Tensor, Tensor]:
     return torch.cat([b, b_piv])[None], t4[None]
 
 
-def set_entries(student_rows: Tensor, teacher_rows: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """Input entries of candidate sets from their rows' logits ``(S, M+1, K)``: ``(S, 2M)`` b/b_piv and ``(S, M)``
-    T4 (variances over labels; the first row of a set is its pivot input)."""
-    lp, lq = torch.log_softmax(student_rows, -1), torch.log_softmax(teacher_rows, -1)
-    rp, rq, xp, xq = lp[:, :1], lq[:, :1], lp[:, 1:], lq[:, 1:]
-    s1sq, delta, compared, reference = displacement_moments(xp, xq - xp, rp, rq - rp, dim=-1)
+def set_rows(positions: Tensor) -> tuple[Tensor, Tensor]:
+    """For candidate sets ``(S, M+1)`` of row positions (first = pivot input): the (compared, pivot) row pairs
+    ``(2, S M)`` and the rows whose own moments the entries need (``S (M+1)``)."""
+    s, m1 = positions.shape
+    pairs = torch.stack([positions[:, 1:].reshape(-1), positions[:, :1].expand(s, m1 - 1).reshape(-1)])
+    return pairs, positions.reshape(-1)
+
+
+def set_entries(m: BatchMoments, num_sets: int, eps: float) -> tuple[Tensor, Tensor]:
+    """Input entries of candidate sets from their pair and own moments (:func:`set_rows`): ``(S, 2M)`` b/b_piv and
+    ``(S, M)`` T4 (variances over labels; the first row of a set is its pivot input)."""
+    s1sq, delta = (x.reshape(num_sets, -1) for x in m.pairs)
+    own = [x.reshape(num_sets, -1) for x in m.own]
+    compared, reference = tuple(x[:, 1:] for x in own), tuple(x[:, :1] for x in own)
     b, b_piv, t4 = entries(s1sq, delta, compared, reference, eps)
     return torch.cat([b, b_piv], dim=-1), t4
 
@@ -307,16 +315,13 @@ class LLVLoss(DistillationLoss):
             raise ValueError(f"LLVLoss needs at least 2 (kept) rows to estimate variances over inputs, got {n}")
         return rows
 
-    def _input_part(self, rows: LogitRows, m: BatchMoments | None, sets: Tensor | None, index: Tensor):
+    def _input_part(self, m: BatchMoments, sets: Tensor | None):
         """``(t2, t4, t2_entries, t4_entries)`` of the candidate set with the smallest T2 (first on ties)."""
         how, temp = self.reduce, self.softmax_temperature
         if sets is None:
             t2_all, t4_all = mean_input_entries(m, self.eps)
         else:
-            positions = index[sets.flatten()]
-            shape = (*sets.shape, rows.num_classes)
-            teacher_rows = rows.teacher.index_select(0, positions).to(rows.dtype).reshape(shape)
-            t2_all, t4_all = set_entries(m.gathered.reshape(shape), teacher_rows, self.eps)
+            t2_all, t4_all = set_entries(m, sets.shape[0], self.eps)
         t2_per_set = aggregate(t2_all, how, temp)
         best = torch.argmin(t2_per_set.detach()).reshape(1)  # index_select keeps the choice in the graph
         t2_entries, t4_entries = t2_all.index_select(0, best).squeeze(0), t4_all.index_select(0, best).squeeze(0)
@@ -337,13 +342,13 @@ class LLVLoss(DistillationLoss):
             index = rows.kept_index()
             sets = self.inputs.candidates(input_sets, index.numel(), dev) if self.input_terms else None
             mean_rows = self.input_terms and sets is None
-            gather = index[sets.flatten()] if sets is not None else index[:0]
-            m = batch_moments(rows, self.labels.pivot, True, mean_rows, gather)
+            pairs, own = set_rows(index[sets] if sets is not None else index[:0].reshape(0, 2))
+            m = batch_moments(rows, self.labels.pivot, mean_rows, pairs, own)
             check_values_finite(torch.cat([m.x_ref, m.d_ref, m.col_x, m.col_d]).detach(), rows, self.check_finite)
             t1_entries, t3_entries = label_entries(m, compared, self.eps)
             t1, t3 = aggregate(t1_entries, how, temp), aggregate(t3_entries, how, temp)
             if self.input_terms:
-                t2, t4, t2_entries, t4_entries = self._input_part(rows, m, sets, index)
+                t2, t4, t2_entries, t4_entries = self._input_part(m, sets)
                 parts = torch.stack([t1, t2, self.lam * t3, self.lam * t4])
             else:
                 t2_entries = t4_entries = t1.new_zeros(0)

@@ -9,8 +9,10 @@ moments over the kept rows (unbiased, per label)
 
 and of the row references ``r_p``, ``r_q - r_p``; the all-pivots input terms (``input_set_search="mean"``: every
 row against the column means ``Xbar``, ``Dbar``) are functions of the same moments taken over labels per row,
-and of ``Xbar``, ``Dbar``. :func:`batch_moments` returns exactly these (and, for explicit or sampled input sets,
-the raw student rows they need), so the loss is assembled from small tensors by ordinary autograd.
+and of ``Xbar``, ``Dbar``; the input terms of explicit or sampled input sets are functions of the moments over labels of each
+compared row against its set's pivot row and of each row alone. :func:`batch_moments` returns exactly these, so the
+loss is assembled from small tensors by ordinary autograd. (Moments over labels need no ``log_softmax``: centring
+over labels removes the log-partition.)
 
 Pass 1 finds the row log-partitions, references and the column sums; pass 2 the centred products (accumulated in
 float64). The backward pass is the transpose of those sums: for a centred moment ``(1/(n-1)) sum_i A~_i B~_i``
@@ -36,11 +38,14 @@ class BatchMoments(NamedTuple):
     """Moments over the kept rows (compute dtype, differentiable in the student's logits).
 
     Attributes:
-        label: ``(Var X, Cov(X, D), Var D, Var U, Delta)``, each (K,) (empty without label terms).
+        label: ``(Var X, Cov(X, D), Var D, Var U, Delta)`` over rows, each (K,).
         x_ref, d_ref: ``r_p`` and ``r_q - r_p`` per kept row, (n,).
-        rows: the same five moments over labels per kept row, each (n,) (empty without row terms).
-        col_x, col_d: column means ``Xbar``, ``Dbar`` (K,).
-        gathered: the requested student rows (R, K), compute dtype.
+        rows: the same five moments over labels per kept row against the column means, each (n,) (empty unless
+            requested: the all-pivots input terms).
+        col_x, col_d: the column means ``Xbar``, ``Dbar`` (K,).
+        pairs: ``(Var U, Delta)`` over labels of the requested rows against their reference rows (input sets:
+            every compared input against its set's pivot), each (P,).
+        own: ``(Var X, Cov(X, D), Var D)`` over labels of the requested rows, each (R,).
     """
 
     label: tuple[Tensor, ...]
@@ -49,7 +54,8 @@ class BatchMoments(NamedTuple):
     rows: tuple[Tensor, ...]
     col_x: Tensor
     col_d: Tensor
-    gathered: Tensor
+    pairs: tuple[Tensor, ...]
+    own: tuple[Tensor, ...]
 
 
 @dataclasses.dataclass
@@ -149,28 +155,75 @@ def _moments(sums: Tensor, count: int) -> tuple[Tensor, ...]:
     return (sums[0] * scale, sums[1] * scale, sums[2] * scale, sums[3] * scale, (2 * sums[4] + sums[5]) * scale)
 
 
+def _gathered(rows: LogitRows, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """Label-centred ``X`` and ``D`` of the rows at ``positions`` (a copy)."""
+    sb = rows.student.index_select(0, positions).to(rows.dtype)
+    tb = rows.teacher.index_select(0, positions).to(rows.dtype)
+    cs = sb - sb.mean(-1, keepdim=True)
+    return cs, (tb - tb.mean(-1, keepdim=True)).sub_(cs)
+
+
+def _pair_pass(rows: LogitRows, pairs: Tensor, own: Tensor) -> tuple[Tensor, Tensor]:
+    """Sums over labels: ``(U U, U V, V V)`` of the row pairs ``pairs`` (2, P) (``U = X_i - X_r``, ``V = D_i - D_r``)
+    and ``(X X, X D, D D)`` of the rows ``own``, in blocks of ``rows.block_rows``."""
+    dot, step = torch.linalg.vecdot, rows.block_rows
+    pair_sums = torch.zeros(3, pairs.shape[1], dtype=rows.dtype, device=pairs.device)
+    own_sums = torch.zeros(3, own.numel(), dtype=rows.dtype, device=own.device)
+    for i in range(0, pairs.shape[1], step):
+        cs, cd = _gathered(rows, pairs[0, i:i + step])
+        cs0, cd0 = _gathered(rows, pairs[1, i:i + step])
+        u, v = cs.sub_(cs0), cd.sub_(cd0)
+        pair_sums[:, i:i + step] = torch.stack([dot(u, u), dot(u, v), dot(v, v)])
+    for i in range(0, own.numel(), step):
+        cs, cd = _gathered(rows, own[i:i + step])
+        own_sums[:, i:i + step] = torch.stack([dot(cs, cs), dot(cs, cd), dot(cd, cd)])
+    return pair_sums, own_sums
+
+
+def _pair_grad(rows: LogitRows, pairs: Tensor, own: Tensor, g_pairs, g_own, grad: Tensor) -> None:
+    """Add the gradient of ``<g_pairs, pair moments> + <g_own, own moments>`` to ``grad`` (fields over labels need
+    no ``log_softmax``: the label centring removes the log-partition)."""
+    cr, step = 1.0 / (rows.num_classes - 1), rows.block_rows
+    k_u = cr * (2 * g_pairs[0] - 2 * g_pairs[1])  # d/dU - d/dV of (Var U, Delta)
+    k_x, k_d = cr * (2 * g_own[0] - g_own[1]), cr * (g_own[1] - 2 * g_own[2])
+    for i in range(0, pairs.shape[1], step):
+        cs, _ = _gathered(rows, pairs[0, i:i + step])
+        cs0, _ = _gathered(rows, pairs[1, i:i + step])
+        part = cs.sub_(cs0).mul_(k_u[i:i + step, None]).to(grad.dtype)
+        grad.index_add_(0, pairs[0, i:i + step], part)
+        grad.index_add_(0, pairs[1, i:i + step], part, alpha=-1)
+    for i in range(0, own.numel(), step):
+        cs, cd = _gathered(rows, own[i:i + step])
+        part = cs.mul_(k_x[i:i + step, None]).addcmul_(cd, k_d[i:i + step, None])
+        grad.index_add_(0, own[i:i + step], part.to(grad.dtype))
+
+
 class _BatchMoments(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, rows, index, gather, pivot, label, row):
+    def forward(ctx, student, teacher, rows, index, pivot, mean_rows, pairs, own):
         p1, refs, cols = _pass1(rows, index, pivot)
-        acc, per_row = _pass2(rows, p1, label, row)
+        acc, per_row = _pass2(rows, p1, True, mean_rows)
+        pair_sums, own_sums = _pair_pass(rows, pairs, own)
         n, k = index.numel(), rows.num_classes
         empty = student.new_zeros(0, dtype=rows.dtype)
-        label_m = tuple(m.to(rows.dtype) for m in _moments(acc, n)) if label else (empty,) * 5
-        row_m = tuple(m.index_select(0, index) for m in _moments(per_row, k)) if row else (empty,) * 5
-        gathered = student.index_select(0, gather).to(rows.dtype)
-        ctx.save_for_backward(student, teacher, index, gather)
-        ctx.rows, ctx.p1, ctx.options = rows, p1, (pivot, label, row)
-        return (*label_m, refs[0], refs[1], *row_m, cols[0], cols[1], gathered)
+        label_m = tuple(m.to(rows.dtype) for m in _moments(acc, n))
+        row_m = tuple(m.index_select(0, index) for m in _moments(per_row, k)) if mean_rows else (empty,) * 5
+        cr = 1.0 / (k - 1)
+        pair_m = (pair_sums[0] * cr, (2 * pair_sums[1] + pair_sums[2]) * cr)
+        own_m = tuple(own_sums * cr)
+        ctx.save_for_backward(student, teacher, index, pairs, own)
+        ctx.rows, ctx.p1, ctx.options = rows, p1, (pivot, True, mean_rows)
+        return (*label_m, refs[0], refs[1], *row_m, cols[0], cols[1], *pair_m, *own_m)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
-        student, teacher, index, gather = ctx.saved_tensors
+        student, teacher, index, pairs, own = ctx.saved_tensors
         rows = dataclasses.replace(ctx.rows, student=student, teacher=teacher)
         grad = _input_grad(rows, ctx.p1, index, ctx.options, grads)
-        if gather.numel():
-            grad.index_add_(0, gather, grads[14].to(grad.dtype))
+        g = [x.to(rows.dtype) for x in grads]
+        if pairs.numel() or own.numel():
+            _pair_grad(rows, pairs, own, g[14:16], g[16:19], grad)
         return grad, None, None, None, None, None, None, None
 
 
@@ -250,10 +303,10 @@ def _input_grad(rows: LogitRows, p1: _Pass1, index: Tensor, options, grads) -> T
 
 
 @torch.compiler.disable  # the block loops run eagerly under torch.compile (a graph break); the rest compiles
-def batch_moments(rows: LogitRows, pivot: int | None, label: bool, row: bool, gather: Tensor) -> BatchMoments:
+def batch_moments(rows: LogitRows, pivot: int | None, mean_rows: bool, pairs: Tensor, own: Tensor) -> BatchMoments:
     """The moments of the module docstring over the kept rows of ``rows`` (whose runs must be known), for the
-    label reference ``pivot`` (None: the mean over labels), with the student rows ``gather`` (positions in
-    ``rows``)."""
+    label reference ``pivot`` (None: the mean over labels); the per-row moments against the column means when
+    ``mean_rows``; the pair moments of ``pairs`` (2, P) and the own moments of ``own`` (R,) (row positions)."""
     index = rows.kept_index()
-    out = _BatchMoments.apply(rows.student, rows.teacher, rows, index, gather, pivot, label, row)
-    return BatchMoments(out[0:5], out[5], out[6], out[7:12], out[12], out[13], out[14])
+    out = _BatchMoments.apply(rows.student, rows.teacher, rows, index, pivot, mean_rows, pairs, own)
+    return BatchMoments(out[0:5], out[5], out[6], out[7:12], out[12], out[13], out[14:16], out[16:19])
