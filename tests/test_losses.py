@@ -730,13 +730,13 @@ def test_hidden_state_losses_accept_linear_heads_and_cache_the_teacher_block():
     first = loss(hs, ht, student_head, teacher_head)
     reference = LogitDistanceLoss()(student_head(hs), teacher_head(ht))
     assert float(first.detach()) == pytest.approx(float(reference.detach()), rel=1e-6)
+    first.backward()
+    assert student_head.weight.grad is not None and teacher_head.weight.grad is None
     with torch.no_grad():
         teacher_head.weight.mul_(2.0)  # an in-place change of the teacher invalidates the cached block
     second = loss(hs, ht, student_head, teacher_head)
     expected = LogitDistanceLoss()(student_head(hs), teacher_head(ht)).detach()
     assert float(second.detach()) == pytest.approx(float(expected), rel=1e-6)
-    first.backward()
-    assert student_head.weight.grad is not None and teacher_head.weight.grad is None
 
 
 def test_hidden_state_losses_bad_input():

@@ -117,6 +117,31 @@ def _check_hidden_finite(values: Tensor, rows: HiddenRows, enabled: bool) -> Non
         check_finite(x.detach(), name)
 
 
+_CLASS_CHUNK = 4096  # classes per float64 chunk of a teacher head (25 MB at width 768)
+
+
+class _CrossGram(torch.autograd.Function):
+    """``A^T W`` (float64) for a float64 ``A`` (V x p) and a teacher head ``W`` (V x q, any float dtype, no gradient),
+    over chunks of classes: no float64 copy of ``W`` is kept."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, w: Tensor) -> Tensor:
+        out = torch.zeros(a.shape[1], w.shape[1], dtype=a.dtype, device=a.device)
+        for i in range(0, w.shape[0], _CLASS_CHUNK):
+            out.addmm_(a[i:i + _CLASS_CHUNK].T, w[i:i + _CLASS_CHUNK].to(a.dtype))
+        ctx.save_for_backward(w)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        (w,) = ctx.saved_tensors
+        out = torch.empty(w.shape[0], grad.shape[0], dtype=grad.dtype, device=grad.device)
+        for i in range(0, w.shape[0], _CLASS_CHUNK):
+            torch.mm(w[i:i + _CLASS_CHUNK].to(grad.dtype), grad.T, out=out[i:i + _CLASS_CHUNK])
+        return out, None
+
+
 class HiddenStateLogitDistanceLoss(DistillationLoss):
     r"""The centred logit distance ``||c(W_s h_s + b_s) - c(W_t h_t + b_t)||^2`` per token (``p=2``) from hidden
     states and linear heads, without the logits (see :mod:`~lightning_repsim.distillation.hidden`). Equal to
@@ -162,18 +187,24 @@ class HiddenStateLogitDistanceLoss(DistillationLoss):
         return x - x.mean(0, keepdim=True) if self.centered else x
 
     def _teacher_gram(self, weight: Tensor) -> Tensor:
-        """``(C W_t)^T (C W_t)`` in float64, cached while the same weight tensor is unchanged."""
+        """``(C W_t)^T (C W_t)`` in float64 (over chunks of classes), cached while the same weight is unchanged."""
         key = (weight._version, self.centered, weight.device, weight.dtype, weight.shape)
         cached = self._teacher_block
         if cached is not None and cached[0]() is weight and cached[1] == key:
             return cached[2]
-        a = self._centre(weight.detach().to(torch.float64))
-        gram = a.T @ a
+        w = weight.detach()
+        mean = w.sum(0, dtype=torch.float64) / w.shape[0] if self.centered else None
+        gram = torch.zeros(w.shape[1], w.shape[1], dtype=torch.float64, device=w.device)
+        for i in range(0, w.shape[0], _CLASS_CHUNK):
+            part = w[i:i + _CLASS_CHUNK].to(torch.float64)
+            part = part - mean if mean is not None else part
+            gram.addmm_(part.T, part)
         self._teacher_block = (weakref.ref(weight), key, gram)
         return gram
 
     def gram(self, rows: HiddenRows) -> Tensor:
-        """``G`` of the module docstring (float64, differentiable in the student's head), order ``[h_s, 1, h_t]``."""
+        """``G`` of the module docstring (float64, differentiable in the student's head), order ``[h_s, 1, h_t]``.
+        The cross block needs no centred copy of the teacher's head: ``(C A)^T W = A^T C W`` for a centred ``A``."""
         (ws, bs), (wt, bt) = rows.student_head, rows.teacher_head
         f64 = torch.float64
         bias = torch.zeros(ws.shape[0], dtype=f64, device=ws.device)
@@ -182,8 +213,7 @@ class HiddenStateLogitDistanceLoss(DistillationLoss):
         if bt is not None:
             bias = bias - bt.to(f64)
         a1 = self._centre(torch.cat([ws.to(f64), bias[:, None]], 1))
-        a2 = -self._centre(wt.to(f64))
-        g11, g12 = a1.T @ a1, a1.T @ a2
+        g11, g12 = a1.T @ a1, -_CrossGram.apply(a1, wt)
         g22 = self._teacher_gram(wt)
         return torch.cat([torch.cat([g11, g12], 1), torch.cat([g12.T, g22], 1)], 0)
 
@@ -209,47 +239,82 @@ class HiddenStateLogitDistanceLoss(DistillationLoss):
         return f"centered={self.centered}, class_reduction={self.class_reduction!r}, " + super().extra_repr()
 
 
+def _kd_and_grad(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """``(KL(softmax(b) || softmax(a)), softmax(a) - softmax(b))`` per row; overwrites ``a`` and ``b``."""
+    diff = b - a
+    top_a, top_b = a.amax(-1, keepdim=True), b.amax(-1, keepdim=True)
+    ea, eb = a.sub_(top_a).exp_(), b.sub_(top_b).exp_()
+    sa, sb = ea.sum(-1, keepdim=True), eb.sum(-1, keepdim=True)
+    kl = (torch.linalg.vecdot(eb, diff) / sb.squeeze(-1) + (top_a + sa.log() - top_b - sb.log()).squeeze(-1))
+    return kl, ea.div_(sa).sub_(eb.div_(sb))
+
+
 class _HiddenKD(torch.autograd.Function):
-    """Per-token ``T^2 KL(p_t^T || p_s^T)`` from hidden states and heads, in chunks of tokens."""
+    """``T^2 KL(p_t^T || p_s^T)`` from hidden states and heads, in chunks of tokens. With ``weights`` (N,) it returns
+    ``sum_n weights_n KL_n`` and forms the gradient in the forward pass (each chunk's logits are formed once);
+    without, the per-token values, and the backward pass forms each chunk's logits again."""
 
     @staticmethod
-    def forward(ctx, hs, ws, bs, ht, wt, bt, temperature, step, dtype):
-        n = hs.shape[0]
+    def forward(ctx, hs, ws, bs, ht, wt, bt, temperature, step, dtype, weights, want_grad):
+        n, inv = hs.shape[0], 1.0 / temperature
         out = torch.zeros(n, dtype=dtype, device=hs.device)
         lse = torch.zeros(2, n, dtype=dtype, device=hs.device)
-        inv = 1.0 / temperature
+        grads = _zero_grads(ctx, hs, ws, bs, dtype) if weights is not None and want_grad else None
         for i in range(0, n, step):
-            zs, zt = _logits(hs[i:i + step], ws, bs, dtype), _logits(ht[i:i + step], wt, bt, dtype)
-            out[i:i + step], lse[0, i:i + step], lse[1, i:i + step] = kd_rows(zs.mul_(inv), zt.mul_(inv))
+            h = hs[i:i + step]
+            zs, zt = _logits(h, ws, bs, dtype).mul_(inv), _logits(ht[i:i + step], wt, bt, dtype).mul_(inv)
+            if grads is None:
+                out[i:i + step], lse[0, i:i + step], lse[1, i:i + step] = kd_rows(zs, zt)
+            else:
+                out[i:i + step], gz = _kd_and_grad(zs, zt)
+                _add_chunk_grads(grads, gz.mul_((temperature * weights[i:i + step])[:, None]), h, ws, i)
+        t2 = temperature * temperature
+        if weights is not None:
+            ctx.grads = None if grads is None else [None if g is None else g.to(x.dtype) for g, x in zip(grads, (hs, ws, bs))]
+            return (out * weights).sum() * t2
         ctx.save_for_backward(hs, ws, bs, ht, wt, bt, lse)
         ctx.options = (temperature, step, dtype)
-        return out * (temperature * temperature)
+        return out * t2
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_tokens):
-        hs, ws, bs, ht, wt, bt, lse = ctx.saved_tensors
-        temperature, step, dtype = ctx.options
-        inv, scale = 1.0 / temperature, grad_tokens.to(dtype) * temperature
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.zeros_like(hs) if need_h else None
-        wd = ws.to(dtype)
-        grad_w = torch.zeros_like(wd) if need_w else None
-        grad_b = torch.zeros(ws.shape[0], dtype=dtype, device=ws.device) if need_b else None
-        for i in range(0, hs.shape[0], step):
-            h = hs[i:i + step].to(dtype)
-            ps = _logits(h, ws, bs, dtype).mul_(inv).sub_(lse[0, i:i + step, None]).exp_()
-            pt = _logits(ht[i:i + step], wt, bt, dtype).mul_(inv).sub_(lse[1, i:i + step, None]).exp_()
-            gz = ps.sub_(pt).mul_(scale[i:i + step, None])
-            if need_h:
-                grad_h[i:i + step] = gz @ wd
-            if need_w:
-                grad_w.addmm_(gz.T, h)
-            if need_b:
-                grad_b += gz.sum(0)
-        grad_w = None if grad_w is None else grad_w.to(ws.dtype)
-        grad_b = None if grad_b is None else grad_b.to(bs.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+    def backward(ctx, grad_out):
+        if hasattr(ctx, "grads"):  # formed in the forward pass: scale by the (scalar) incoming gradient
+            grads = [None if x is None else (x * grad_out.to(x.dtype)) for x in ctx.grads or (None,) * 3]
+        else:
+            grads = _backward_recompute(ctx, grad_out)
+        hs, ws, bs = grads
+        return hs, ws, bs, None, None, None, None, None, None, None, None
+
+
+def _zero_grads(ctx, hs: Tensor, ws: Tensor, bs: Tensor | None, dtype: torch.dtype) -> list:
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    return [torch.zeros(hs.shape, dtype=dtype, device=hs.device) if need_h else None,
+            torch.zeros(ws.shape, dtype=dtype, device=ws.device) if need_w else None,
+            torch.zeros(ws.shape[0], dtype=dtype, device=ws.device) if need_b and bs is not None else None]
+
+
+def _add_chunk_grads(grads: list, gz: Tensor, h: Tensor, ws: Tensor, i: int) -> None:
+    """Add one chunk's gradient in the logits ``gz`` to the gradients of ``h`` (rows ``i:``), ``W`` and ``b``."""
+    if grads[0] is not None:
+        grads[0][i:i + gz.shape[0]] = gz @ ws.to(gz.dtype)
+    if grads[1] is not None:
+        grads[1].addmm_(gz.T, h.to(gz.dtype))
+    if grads[2] is not None:
+        grads[2] += gz.sum(0)
+
+
+def _backward_recompute(ctx, grad_tokens: Tensor) -> list:
+    hs, ws, bs, ht, wt, bt, lse = ctx.saved_tensors
+    temperature, step, dtype = ctx.options
+    inv, scale = 1.0 / temperature, grad_tokens.to(dtype) * temperature
+    grads = _zero_grads(ctx, hs, ws, bs, dtype)
+    for i in range(0, hs.shape[0], step):
+        h = hs[i:i + step]
+        ps = _logits(h, ws, bs, dtype).mul_(inv).sub_(lse[0, i:i + step, None]).exp_()
+        pt = _logits(ht[i:i + step], wt, bt, dtype).mul_(inv).sub_(lse[1, i:i + step, None]).exp_()
+        _add_chunk_grads(grads, ps.sub_(pt).mul_(scale[i:i + step, None]), h, ws, i)
+    return [None if g is None else g.to(x.dtype) for g, x in zip(grads, (hs, ws, ws if bs is None else bs))]
 
 
 def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
@@ -263,9 +328,11 @@ class HiddenStateKDLoss(DistillationLoss):
     r"""Hinton KD ``T^2 KL(p_t^T || p_s^T)`` per token from hidden states and linear heads, in chunks of tokens
     (see :mod:`~lightning_repsim.distillation.hidden`). Equal to ``KDLoss(temperature)`` on the heads' logits.
 
-    Called as ``loss(student_hidden, teacher_hidden, student_head, teacher_head, mask=None)``. The chunk's
-    logits are formed twice (forward and backward): about 1.5x the multiply-adds of the heads on all tokens, with
-    at most ``chunk_size x V`` numbers alive instead of ``(B, T, V)`` logits and their gradient.
+    Called as ``loss(student_hidden, teacher_hidden, student_head, teacher_head, mask=None)``. With
+    ``reduction="mean"`` or ``"sum"`` each chunk's logits are formed once and the gradient in the student's hidden
+    states and head is formed in the same pass (the multiply-adds of the heads plus their backward, as with
+    logits); with ``"none"`` the backward pass forms them again. At most ``chunk_size x V`` numbers of logits
+    exist at a time, instead of the ``(B, T, V)`` logits and their gradient.
 
     Args:
         temperature: ``T > 0`` (default 4.0).
@@ -295,9 +362,18 @@ class HiddenStateKDLoss(DistillationLoss):
             rows = hidden_rows(student_hidden, teacher_hidden, student_head, teacher_head, mask, self.dtype)
             (ws, bs), (wt, bt) = rows.student_head, rows.teacher_head
             step = self.chunk_size or max(1, KD_CHUNK_NUMBERS // ws.shape[0])
-            per_token = _HiddenKD.apply(rows.student, ws, bs, rows.teacher, wt, bt, self.temperature, step, rows.dtype)
-            _check_hidden_finite(per_token.detach(), rows, self.check_finite)
-            return reduce_rows(rows.scatter(per_token), rows.lead, per_token.shape[0], self.reduction)
+            n = rows.student.shape[0]
+            want_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (rows.student, ws, bs))
+            weights = None
+            if self.reduction != "none":  # the loss is a weighted sum: its gradient is formed in the forward pass
+                weights = torch.full((n,), 1.0 / max(n, 1) if self.reduction == "mean" else 1.0, dtype=rows.dtype,
+                                     device=rows.student.device)
+            args = (rows.student, ws, bs, rows.teacher, wt, bt, self.temperature, step, rows.dtype, weights, want_grad)
+            value = _HiddenKD.apply(*args)
+            _check_hidden_finite(value.detach(), rows, self.check_finite)
+            if weights is not None:
+                return value
+            return reduce_rows(rows.scatter(value), rows.lead, n, self.reduction)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, " + super().extra_repr()
