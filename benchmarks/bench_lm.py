@@ -4,6 +4,7 @@ Command (about 2 min on 2 CPU cores)::
 
     python benchmarks/bench_lm.py                      # both sizes, one thread, best of 2 epochs each
     python benchmarks/bench_lm.py --sizes small --json benchmarks/results/lm.json
+    python benchmarks/bench_lm.py --smaller-student     # teacher width 128 vs students of width 128 and 64, V = 50,257
 
 Models are Hugging Face ``GPT2LMHeadModel`` built from configs (never downloaded), 2 layers, random weights,
 random tokens (the cost does not depend on the values): *small* = width 128, vocabulary 8,192, 58 sequences of
@@ -159,14 +160,57 @@ def run(name: str, repeats: int) -> dict:
     }
 
 
+def run_smaller_student(repeats: int) -> list[dict]:
+    """A teacher of width 128 at GPT-2's vocabulary (1 layer, as in issue 21) compared with a student of the same width
+    and with one of width 64, on the same 2,048 tokens: the epoch end and the state of the comparison."""
+    size = {"width": 128, "vocab": 50257, "sequences": 16, "length": 128, "batch": 4}
+    batches = data(size)
+
+    def model(width: int, seed: int):
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(seed)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=size["vocab"], n_embd=width, n_layer=1, n_head=2, n_positions=512))
+
+    teacher = model(128, 1)
+    rows = []
+    for width in (128, 64):
+        student = Student(model(width, 0))
+        best = None
+        for _ in range(repeats):
+            cb = ReferenceComparison(teacher, log_media=False)
+            timer = Timed(cb, ["on_validation_batch_end", "on_validation_epoch_end", "_representations"])
+            seconds = epoch_seconds(student, batches, [cb], 1)
+            if best is None or timer.seconds["on_validation_epoch_end"] < best[1]["on_validation_epoch_end"]:
+                best = (seconds, dict(timer.seconds), dict(cb.history[-1]), cb.history[-1]["state_bytes"])
+        seconds, parts, entry, state = best
+        rows.append({"student_width": width, "epoch_s": seconds, "epoch_end_s": parts["on_validation_epoch_end"],
+                     "per_batch_s": parts["on_validation_batch_end"] - parts["_representations"], "state_mb": state / 1e6,
+                     **{k: entry[k] for k in ("kl", "d_llv", "d_svd", "mcca", "rep_dim", "num_inputs")}})
+    print("| teacher / student width | tokens | epoch (s) | per-batch work (s) | epoch end (s) | state (MB) | KL | d_LLV | "
+          "d_SVD | mCCA | M |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| 128 / {r['student_width']} | {r['num_inputs']:,} | {r['epoch_s']:.2f} | {r['per_batch_s']:.2f} | "
+              f"{r['epoch_end_s']:.2f} | {r['state_mb']:.1f} | {r['kl']:.4f} | {r['d_llv']:.4f} | {r['d_svd']:.4f} | "
+              f"{r['mcca']:.4f} | {r['rep_dim']} |")
+    print(f"epoch end, smaller student / equal widths: {rows[1]['epoch_end_s'] / rows[0]['epoch_end_s']:.2f}x")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--smaller-student", action="store_true", help="only the smaller-student comparison")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.smaller_student:
+        print(f"Machine: {machine_info()}; torch {torch.__version__}, {args.threads} thread(s); CPU seconds, best of "
+              f"{args.repeats}")
+        return run_smaller_student(args.repeats)
     rows = [run(name, args.repeats) for name in args.sizes]
     print(f"Machine: {machine_info()}; torch {torch.__version__}, {args.threads} thread(s); CPU seconds, best of "
           f"{args.repeats}")

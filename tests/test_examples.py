@@ -107,3 +107,15 @@ def test_results_helpers():
     assert helpers.shown_args(["--quick", "--out", "/tmp/x", "--seeds", "3", "--out=/y"]) == ["--quick", "--seeds", "3"]
     assert helpers.compact({"a": 0.123456789, "b": (1, torch.tensor([2.5])), "c": float("nan")})["a"] == 0.1234568
     assert helpers.compact({"b": (1, torch.tensor([2.5]))}) == {"b": [1, [2.5]]}
+
+
+def test_smaller_student_quick():
+    """Students of widths 8, 4, 2 distilled from a width-8 teacher, compared at M = 8 by the callback: every value
+    logged, d_SVD at or above the floor a student of that rank cannot go below, and below the sharp bound."""
+    rows = load_example("smaller_student").main(["--quick"])
+    assert [(r["width"], r["M"]) for r in rows] == [(8, 8), (4, 8), (2, 8)]
+    for r in rows:
+        for key in ("kl", "d_llv", "d_svd", "mcca", "floor"):
+            assert math.isfinite(r[key]), key
+        assert r["d_svd"] >= r["floor"] - 1e-12 and r["floor"] <= r["worst_floor"] + 1e-12
+        assert r["d_svd"] <= r["bound_sharp"] + 1e-12

@@ -248,6 +248,7 @@ class MetricSuite:
             return values, info, problems
         results: dict[str, Any] = {}
         self.results = results
+        info["state_bytes"] = int(sum(metric.state_nbytes() for metric in self.metrics.values()))
         for name, metric in self.metrics.items():
             try:
                 results[name] = metric.compute_result()

@@ -128,8 +128,11 @@ class ReferenceComparison(Callback):
     Attributes:
         history: one dict per comparison: ``epoch``, ``global_step``, ``stage`` (``"fit"``/``"validate"``),
             ``num_inputs`` (the inputs the values were computed on, over all processes), ``num_dropped``
-            (inputs skipped for non-finite outputs), every key of :data:`METRIC_KEYS` (``nan`` when undefined)
-            and the chosen sets ``label_pivot``, ``leave_out``, ``input_set``.
+            (inputs skipped for non-finite outputs), every key of :data:`METRIC_KEYS` (``nan`` when undefined),
+            the chosen sets ``label_pivot``, ``leave_out``, ``input_set``, the representation dimension ``rep_dim``
+            and ``rep_dim_reason`` (why that M), ``mode`` (``"representations"`` or ``"logits"``), the embeddings'
+            ``widths`` and ``embedding_rank`` (reference, student) when both have embeddings, and ``state_bytes``
+            (the metrics' statistics while the epoch was accumulated).
         last_embeddings: ``(reference, student, labels)`` plotted last (M = 2 only), or None.
         last_results: the metrics' full results of the last comparison (``"kl"``; ``"svd"``, an
             ``SVDDissimilarityResult`` whose ``.llv`` is the ``LLVResult``, or ``"llv"``; ``"cca"``: their
