@@ -1,6 +1,6 @@
 """Distilling into a smaller student: what d_LLV, d_SVD, its floor and mCCA say when the widths differ.
 
-Command (about 2 minutes on 2 CPU cores; ``--quick``: a few seconds)::
+Command (under a minute on 2 CPU cores; ``--quick``: a few seconds)::
 
     python examples/smaller_student.py                 # writes examples/results/smaller_student.md
 
