@@ -204,7 +204,7 @@ def test_label_search_survives_rounding_of_the_re_evaluated_row(monkeypatch):
     the same (pivot, left-out) pair."""
     import functools
 
-    from lightning_repsim.functional import llv_terms
+    from lightning_repsim.functional import llv_labels as llv_terms
 
     gen = torch.Generator().manual_seed(3)
     k = 12

@@ -96,7 +96,7 @@ class MetricSuite:
     def __init__(self, rep_dim: int | None = None, **metric_kwargs: Any) -> None:
         from lightning_repsim import metrics as M
 
-        known = set(_TORCHMETRICS_KWARGS) | set(LLVOptions.names())
+        known = set(_TORCHMETRICS_KWARGS) | set(LLVOptions.names()) | {"max_label_subsets"}
         for cls in (M.MeanKLDivergence, M.LogitDistance, M.LLVDistance, M.SVDDissimilarity, M.MeanCCA):
             known |= _own_params(cls)
         unknown = sorted(set(metric_kwargs) - known)
@@ -122,7 +122,7 @@ class MetricSuite:
         if cls in (M.LLVDistance, M.SVDDissimilarity):
             accepted |= set(LLVOptions.names())
         if cls is M.SVDDissimilarity:
-            accepted -= {"labels"}
+            accepted = (accepted - {"labels"}) | {"max_label_subsets"}
         return {k: v for k, v in self.metric_kwargs.items() if k in accepted}
 
     @staticmethod
@@ -219,7 +219,7 @@ class MetricSuite:
         self.metrics["logit"].update(z_p, z_q, per_input=logit_sq)
         if "svd" in self.metrics:
             unemb_p, unemb_q = ref.unembedding.to(z_p.device), stu.unembedding.to(z_p.device)
-            self.metrics["svd"].update(f_p, f_q, unemb_p=unemb_p, unemb_q=unemb_q, ids=ids, logz_p=lz_p, logz_q=lz_q)
+            self.metrics["svd"].update(f_p, f_q, ids=ids, unemb_p=unemb_p, unemb_q=unemb_q, logz=(lz_p, lz_q))
         else:
             self.metrics["llv"].update(z_p, z_q, ids=ids)
         if both:

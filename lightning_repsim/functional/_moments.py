@@ -137,9 +137,10 @@ def covariance_from_moments(n: Tensor, m2: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # blocked statistics of large row matrices: float64 copies of one block of rows at a time
 # ----------------------------------------------------------------------------------------------
-def row_blocks(n: int, width: int, block_numbers: int = BLOCK_NUMBERS) -> list[slice]:
-    """Slices of at most ``block_numbers // width`` rows (at least 64) covering ``range(n)``."""
-    step = max(64, block_numbers // max(width, 1))
+def row_blocks(n: int, width: int, block_numbers: int | None = None) -> list[slice]:
+    """Slices of at most ``block_numbers // width`` rows (at least 64; default :data:`BLOCK_NUMBERS`) covering
+    ``range(n)``."""
+    step = max(64, (BLOCK_NUMBERS if block_numbers is None else block_numbers) // max(width, 1))
     return [slice(start, min(start + step, n)) for start in range(0, n, step)]
 
 

@@ -19,7 +19,13 @@ from lightning_repsim.functional.llv import LLVOptions, LLVResult, draw_input_se
 from lightning_repsim.functional.llv_representation import RepresentationRoute, embedding_covariance, representation_rows
 from lightning_repsim.functional.llv_route import Candidates, LLVSizes, llv_from_route
 from lightning_repsim.functional.llv_terms import CHUNK_NUMBERS
-from lightning_repsim.functional.svd import SVDResult, SVDStatistics, embedding_pair_covariance, representation_dim, svd_from_parts
+from lightning_repsim.functional.svd import (
+    SVDResult,
+    SVDStatistics,
+    embedding_pair_covariance,
+    representation_dim,
+    svd_from_parts,
+)
 
 __all__ = ["ComparisonReport", "compare"]
 

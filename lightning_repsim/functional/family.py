@@ -8,10 +8,10 @@ the layer's input). Every layer that needs logits or ``logZ`` from representatio
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
-
-from dataclasses import dataclass
 
 from lightning_repsim.functional._validation import as_matrix, check_embedding_pair, check_finite
 

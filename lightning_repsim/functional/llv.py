@@ -22,7 +22,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_repsim.functional._validation import check_input_sets, check_logit_pair, check_num_inputs, check_num_labels, check_rep_dim
+from lightning_repsim.functional._validation import (
+    check_input_sets,
+    check_logit_pair,
+    check_num_inputs,
+    check_num_labels,
+    check_rep_dim,
+)
 from lightning_repsim.functional.llv_options import LLVOptions, LLVResult, ResolvedLabels
 from lightning_repsim.functional.llv_route import Candidates, LLVSizes, LogitsRoute, choose_pivots, llv_from_route
 from lightning_repsim.functional.llv_terms import TIE_RTOL

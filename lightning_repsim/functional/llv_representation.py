@@ -20,8 +20,9 @@ from torch import Tensor
 from lightning_repsim.functional._moments import batch_moments, covariance_from_moments, merge_moments
 from lightning_repsim.functional.family import fit_width
 from lightning_repsim.functional.input_search import PairStatistics
+from lightning_repsim.functional.llv_labels import LabelCov
 from lightning_repsim.functional.llv_route import LLVRoute
-from lightning_repsim.functional.llv_terms import CHUNK_NUMBERS, LabelCov, entries, normalisers
+from lightning_repsim.functional.llv_terms import CHUNK_NUMBERS, entries, normalisers
 
 __all__ = [
     "REPRESENTATION_LAYOUT",

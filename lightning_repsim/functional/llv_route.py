@@ -26,16 +26,9 @@ import torch
 from torch import Tensor
 
 from lightning_repsim.functional.input_search import PairStatistics, SearchInfo, distinct_contents, search_input_set
+from lightning_repsim.functional.llv_labels import LabelCov, LabelPart, label_cov_from_blocks, label_part
 from lightning_repsim.functional.llv_options import LLVOptions, LLVResult, ResolvedLabels
-from lightning_repsim.functional.llv_terms import (
-    InputPart,
-    LabelCov,
-    LabelPart,
-    label_cov_from_blocks,
-    label_part,
-    select_input_set,
-    set_entries,
-)
+from lightning_repsim.functional.llv_terms import InputPart, select_input_set, set_entries
 
 __all__ = ["Candidates", "LLVRoute", "LLVSizes", "LogitsRoute", "choose_pivots", "llv_from_route", "select_or_search"]
 
@@ -223,9 +216,7 @@ def llv_from_route(route: LLVRoute, candidates: Candidates, options: LLVOptions,
     Returns the result and the chosen input set as row positions of the candidate rows."""
     budget = options.max_pivot_candidates if options.max_pivot_candidates is not None else route.pivot_budget
     pivots = choose_pivots(*route.label_means(), resolved, budget)
-    labels = label_part(
-        route.label_cov, route.num_labels, route.device, options.reduce, resolved.label_pivot, resolved.leave_out,
-        pivots, refine=resolved.pivot_candidates is None,
-    )
+    labels = label_part(route.label_cov, route.num_labels, route.device, options.reduce,
+                        (resolved.label_pivot, resolved.leave_out), pivots, refine=resolved.pivot_candidates is None)
     inputs, search, chosen = select_or_search(route, candidates, options)
     return llv_result(labels, inputs, resolved, sizes, options, search), chosen

@@ -148,22 +148,23 @@ class FPart:
 
 def f_part_from_cov(
     cov_f: Tensor,
-    w_p: Tensor,
-    w_q: Tensor,
-    label_pivot: int,
-    leave_out: int,
+    weights: tuple[Tensor, Tensor],
+    label_set: tuple[int, int],
+    rep_dim: int | None = None,
     max_label_subsets: int = DEFAULT_MAX_LABEL_SUBSETS,
     seed: int = 0,
     subspaces: tuple[Subspace, Subspace] | None = None,
-    rep_dim: int | None = None,
 ) -> FPart:
     """m_SVD of the f-part for every (or a sample of) r-subset(s) of kept labels, r the representation dimension
     (``rep_dim``; by default the larger rank of the two embeddings, :mod:`~lightning_repsim.functional.subspace`: M
     when they are full rank).
 
-    ``cov_f``: covariance of ``[f_p; f_q]`` over inputs ((M_p + M_q)^2); ``w_p``, ``w_q``: unembedding
-    weights (K x M_p, K x M_q). Biases do not matter: they shift the log-odds by constants.
+    ``cov_f``: covariance of ``[f_p; f_q]`` over inputs ((M_p + M_q)^2); ``weights``: the unembedding weights
+    ``(w_p, w_q)`` (K x M_p, K x M_q; biases do not matter: they shift the log-odds by constants); ``label_set``:
+    ``(label_pivot, leave_out)``.
     """
+    w_p, w_q = weights
+    label_pivot, leave_out = label_set
     k, m = w_p.shape
     if subspaces is None:
         subspaces = pair_subspaces(cov_f, m)
@@ -309,7 +310,7 @@ def svd_from_parts(stats: SVDStatistics, sets: tuple[int, int, Tensor], rep_dim:
     subspaces = pair_subspaces(stats.cov_f, stats.w_p.shape[1])
     r = max(subspaces[0].rank, subspaces[1].rank) if rep_dim is None else rep_dim
     subsets = default_max_label_subsets(r) if max_label_subsets is None else max_label_subsets
-    fp = f_part_from_cov(stats.cov_f, stats.w_p, stats.w_q, label_pivot, leave_out, subsets, seed, subspaces, r)
+    fp = f_part_from_cov(stats.cov_f, (stats.w_p, stats.w_q), (label_pivot, leave_out), r, subsets, seed, subspaces)
     msvd_g, cond_n = g_part(stats.w_p, stats.w_q, stats.f_p_set, stats.f_q_set, stats.cov_w, subspaces)
     warn_if_near_singular(fp.cond, "L (displaced unembeddings of the worst label subset)")
     warn_if_near_singular(cond_n, "N (displaced embeddings of the input set)")

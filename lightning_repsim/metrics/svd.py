@@ -126,14 +126,14 @@ class SVDDissimilarity(CandidateMixin):
             (``docs/smaller_student.md``).
         unemb_p, unemb_q: unembeddings (K, M_p) and (K, M_q), or with the bias as last column (e.g.
             ``torch.cat([head.weight, head.bias[:, None]], 1)``); may instead be given to ``update``.
-        max_label_subsets: label subsets evaluated for the f-part (see
-            :func:`~lightning_repsim.functional.svd_dissimilarity`); None picks
-            :func:`~lightning_repsim.functional.svd.default_max_label_subsets` (4096 up to M = 51, 256 at
-            M = 128, fewer above).
         buffer_size: candidate inputs kept (default 8,192).
         nan_strategy, memory_budget_gb: as in :class:`LLVDistance`.
-        kwargs: the d_LLV options of :class:`~lightning_repsim.functional.LLVOptions` (``max_pivot_candidates``
-            None means at most 128 pivots here) and the keyword arguments of :class:`torchmetrics.Metric`.
+        kwargs: ``max_label_subsets``, the label subsets evaluated for the f-part (see
+            :func:`~lightning_repsim.functional.svd_dissimilarity`; None picks
+            :func:`~lightning_repsim.functional.svd.default_max_label_subsets`: 4096 up to M = 51, 256 at M = 128,
+            fewer above), as in :func:`~lightning_repsim.functional.compare`; the d_LLV options of
+            :class:`~lightning_repsim.functional.LLVOptions` (``max_pivot_candidates`` None means at most 128 pivots
+            here) and the keyword arguments of :class:`torchmetrics.Metric`.
 
     Example:
         >>> import torch
@@ -157,12 +157,12 @@ class SVDDissimilarity(CandidateMixin):
         rep_dim: int | None = None,
         unemb_p: Tensor | None = None,
         unemb_q: Tensor | None = None,
-        max_label_subsets: int | None = None,
         buffer_size: int = REPRESENTATION_BUFFER_SIZE,
         nan_strategy: str = "error",
         memory_budget_gb: float | None = DEFAULT_MEMORY_BUDGET_GB,
         **kwargs: Any,
     ) -> None:
+        max_label_subsets = kwargs.pop("max_label_subsets", None)
         options, kwargs = LLVOptions.split(kwargs)
         rep_dim = None if rep_dim is None else check_rep_dim(rep_dim)
         config = {"rep_dim": -1 if rep_dim is None else rep_dim, **self.candidate_config(options, buffer_size)}
@@ -254,17 +254,17 @@ class SVDDissimilarity(CandidateMixin):
         self,
         emb_p: Tensor,
         emb_q: Tensor,
-        unemb_p: Tensor | None = None,
-        unemb_q: Tensor | None = None,
         mask: Tensor | None = None,
         ids: Tensor | None = None,
-        logz_p: Tensor | None = None,
-        logz_q: Tensor | None = None,
+        unemb_p: Tensor | None = None,
+        unemb_q: Tensor | None = None,
+        logz: tuple[Tensor, Tensor] | None = None,
     ) -> None:
-        """Accumulate a batch of both models' embeddings (see the class docstring). ``logz_p``/``logz_q`` (the
-        embeddings' leading shape, optional): each input's log-partition ``logsumexp`` of the model's logits,
-        when the caller has the logits, e.g. :class:`~lightning_repsim.ReferenceComparison`; saves recomputing
-        them from the embeddings (O(B K M))."""
+        """Accumulate a batch of both models' embeddings (see the class docstring); ``mask`` and ``ids`` as in every
+        metric of this package. ``logz`` (optional): ``(logz_p, logz_q)``, each input's log-partition ``logsumexp``
+        of each model's logits (the embeddings' leading shape), when the caller has the logits, e.g.
+        :class:`~lightning_repsim.ReferenceComparison`; saves recomputing them from the embeddings (O(B K M))."""
+        logz_p, logz_q = (None, None) if logz is None else logz
         new_p = self.unemb_p if unemb_p is None else _check_unembedding(unemb_p, "unemb_p")
         new_q = self.unemb_q if unemb_q is None else _check_unembedding(unemb_q, "unemb_q")
         if self._in_use is not None and new_p is not None and new_q is not None:
