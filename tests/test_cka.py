@@ -245,3 +245,50 @@ def test_logit_pair_rows_kl_keeps_its_relative_accuracy_under_large_offsets():
     # 1e-9 relative, or a few float64 ulps of the O(1) log-sums for the rows whose KL is below 1e-6
     assert bool((np.abs(kl.numpy() - exact) <= 1e-9 * exact + 1e-15).all())
     assert float(np.abs(lz_p.numpy() - logsumexp(p)).max()) < 1e-12 and float(np.abs(lz_q.numpy() - logsumexp(q)).max()) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_blocked_statistics_equal_one_block_and_the_definitions(monkeypatch, dtype):
+    """The functional calls read their inputs in blocks of rows (no float64 copy of the whole inputs): with blocks of
+    64 rows, many blocks give the one-block values and the Gram-matrix definitions, offsets of 1e4 included, for
+    float32 inputs too (converted one block at a time)."""
+    from lightning_repsim.functional import _moments, mean_cca
+    from lightning_repsim.functional.cca import joint_covariance
+
+    x, y = data(n=1000, offset=1e4 if dtype == torch.float64 else 1e2)
+    x, y = x.to(dtype), y.to(dtype)
+    calls = {"cka": lambda: linear_cka(x, y), "debiased": lambda: linear_cka(x, y, debiased=True),
+             "procrustes": lambda: procrustes_distance(x, y), "mcca": lambda: mean_cca(x, y)}
+    whole = {name: call() for name, call in calls.items()}  # one block: 1000 rows x 13 columns < BLOCK_NUMBERS
+    monkeypatch.setattr(_moments, "BLOCK_NUMBERS", 64 * 13)
+    assert len(_moments.row_blocks(1000, 13)) == 16
+    xd, yd = x.double(), y.double()
+    expected = {"cka": gram_cka(xd - xd.mean(0), yd - yd.mean(0), False),
+                "debiased": gram_cka(xd - xd.mean(0), yd - yd.mean(0), True)}
+    for name, call in calls.items():
+        value = call()
+        assert value.dtype == torch.float64
+        assert rel(value, whole[name]) < 1e-12, name
+        if name in expected:
+            assert rel(value, expected[name]) < RTOL, name
+    cov = joint_covariance(x, y)
+    assert float((cov - torch.cov(torch.cat([xd, yd], 1).T)).abs().max() / cov.abs().max()) < 1e-12
+    # the metrics' statistic relative to another shift (a later batch) is built the same way
+    shift = torch.cat([xd[:5].mean(0), yd[:5].mean(0)])
+    state = cka_batch_state(x, y, shift)
+    assert torch.equal(state[2:13], shift)  # [d_p, d_q, shift (11), ...]
+    reference = cka_values(cka_batch_state(xd, yd))
+    for key, value in cka_values(state).items():
+        assert rel(value, reference[key]) < 1e-10, key
+
+
+def test_blocked_means_refuse_non_finite_and_overflowing_inputs():
+    from lightning_repsim.functional._moments import column_means
+
+    x = torch.randn(200, 3, dtype=torch.float64)
+    x[150, 2] = float("inf")
+    with pytest.raises(ValueError, match="`emb_p` contains 1 non-finite value"):
+        column_means(x, "emb_p")
+    big = torch.full((4, 2), 1e308, dtype=torch.float64)
+    with pytest.raises(ValueError, match="overflow float64"):
+        column_means(big, "emb_q")
