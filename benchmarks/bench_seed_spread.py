@@ -80,7 +80,8 @@ def main() -> None:
         reports = [compare(f_p, g_p, f_q, g_q, seed=s) for s in seeds]
         took = (time.process_time() - start) / len(reports)
         t2, d = [float(r.llv.t2) for r in reports], [float(r.llv.value) for r in reports]
-        print(f"| {name} | `compare` | all {n:,} | {spread(t2):.1e} | {spread(d):.1e} | {np.mean(d):.4f} | {took:.2f} |", flush=True)
+        print(f"| {name} | `compare` | all {n:,} | {spread(t2):.1e} | {spread(d):.1e} | {np.mean(d):.4f} | {took:.2f} |",
+              flush=True)
         for size in buffers:
             t2, d, took = [], [], 0.0
             for s in seeds:

@@ -100,7 +100,8 @@ def run(epochs: int, seed: int = 0) -> list[dict]:
         rows.append({
             "width": width, "rank": r_s, "teacher_rank": r_t, "M": entry["rep_dim"], "accuracy": acc,
             "teacher_accuracy": teacher_acc, **{k: entry[k] for k in ("kl", "d_llv", "d_svd", "mcca", "bound_sharp")},
-            "floor": floor_of_d_svd(teacher, x_test, compare.last_results, r_s), "worst_floor": 1 - math.sqrt(r_s / entry["rep_dim"]),
+            "floor": floor_of_d_svd(teacher, x_test, compare.last_results, r_s),
+            "worst_floor": 1 - math.sqrt(r_s / entry["rep_dim"]),
         })
     return rows
 

@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_repsim import ReferenceComparison
@@ -202,7 +201,8 @@ def test_callback_gpt2_vocabulary_with_a_smaller_student():
             return None
 
     ids = torch.randint(0, 50257, (64, 16), generator=torch.Generator().manual_seed(0))
-    loader = DataLoader(TensorDataset(ids), batch_size=16, collate_fn=lambda rows: {"input_ids": torch.stack([r[0] for r in rows])})
+    loader = DataLoader(TensorDataset(ids), batch_size=16,
+                        collate_fn=lambda rows: {"input_ids": torch.stack([r[0] for r in rows])})
     cb = ReferenceComparison(gpt2(128, 1))
     trainer(callbacks=[cb]).validate(Student(gpt2(64, 0)), loader, verbose=False)
     entry = cb.history[-1]
