@@ -12,6 +12,7 @@ from lightning_repsim.functional.cca import canonical_correlations_from_cov, che
 from lightning_repsim.metrics.base import DEFAULT_MEMORY_BUDGET_GB, StreamingMetric
 from lightning_repsim.metrics.inputs import embedding_rows
 from lightning_repsim.metrics.moment_state import moments_covariance, moments_dim
+from lightning_repsim.metrics.state_kinds import Dims, Moments
 
 __all__ = ["CCAResult", "MeanCCA"]
 
@@ -70,8 +71,8 @@ class MeanCCA(StreamingMetric):
     def __init__(self, nan_strategy: str = "error", memory_budget_gb: float | None = DEFAULT_MEMORY_BUDGET_GB,
                  **kwargs: Any) -> None:
         super().__init__(nan_strategy=nan_strategy, memory_budget_gb=memory_budget_gb, **kwargs)
-        self._add_state_kind("cca_moments", "moments", torch.zeros(0, dtype=torch.float64))
-        self._add_state_kind("dims", "dims", torch.zeros(2, dtype=torch.int64))
+        self._add_state_kind("cca_moments", Moments(), torch.zeros(0, dtype=torch.float64))
+        self._add_state_kind("dims", Dims(), torch.zeros(2, dtype=torch.int64))
 
     def _describe(self, name: str, shape: tuple[int, ...]) -> str:
         if name == "dims":

@@ -26,6 +26,7 @@ from lightning_repsim.functional.cka import (
 )
 from lightning_repsim.metrics.base import DEFAULT_MEMORY_BUDGET_GB, StreamingMetric
 from lightning_repsim.metrics.inputs import embedding_rows
+from lightning_repsim.metrics.state_kinds import Statistic
 
 __all__ = ["CKAResult", "LinearCKA", "ProcrustesDistance"]
 
@@ -93,7 +94,7 @@ class LinearCKA(StreamingMetric):
             raise ValueError(f"`debiased` must be a bool, got {debiased!r}")
         super().__init__(nan_strategy=nan_strategy, memory_budget_gb=memory_budget_gb, **kwargs)
         self.debiased = debiased
-        self._add_state_kind("cka_state", "merged", torch.zeros(0, dtype=torch.float64), merge=cka_merge)
+        self._add_state_kind("cka_state", Statistic(cka_merge), torch.zeros(0, dtype=torch.float64))
 
     @property
     def num_inputs(self) -> int:
