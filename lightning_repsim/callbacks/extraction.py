@@ -20,9 +20,11 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "Extractor",
     "Representations",
     "FinalLinear",
     "LogitsOnly",
+    "as_extractor",
     "default_logits_fn",
     "default_label_fn",
     "default_mask_fn",
@@ -57,6 +59,51 @@ class Representations:
     def leading_shape(self) -> tuple[int, ...]:
         """The leading shape of the outputs (the inputs, or (B, T) tokens)."""
         return tuple((self.logits if self.logits is not None else self.embeddings).shape[:-1])
+
+
+class Extractor:
+    """What the comparison asks of a model: ``extractor(model, inputs) -> Representations`` for a batch, and, to reuse
+    the student's own forward instead of running it again, the layer that produces its logits.
+
+    Subclass it (override :meth:`__call__`, and :meth:`head`/:meth:`is_located` when the logits come from an
+    ``nn.Linear`` that a hook can watch), or pass any callable ``(model, inputs) -> Representations``:
+    :func:`as_extractor` wraps it (no head: the student then runs its own forward for the comparison).
+    """
+
+    def __call__(self, model: nn.Module, inputs: Any) -> Representations:
+        raise NotImplementedError
+
+    def head(self, model: nn.Module) -> nn.Linear | None:
+        """The ``nn.Linear`` whose input is the embedding and whose output is the logits, if known, else None."""
+        return None
+
+    def is_located(self, model: nn.Module) -> bool:
+        """Whether :meth:`head` is final for ``model`` (False while a probing forward has yet to find it)."""
+        return True
+
+
+class _CallableExtractor(Extractor):
+    """A plain ``(model, inputs) -> Representations`` function as an :class:`Extractor` (no head to watch)."""
+
+    def __init__(self, fn: Callable[[nn.Module, Any], Representations]) -> None:
+        self.fn = fn
+
+    def __call__(self, model: nn.Module, inputs: Any) -> Representations:
+        return self.fn(model, inputs)
+
+    def __repr__(self) -> str:
+        return repr(self.fn)
+
+
+def as_extractor(obj: Extractor | Callable[[nn.Module, Any], Representations] | None) -> Extractor:
+    """``obj`` as an :class:`Extractor`: None is :class:`FinalLinear`, a plain callable is wrapped."""
+    if obj is None:
+        return FinalLinear()
+    if isinstance(obj, Extractor):
+        return obj
+    if callable(obj):
+        return _CallableExtractor(obj)
+    raise TypeError(f"an extractor must be an Extractor or a callable (model, inputs) -> Representations, got {obj!r}")
 
 
 def default_logits_fn(output: Any) -> Tensor:
@@ -121,7 +168,7 @@ def _same_values(a: Tensor, b: Tensor) -> bool:
     return bool(torch.equal(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]).to(a.dtype)))
 
 
-class FinalLinear:
+class FinalLinear(Extractor):
     """Default extractor: embeddings = input of the ``nn.Linear`` that produces the logits, unembedding =
     its ``[weight, bias]``.
 
@@ -235,7 +282,7 @@ class FinalLinear:
         return Representations(logits, captured[0], unembedding_of(head))
 
 
-class LogitsOnly:
+class LogitsOnly(Extractor):
     """Extractor for models without embedding access: only the logits (d_LLV and KL are computed).
 
     Args:

@@ -1,8 +1,9 @@
 """The streaming metrics one comparison needs, fed from two models' :class:`Representations`.
 
-All accumulation happens in :mod:`lightning_repsim.metrics` (exact, bounded memory, synced across
-processes); this module decides which metrics apply (representations or logits only, K vs M), feeds
-them from what the models already computed, and turns their results into the flat keys the callback logs.
+All accumulation happens in :mod:`lightning_repsim.metrics` (exact, bounded memory, synced across processes); the
+metrics are one ``torchmetrics.MetricCollection`` (reset, device moves, sync). This module decides which metrics apply
+(representations or logits only, K vs M), feeds them from what the models already computed, and flattens their
+results (``as_dict()`` of each) into the keys the callback logs.
 
 Cost per batch: the models' own logits give the KL, the squared logit distance and each input's log-partition
 ``logZ`` (float64, in blocks of rows: O(B K)); nothing is recomputed from ``f g^T`` unless the logits are missing or
@@ -17,36 +18,24 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torchmetrics import MetricCollection
 
+from lightning_repsim.callbacks.config import METRIC_KEYS
 from lightning_repsim.callbacks.extraction import Representations
 from lightning_repsim.functional import LLVOptions
+from lightning_repsim.functional.compare import svd_bounds
 from lightning_repsim.functional.family import unembedding_parts
 from lightning_repsim.functional.kl import logit_pair_rows
 
-__all__ = ["METRIC_KEYS", "MetricSuite"]
-
-#: Keys of the logged values (``ComparisonReport.as_dict()`` order).
-METRIC_KEYS = (
-    "kl",
-    "d_logit",
-    "d_llv",
-    "llv_t1",
-    "llv_t2",
-    "llv_t3",
-    "llv_t4",
-    "d_svd",
-    "d_svd_f",
-    "d_svd_g",
-    "mcca",
-    "bound_paper",
-    "bound_sharp",
-)
+__all__ = ["METRIC_KEYS", "MetricSuite", "logits_for_statistics"]
 
 #: torchmetrics.Metric keyword arguments passed on to every metric.
 _TORCHMETRICS_KWARGS = frozenset(
     {"compute_on_cpu", "dist_sync_on_step", "process_group", "dist_sync_fn", "distributed_available_fn", "sync_on_compute"}
 )
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+#: which logged key a metric's failure leaves undefined
+_PROBLEM_KEYS = {"kl": "kl", "logit": "d_logit", "llv": "d_llv", "svd": "d_svd", "cca": "mcca"}
 
 
 def _own_params(cls: Any) -> set[str]:
@@ -87,10 +76,9 @@ class MetricSuite:
       the logits with ``rep_dim`` (default: the larger width, or ``K - 1`` for logits only), plus ``MeanCCA`` when
       both have embeddings.
 
-    ``compute()`` reports which M it used and why (``info["rep_dim"]``, ``info["rep_dim_reason"]``).
-
-    ``ids`` (global sample positions from the callback) are given to the metrics with a candidate buffer,
-    so the candidate inputs, hence every value, do not depend on the number of processes.
+    ``compute()`` reports which M it used and why (``info["rep_dim"]``, ``info["rep_dim_reason"]``). ``ids`` (global
+    sample positions) are given to the metrics with a candidate buffer, so the candidate inputs, hence every value,
+    do not depend on the number of processes.
     """
 
     def __init__(self, rep_dim: int | None = None, **metric_kwargs: Any) -> None:
@@ -104,7 +92,7 @@ class MetricSuite:
             raise ValueError(f"unknown `metric_kwargs` {unknown}; the metrics accept {sorted(known)}")
         self.rep_dim = rep_dim
         self.metric_kwargs = metric_kwargs
-        self.metrics: dict[str, Any] = {}
+        self.metrics: MetricCollection | None = None
         self.mode: str | None = None
         self.m: int | None = None
         self.k: int | None = None
@@ -127,7 +115,7 @@ class MetricSuite:
 
     @staticmethod
     def check_compatible(ref: Representations, stu: Representations) -> None:
-        """Both models must predict over the same labels (and come with the same leading shape)."""
+        """Both models must predict over the same labels."""
         k_ref, k_stu = ref.num_labels, stu.num_labels
         if k_ref != k_stu:
             raise ValueError(
@@ -135,30 +123,32 @@ class MetricSuite:
                 "share the label set (same classes, same vocabulary) to be compared"
             )
 
-    def _build(self, ref: Representations, stu: Representations) -> None:
-        from lightning_repsim import metrics as M
-
-        self.check_compatible(ref, stu)
+    def _choose_mode(self, ref: Representations, stu: Representations) -> None:
+        """The route and the representation dimension (with the reason, reported by :meth:`compute`)."""
         both = ref.has_representations and stu.has_representations
         self.k = int(ref.num_labels)
         self.widths = (int(ref.embeddings.shape[-1]), int(stu.embeddings.shape[-1])) if both else None
-        widest = max(self.widths) if both else None
+        widest = max(self.widths) if self.widths else None
         # the representation route whenever both models expose embeddings, whatever their widths, as long as d_SVD's
         # label subsets fit (K >= M + 2); M is then max(r_p, r_q) of the embeddings (or `rep_dim`), found at compute()
         needed = self.rep_dim if self.rep_dim is not None else widest
         self.mode = "representations" if both and self.k >= needed + 2 else "logits"
-        if self.mode == "representations":
-            self.m = self.rep_dim
-            self.rep_dim_reason = ("given (rep_dim)" if self.rep_dim is not None else
-                                   "max(rank of the reference's embeddings, rank of the student's)")
-        elif self.rep_dim is not None:
+        if self.rep_dim is not None:
             self.m, self.rep_dim_reason = self.rep_dim, "given (rep_dim)"
+        elif self.mode == "representations":
+            self.m, self.rep_dim_reason = None, "max(rank of the reference's embeddings, rank of the student's)"
         elif both:
             self.m = widest
             self.rep_dim_reason = (f"the larger embedding width (logits route: K={self.k} < M + 2, so d_SVD is not "
                                    "defined and the ranks are not computed)")
         else:
             self.m, self.rep_dim_reason = self.k - 1, "K - 1 (logits only: no embeddings, rep_dim not given)"
+
+    def _build(self, ref: Representations, stu: Representations) -> None:
+        from lightning_repsim import metrics as M
+
+        self.check_compatible(ref, stu)
+        self._choose_mode(ref, stu)
         metrics: dict[str, Any] = {
             "kl": M.MeanKLDivergence(**self._kwargs_for(M.MeanKLDivergence)),
             "logit": M.LogitDistance(**self._kwargs_for(M.LogitDistance)),
@@ -168,25 +158,29 @@ class MetricSuite:
             metrics["svd"] = M.SVDDissimilarity(rep_dim=self.m, **self._kwargs_for(M.SVDDissimilarity))
         else:
             metrics["llv"] = M.LLVDistance(rep_dim=self.m, **self._kwargs_for(M.LLVDistance))
-        if both:
+        if self.widths is not None:
             metrics["cca"] = M.MeanCCA(**self._kwargs_for(M.MeanCCA))
-        self.metrics = {name: metric.to(self.device) for name, metric in metrics.items()}
+        self.metrics = MetricCollection(metrics, compute_groups=False).to(self.device)
 
     # -- torchmetrics-like interface ---------------------------------------------------------------
     def to(self, device: torch.device) -> MetricSuite:
         self.device = torch.device(device)
-        self.metrics = {name: metric.to(self.device) for name, metric in self.metrics.items()}
+        if self.metrics is not None:
+            self.metrics = self.metrics.to(self.device)
         return self
 
     def reset(self) -> None:
-        for metric in self.metrics.values():
-            metric.reset()
+        if self.metrics is not None:
+            self.metrics.reset()
         self.num_rows = 0
+
+    def state_nbytes(self) -> int:
+        return 0 if self.metrics is None else int(sum(metric.state_nbytes() for metric in self.metrics.values()))
 
     def update(self, ref: Representations, stu: Representations, keep: Tensor | None = None, ids: Tensor | None = None) -> int:
         """Add one batch; ``keep`` is a bool mask over the flattened leading positions, ``ids`` (same length)
         integer ids of the inputs for the candidate buffers. Returns the number of rows added."""
-        if not self.metrics:
+        if self.metrics is None:
             self._build(ref, stu)
         else:
             self.check_compatible(ref, stu)
@@ -238,56 +232,39 @@ class MetricSuite:
 
     def compute(self) -> tuple[dict[str, float], dict[str, Any], dict[str, str]]:
         """``(values, info, problems)``: logged values, set information (``num_inputs`` the values were computed on,
-        ``num_dropped`` rows skipped as non-finite), and why missing values are missing."""
-        values: dict[str, float] = {}
+        ``num_dropped`` rows skipped as non-finite, the M used and why), and why missing values are missing."""
         rows = self._global_rows()
-        info: dict[str, Any] = {"num_inputs": 0, "num_dropped": 0, "mode": self.mode, "rep_dim": self.m, "num_labels": self.k}
-        problems: dict[str, str] = {}
-        if not self.metrics:
-            problems["all"] = "no validation rows were seen"
-            return values, info, problems
-        results: dict[str, Any] = {}
-        self.results = results
-        info["state_bytes"] = int(sum(metric.state_nbytes() for metric in self.metrics.values()))
-        for name, metric in self.metrics.items():
-            try:
-                results[name] = metric.compute_result()
-            except (ValueError, torch.linalg.LinAlgError) as err:
-                problems[{"kl": "kl", "logit": "d_logit", "llv": "d_llv", "svd": "d_svd", "cca": "mcca"}[name]] = str(err)
-        if "d_svd" in problems and "svd" in self.metrics:
-            problems["d_llv"] = problems["d_svd"]  # d_LLV comes from the same metric
-        if "kl" in results:
-            values["kl"] = float(results["kl"].value)
-            info["num_inputs"] = int(results["kl"].num_inputs)
-        if "logit" in results:
-            values["d_logit"] = float(results["logit"].value)
-        info["num_dropped"] = rows - info["num_inputs"] if "kl" in results else rows
-        llv = results.get("llv")
-        if llv is None and "svd" in results:
-            llv = results["svd"].llv
-        if llv is not None:
-            d = float(llv.value)
-            values.update(
-                d_llv=d, llv_t1=float(llv.t1), llv_t2=float(llv.t2), llv_t3=float(llv.t3), llv_t4=float(llv.t4),
-                bound_paper=2 * llv.rep_dim * d, bound_sharp=2 * d * d,
-            )
-            info["rep_dim"] = int(llv.rep_dim)  # max(r_p, r_q) of the embeddings unless given
-            info["rep_dim_reason"] = self.rep_dim_reason
-            info.update(
-                label_pivot=int(llv.label_pivot), leave_out=int(llv.leave_out),
-                input_set=[int(i) for i in llv.input_set.tolist()],
-            )
-        svd = results.get("svd")
-        if svd is not None:
-            values.update(d_svd=float(svd.value), d_svd_f=float(svd.f_part), d_svd_g=float(svd.g_part))
-            info["embedding_rank"] = [int(r) for r in svd.svd.embedding_rank]
-            if self.rep_dim is None:
-                r_p, r_q = info["embedding_rank"]
-                info["rep_dim_reason"] = f"max(rank {r_p} of the reference's embeddings, rank {r_q} of the student's)"
+        info: dict[str, Any] = {"num_inputs": 0, "num_dropped": 0, "mode": self.mode, "rep_dim": self.m,
+                                "num_labels": self.k, "rep_dim_reason": self.rep_dim_reason}
+        if self.metrics is None:
+            return {}, info, {"all": "no validation rows were seen"}
+        info["state_bytes"] = self.state_nbytes()
         if self.widths is not None:
             info["widths"] = list(self.widths)
+        self.results, problems = {}, {}
+        for name, metric in self.metrics.items():
+            try:
+                self.results[name] = metric.compute_result()
+            except (ValueError, torch.linalg.LinAlgError) as err:
+                problems[_PROBLEM_KEYS[name]] = str(err)
+        if "d_svd" in problems and "svd" in self.metrics:
+            problems["d_llv"] = problems["d_svd"]  # d_LLV comes from the same metric
+        values: dict[str, float] = {}
+        for result in self.results.values():
+            values.update({k: v for k, v in result.as_dict().items() if k in METRIC_KEYS})
+        if "kl" in self.results:
+            info["num_inputs"] = int(self.results["kl"].num_inputs)
+        info["num_dropped"] = rows - info["num_inputs"] if "kl" in self.results else rows
+        llv = self.results["svd"].llv if "svd" in self.results else self.results.get("llv")
+        if llv is not None:
+            values["bound_paper"], values["bound_sharp"] = svd_bounds(values["d_llv"], int(llv.rep_dim))
+            info.update(rep_dim=int(llv.rep_dim), label_pivot=int(llv.label_pivot), leave_out=int(llv.leave_out),
+                        input_set=[int(i) for i in llv.input_set.tolist()])
+        if "svd" in self.results:
+            r_p, r_q = (int(r) for r in self.results["svd"].svd.embedding_rank)
+            info["embedding_rank"] = [r_p, r_q]
+            if self.rep_dim is None:
+                info["rep_dim_reason"] = f"max(rank {r_p} of the reference's embeddings, rank {r_q} of the student's)"
         elif self.mode == "logits" and self.k is not None and self.m is not None and self.k < self.m + 2:
             problems["d_svd"] = f"d_SVD needs K >= M + 2 labels, got K={self.k}, M={self.m}"
-        if "cca" in results:
-            values["mcca"] = float(results["cca"].value)
         return values, info, problems

@@ -27,7 +27,7 @@ from lightning_repsim.functional.svd import (
     svd_from_parts,
 )
 
-__all__ = ["ComparisonReport", "compare"]
+__all__ = ["ComparisonReport", "compare", "svd_bounds"]
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,16 @@ class ComparisonReport:
 def _count(value: int) -> str:
     """An integer as digits, or as a power of ten when it is astronomically large (C(K-2, M) for large K)."""
     return f"{value:,}" if value < 10**12 else f"about 10^{len(str(value)) - 1}"
+
+
+def svd_bounds(d_llv: Tensor | float, rep_dim: int) -> tuple[Tensor | float, Tensor | float]:
+    """The bounds on d_SVD implied by d_LLV: ``(2 M d_LLV, 2 d_LLV^2)`` (paper, Theorem 4.6/4.7; sharper, SPEC §5).
+
+    Example:
+        >>> svd_bounds(0.1, 4)
+        (0.8, 0.020000000000000004)
+    """
+    return 2 * rep_dim * d_llv, 2 * d_llv * d_llv
 
 
 #: Routes of :func:`compare`.
@@ -202,7 +212,7 @@ def compare(
     svd = svd_from_parts(stats, (llv.label_pivot, llv.leave_out, llv.input_set), r, max_label_subsets, opts.seed)
     check_cca_inputs(n, m_p, m_q)
     ccs = canonical_correlations_from_cov(cov_f, m_p)
-    d = llv.value
+    bound_paper, bound_sharp = svd_bounds(llv.value, r)
     return ComparisonReport(
         llv=llv,
         svd=svd,
@@ -210,8 +220,8 @@ def compare(
         d_logit=d_logit,
         mcca=ccs.mean(),
         canonical_correlations=ccs,
-        bound_paper=2 * r * d,
-        bound_sharp=2 * d * d,
+        bound_paper=bound_paper,
+        bound_sharp=bound_sharp,
         rep_dim=r,
         num_inputs=n,
         num_labels=llv.num_labels,
