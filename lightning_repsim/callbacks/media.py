@@ -13,7 +13,7 @@ from torch import Tensor
 
 from lightning_repsim.callbacks.extraction import Representations
 
-__all__ = ["EmbeddingPoints", "log_wandb_layer_matrix", "log_wandb_media", "wandb_loggers"]
+__all__ = ["EmbeddingPoints", "embedding_figure", "layer_figure", "log_wandb_layer_matrix", "log_wandb_media", "wandb_loggers"]
 
 
 class EmbeddingPoints:
@@ -60,6 +60,30 @@ class EmbeddingPoints:
                 labels = torch.cat([lab for lab in self._lab if lab is not None])
             self.last = (torch.cat(self._ref), torch.cat(self._stu), labels)
         self.start()
+
+
+def embedding_figure(points: tuple[Tensor, Tensor, Tensor | None] | None, entry: Mapping[str, Any]) -> Any | None:
+    """The picture of both models' 2-D embeddings (``points``: reference, student, labels), titled with the
+    comparison's epoch and values, or None without points."""
+    if points is None:
+        return None
+    from lightning_repsim.callbacks.plotting import plot_embeddings
+
+    ref, stu, labels = points
+    title = f"epoch {entry.get('epoch', '?')} ({entry.get('stage', '')}): reference vs student"
+    shown = {k: entry[k] for k in ("kl", "d_llv", "d_svd", "mcca") if k in entry}
+    return plot_embeddings(ref, stu, labels, title=title, metrics=shown)
+
+
+def layer_figure(entry: Mapping[str, Any]) -> Any | None:
+    """The heatmap of a comparison's layer-by-layer matrix (``entry["layer_matrix"]``), or None."""
+    matrix = entry.get("layer_matrix")
+    if not matrix:
+        return None
+    from lightning_repsim.callbacks.plotting import plot_layer_matrix
+
+    title = f"{matrix['measure']}, epoch {entry.get('epoch', '?')} ({entry.get('stage', '')}): reference vs student"
+    return plot_layer_matrix(matrix["values"], matrix["reference"], matrix["student"], matrix["measure"], title)
 
 
 def wandb_loggers(trainer: pl.Trainer) -> list[Any]:

@@ -62,6 +62,40 @@ def weights_fingerprint(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+class FingerprintCheck:
+    """The reference's weights fingerprint (taken once, before any conversion) and the one a checkpoint saved:
+    resuming with other reference weights fails with a message that says what to do."""
+
+    def __init__(self) -> None:
+        self.value: str | None = None
+        self.pending: str | None = None
+
+    def take(self, reference: nn.Module) -> None:
+        """Fingerprint the reference (once) and check a fingerprint loaded before it existed."""
+        if self.value is None:
+            self.value = weights_fingerprint(reference)
+        self.check_pending()
+
+    def expect(self, saved: str | None) -> None:
+        """A checkpoint's fingerprint: checked now, or once the reference is fingerprinted."""
+        if saved is not None:
+            self.pending = saved
+            if self.value is not None:
+                self.check_pending()
+
+    def check_pending(self) -> None:
+        if self.pending is None:
+            return
+        if self.pending != self.value:
+            raise RuntimeError(
+                "ReferenceComparison: the checkpoint was written while comparing with a different reference model "
+                f"(weights fingerprint {self.pending[:16]}...), but this callback's reference has fingerprint "
+                f"{self.value[:16]}... . Resume with the same reference weights, or start a new "
+                "run (or a callback with another `prefix`) to compare with a different reference."
+            )
+        self.pending = None
+
+
 def load_reference(
     source: nn.Module | str | os.PathLike, student: pl.LightningModule, load_kwargs: Mapping[str, Any]
 ) -> nn.Module:

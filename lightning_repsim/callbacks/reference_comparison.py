@@ -32,9 +32,10 @@ from lightning_repsim.callbacks.capture import HeadCapture, reused_representatio
 from lightning_repsim.callbacks.comparison import ComparisonOutcome, ModelComparison
 from lightning_repsim.callbacks.config import METRIC_KEYS, ComparisonConfig, split_config
 from lightning_repsim.callbacks.extraction import Extractor, Representations
-from lightning_repsim.callbacks.media import log_wandb_layer_matrix, log_wandb_media
+from lightning_repsim.callbacks.media import embedding_figure, layer_figure, log_wandb_layer_matrix, log_wandb_media
 from lightning_repsim.callbacks.positions import SamplePositions
 from lightning_repsim.callbacks.reference import (
+    FingerprintCheck,
     batch_size_of,
     check_separate,
     load_reference,
@@ -70,15 +71,11 @@ class ReferenceComparison(Callback):
             both models predict over the same labels).
         dataloader: compare on this dataloader (iterated at the end of the validation epoch; under DDP each process
             takes every ``world_size``-th batch) instead of the validation batches.
-        config: a :class:`~lightning_repsim.callbacks.ComparisonConfig`, or its fields as keyword ``options``:
-            ``dataloader_idx``, ``prefix`` (default ``"repsim"``), ``prog_bar``, ``input_fn``, ``label_fn``,
-            ``mask_fn``, ``reference_extractor``, ``student_extractor`` (default
-            :class:`~lightning_repsim.callbacks.FinalLinear`), ``reuse_student_outputs``, ``rep_dim`` (default
-            ``max(r_p, r_q)`` of the embeddings; a smaller student compares at the teacher's dimension, see
-            ``docs/smaller_student.md``), ``metric_kwargs``, ``log_media``, ``plot_max_points``,
-            ``reference_load_kwargs``, ``layers`` (names, or a :class:`~lightning_repsim.callbacks.LayerOptions`;
-            also ``layer_matrix``, ``layer_reduce``, ``layer_max_width``, ``layer_too_wide``). What each does:
-            :class:`~lightning_repsim.callbacks.ComparisonConfig`.
+        config: a :class:`~lightning_repsim.callbacks.ComparisonConfig` (what each option does), or its fields as
+            keyword ``options``: ``prefix`` (default ``"repsim"``), ``prog_bar``, ``input_fn``, ``mask_fn``,
+            ``label_fn``, ``reference_extractor``/``student_extractor``, ``reuse_student_outputs``, ``rep_dim``
+            (default ``max(r_p, r_q)``: ``docs/smaller_student.md``), ``metric_kwargs``, ``layers`` (+ ``layer_matrix``,
+            ``layer_reduce``, ``layer_max_width``, ``layer_too_wide``), ``log_media``, ``dataloader_idx``, ...
 
     Attributes:
         history: one dict per comparison: ``epoch``, ``global_step``, ``stage`` (``"fit"``/``"validate"``),
@@ -114,8 +111,7 @@ class ReferenceComparison(Callback):
         self.dataloader = dataloader
         self.history: list[dict[str, Any]] = []
         self.last_results: dict[str, Any] = {}
-        self.reference_fingerprint: str | None = None
-        self._pending_fingerprint: str | None = None
+        self._fingerprint = FingerprintCheck()
         # the comparison is built now for an nn.Module (bad options fail here), at setup for a checkpoint path
         self.comparison: ModelComparison | None = None
         if isinstance(reference, nn.Module):
@@ -132,6 +128,11 @@ class ReferenceComparison(Callback):
     # ------------------------------------------------------------------------------------------
     # read-only views
     # ------------------------------------------------------------------------------------------
+    @property
+    def reference_fingerprint(self) -> str | None:
+        """SHA-256 of the reference's weights (taken before any conversion), saved in checkpoints."""
+        return self._fingerprint.value
+
     @property
     def reference(self) -> nn.Module | None:
         return None if self.comparison is None else self.comparison.reference
@@ -175,28 +176,13 @@ class ReferenceComparison(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue the saved history; the reference's fingerprint is checked once the reference is loaded."""
-        saved = state_dict.get("reference_fingerprint")
-        if saved is not None:
-            if self.reference_fingerprint is None:
-                self._pending_fingerprint = saved
-            else:
-                self._check_fingerprint(saved)
+        self._fingerprint.expect(state_dict.get("reference_fingerprint"))
         old, mine = state_dict.get("config", {}), self.describe()
         changed = sorted(k for k in ("every_n_epochs", "metric_kwargs", "rep_dim", "layers") if k in old and old[k] != mine[k])
         if changed:
             rank_zero_warn(f"ReferenceComparison: resuming with a different configuration ({', '.join(changed)}); "
                            "the history mixes both settings.")
         self.history = copy.deepcopy(list(state_dict.get("history", [])))
-
-    def _check_fingerprint(self, saved: str) -> None:
-        if saved != self.reference_fingerprint:
-            raise RuntimeError(
-                "ReferenceComparison: the checkpoint was written while comparing with a different reference model "
-                f"(weights fingerprint {saved[:16]}...), but this callback's reference has fingerprint "
-                f"{self.reference_fingerprint[:16]}... . Resume with the same reference weights, or start a new "
-                "run (or a callback with another `prefix`) to compare with a different reference."
-            )
-        self._pending_fingerprint = None
 
     # ------------------------------------------------------------------------------------------
     # the reference
@@ -208,15 +194,11 @@ class ReferenceComparison(Callback):
             reference = load_reference(self._reference_source, pl_module, self.config.reference_load_kwargs)
             self.comparison = ModelComparison(reference, self.config)
         check_separate(self.comparison.reference, pl_module)
-        if self.reference_fingerprint is None:
-            self.reference_fingerprint = weights_fingerprint(self.comparison.reference)
-        if self._pending_fingerprint is not None:
-            self._check_fingerprint(self._pending_fingerprint)
+        self._fingerprint.take(self.comparison.reference)
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The reference on the student's device, converted by the precision plugin, forwards in its context."""
-        if self._pending_fingerprint is not None:
-            self._check_fingerprint(self._pending_fingerprint)
+        self._fingerprint.check_pending()
         comparison = self.comparison
         comparison.reference = prepare_reference(comparison.reference, trainer, pl_module.device)
         comparison.context = trainer.precision_plugin.val_step_context
@@ -448,26 +430,11 @@ class ReferenceComparison(Callback):
 
     def embedding_figure(self, entry: Mapping[str, Any] | None = None) -> Any | None:
         """The figure of the last compared embeddings (M = 2 only), or None."""
-        if self.last_embeddings is None:
-            return None
-        from lightning_repsim.callbacks.plotting import plot_embeddings
-
-        ref, stu, labels = self.last_embeddings
-        entry = entry or (self.history[-1] if self.history else {})
-        title = f"epoch {entry.get('epoch', '?')} ({entry.get('stage', '')}): reference vs student"
-        shown = {k: entry[k] for k in ("kl", "d_llv", "d_svd", "mcca") if k in entry}
-        return plot_embeddings(ref, stu, labels, title=title, metrics=shown)
+        return embedding_figure(self.last_embeddings, entry or (self.history[-1] if self.history else {}))
 
     def layer_figure(self, entry: Mapping[str, Any] | None = None) -> Any | None:
         """The heatmap of the last layer-by-layer matrix (``layer_matrix=...``), or None."""
-        entry = entry or (self.history[-1] if self.history else {})
-        matrix = entry.get("layer_matrix")
-        if not matrix:
-            return None
-        from lightning_repsim.callbacks.plotting import plot_layer_matrix
-
-        title = f"{matrix['measure']}, epoch {entry.get('epoch', '?')} ({entry.get('stage', '')}): reference vs student"
-        return plot_layer_matrix(matrix["values"], matrix["reference"], matrix["student"], matrix["measure"], title)
+        return layer_figure(entry or (self.history[-1] if self.history else {}))
 
     def _remove_hooks(self) -> None:
         self._capture.remove()
