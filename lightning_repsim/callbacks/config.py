@@ -15,7 +15,7 @@ from typing import Any
 from torch import Tensor
 
 from lightning_repsim.callbacks.extraction import Extractor, as_extractor, default_label_fn, default_mask_fn
-from lightning_repsim.functional._validation import check_positive_int
+from lightning_repsim.functional.inputs import check_positive_int
 
 __all__ = ["ComparisonConfig", "LayerOptions", "METRIC_KEYS", "split_config"]
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_repsim.functional._validation import check_choice
+from lightning_repsim.functional.inputs import check_choice
 
 __all__ = ["LAYER_MEASURES", "LayerComparison", "layer_rows", "parse_layers"]
 

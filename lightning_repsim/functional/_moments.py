@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from lightning_repsim.functional._validation import check_finite
+from lightning_repsim.functional.inputs import check_finite
 
 __all__ = [
     "add_gram_",

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from lightning_repsim.functional._moments import add_rows_, centred_blocks, column_means
-from lightning_repsim.functional._validation import as_rows, check_logit_pair
+from lightning_repsim.functional.inputs import as_rows, check_logit_pair
 from lightning_repsim.functional.kl import _blocks, _centre_rows_
 
 __all__ = [

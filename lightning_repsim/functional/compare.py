@@ -10,10 +10,10 @@ import torch
 from torch import Tensor
 
 from lightning_repsim.functional._moments import batch_moments, covariance_from_moments
-from lightning_repsim.functional._validation import check_input_sets, check_logit_pair, check_num_inputs, check_num_labels
 from lightning_repsim.functional.cca import canonical_correlations_from_cov, check_cca_inputs
 from lightning_repsim.functional.cka import logit_distance_rows
 from lightning_repsim.functional.family import ModelPair, logits_from_parts
+from lightning_repsim.functional.inputs import check_input_sets, check_logit_pair, check_num_inputs, check_num_labels
 from lightning_repsim.functional.kl import kl_per_input, mean_kl_divergence
 from lightning_repsim.functional.llv import LLVOptions, LLVResult, draw_input_sets, llv_distance
 from lightning_repsim.functional.llv_representation import RepresentationRoute, embedding_covariance, representation_rows

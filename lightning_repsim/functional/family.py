@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_repsim.functional._validation import as_matrix, check_embedding_pair, check_finite
+from lightning_repsim.functional.inputs import as_matrix, check_embedding_pair, check_finite
 
 __all__ = [
     "ModelPair",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_repsim.functional._validation import check_logit_pair
+from lightning_repsim.functional.inputs import check_logit_pair
 
 __all__ = [
     "kl_of_logit_rows",

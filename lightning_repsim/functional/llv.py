@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_repsim.functional._validation import (
+from lightning_repsim.functional.inputs import (
     check_input_sets,
     check_logit_pair,
     check_num_inputs,

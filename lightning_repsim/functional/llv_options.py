@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_repsim.functional._validation import (
+from lightning_repsim.functional.inputs import (
     check_choice,
     check_input_sets,
     check_label_index,

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from lightning_repsim.functional._moments import batch_moments, covariance_from_moments
-from lightning_repsim.functional._validation import check_num_labels, check_rep_dim
 from lightning_repsim.functional.family import ModelPair
+from lightning_repsim.functional.inputs import check_num_labels, check_rep_dim
 from lightning_repsim.functional.llv import draw_input_sets, llv_distance
 from lightning_repsim.functional.subspace import Subspace, pair_subspaces, restricted_cond
 

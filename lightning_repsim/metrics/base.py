@@ -30,8 +30,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.prints import rank_zero_warn
 
-from lightning_repsim.functional._validation import check_choice
-from lightning_repsim.metrics.inputs import NAN_STRATEGIES
+from lightning_repsim.functional.inputs import NAN_STRATEGIES, check_choice
 from lightning_repsim.metrics.state_kinds import Config, ConfigMismatch, Count, SizeMismatch, StateKind, gather_states, state_kind
 
 __all__ = ["DEFAULT_MEMORY_BUDGET_GB", "StreamingMetric", "gather_states"]

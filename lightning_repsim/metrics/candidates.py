@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_repsim.functional._validation import check_positive_int
+from lightning_repsim.functional.inputs import check_positive_int
 from lightning_repsim.functional.llv import LLVOptions, draw_input_sets
 from lightning_repsim.functional.llv_route import Candidates
 from lightning_repsim.metrics.base import StreamingMetric

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from lightning_repsim.functional.cca import canonical_correlations_from_cov, check_cca_inputs
+from lightning_repsim.functional.inputs import embedding_rows
 from lightning_repsim.metrics.base import DEFAULT_MEMORY_BUDGET_GB, StreamingMetric
-from lightning_repsim.metrics.inputs import embedding_rows
 from lightning_repsim.metrics.moment_state import moments_covariance, moments_dim
 from lightning_repsim.metrics.state_kinds import Dims, Moments
 

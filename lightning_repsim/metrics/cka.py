@@ -24,8 +24,8 @@ from lightning_repsim.functional.cka import (
     cka_state_size,
     cka_values,
 )
+from lightning_repsim.functional.inputs import embedding_rows
 from lightning_repsim.metrics.base import DEFAULT_MEMORY_BUDGET_GB, StreamingMetric
-from lightning_repsim.metrics.inputs import embedding_rows
 from lightning_repsim.metrics.state_kinds import Statistic
 
 __all__ = ["CKAResult", "LinearCKA", "ProcrustesDistance"]

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from lightning_repsim.functional.inputs import given_log_partitions
 from lightning_repsim.functional.kl import kl_of_logit_rows
-from lightning_repsim.metrics.inputs import given_log_partitions
 from lightning_repsim.metrics.per_input import PerInputMean
 
 __all__ = ["KLResult", "MeanKLDivergence"]

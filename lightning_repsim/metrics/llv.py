@@ -8,13 +8,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_repsim.functional._validation import check_num_inputs, check_num_labels, check_positive_int, check_rep_dim
+from lightning_repsim.functional.inputs import check_num_inputs, check_num_labels, check_positive_int, check_rep_dim, logit_rows
 from lightning_repsim.functional.llv import LLVOptions, LLVResult, ResolvedLabels
 from lightning_repsim.functional.llv_route import LLVSizes, LogitsRoute, llv_from_route
 from lightning_repsim.functional.llv_terms import CHUNK_NUMBERS
 from lightning_repsim.metrics.base import DEFAULT_MEMORY_BUDGET_GB
 from lightning_repsim.metrics.candidates import DEFAULT_BUFFER_SIZE, CandidateMixin
-from lightning_repsim.metrics.inputs import logit_rows
 from lightning_repsim.metrics.moment_state import empty_moments, moments_covariance, moments_dim
 from lightning_repsim.metrics.sketch import META, hash_keys
 

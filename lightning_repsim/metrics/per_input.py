@@ -18,10 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_repsim.functional._validation import check_finite
+from lightning_repsim.functional.inputs import check_finite, given_per_input, logit_rows
 from lightning_repsim.functional.kl import check_num_classes
 from lightning_repsim.metrics.base import DEFAULT_MEMORY_BUDGET_GB, StreamingMetric
-from lightning_repsim.metrics.inputs import given_per_input, logit_rows
 from lightning_repsim.metrics.moment_state import empty_moments
 from lightning_repsim.metrics.state_kinds import Dims, Moments
 

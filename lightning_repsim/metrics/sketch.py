@@ -17,6 +17,8 @@ import functools
 import torch
 from torch import Tensor
 
+from lightning_repsim.functional.inputs import take_rows
+
 __all__ = [
     "META",
     "bottom_k",
@@ -74,14 +76,6 @@ def empty_buffer(capacity: int, width: int, device: torch.device | str | None = 
     buf[:, :2] = float("inf")
     buf[:, 2] = -1.0
     return buf
-
-
-def take_rows(x: Tensor, index: Tensor) -> Tensor:
-    """``x[index]`` along dim 0 for a boolean mask or an index vector, via ``index_select`` (much cheaper
-    than advanced indexing for small tensors on a busy CPU)."""
-    if index.dtype == torch.bool:
-        index = index.nonzero().flatten()
-    return x.index_select(0, index)
 
 
 def bottom_k(rows: Tensor, capacity: int) -> Tensor:

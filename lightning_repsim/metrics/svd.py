@@ -9,8 +9,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_repsim.functional._validation import check_finite, check_num_inputs, check_num_labels, check_rep_dim, check_tensor
 from lightning_repsim.functional.family import log_partition, split_unembedding, unembedding_parts
+from lightning_repsim.functional.inputs import (
+    check_finite,
+    check_num_inputs,
+    check_num_labels,
+    check_rep_dim,
+    check_tensor,
+    embedding_rows,
+)
 from lightning_repsim.functional.llv import LLVOptions, LLVResult
 from lightning_repsim.functional.llv_representation import RepresentationRoute, embedding_covariance, representation_rows
 from lightning_repsim.functional.llv_route import LLVSizes, llv_from_route
@@ -18,7 +25,6 @@ from lightning_repsim.functional.llv_terms import CHUNK_NUMBERS
 from lightning_repsim.functional.svd import SVDResult, SVDStatistics, representation_dim, svd_from_parts
 from lightning_repsim.metrics.base import DEFAULT_MEMORY_BUDGET_GB
 from lightning_repsim.metrics.candidates import REPRESENTATION_BUFFER_SIZE, CandidateMixin
-from lightning_repsim.metrics.inputs import embedding_rows
 from lightning_repsim.metrics.moment_state import moments_covariance, moments_dim
 from lightning_repsim.metrics.sketch import META
 
