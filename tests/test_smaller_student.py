@@ -210,3 +210,23 @@ def test_callback_gpt2_vocabulary_with_a_smaller_student():
     for key in ("kl", "d_logit", "d_llv", "d_svd", "mcca"):
         assert math.isfinite(entry[key]), key
     assert 0 < entry["state_bytes"] < 100e6  # the metrics' states while the epoch's inputs were accumulated
+
+
+def test_rep_dim_from_logits_is_the_larger_rank():
+    """From logits alone, rep_dim defaults to the larger rank of the two models' log-probabilities centred over labels
+    (the rank of their embeddings, a bias column or a LayerNorm-like null direction not counted), in the functional
+    core and the streaming metric alike."""
+    f, g, f_s, g_s = teacher_student(n=800, k=12, m=4)
+    z_t = f @ g[:, :4].T + g[:, 4]
+    z_s = f_s[:, :2] @ g_s[:, :2].T
+    res = llv_distance(z_t, z_s)
+    assert res.rep_dim == 4 and res.input_set.numel() == 5
+    assert float(res.value) == pytest.approx(float(llv_distance(z_t, z_s, rep_dim=4).value), rel=STREAM_RTOL)
+    metric = LLVDistance()
+    for i in range(0, 800, 100):
+        metric.update(z_t[i : i + 100], z_s[i : i + 100], ids=torch.arange(i, i + 100))
+    streamed = metric.compute_result()
+    assert streamed.rep_dim == 4
+    assert float(streamed.t1) == pytest.approx(float(res.t1), rel=STREAM_RTOL)
+    wide, w_wide = with_redundant_column(f, g, "combination")
+    assert llv_distance(z_t, wide @ w_wide[:, :5].T + w_wide[:, 5]).rep_dim == 4  # a redundant coordinate: still 4

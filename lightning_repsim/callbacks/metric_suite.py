@@ -73,8 +73,8 @@ class MetricSuite:
       with the embeddings and each input's ``logZ`` from the logits, at the representation dimension
       ``max(r_p, r_q)`` of the embeddings (or ``rep_dim``), and ``MeanCCA`` on the embeddings;
     * otherwise (logits only, or K < M + 2 as for a ResNet's 10-class head on 512-d features): ``LLVDistance`` on
-      the logits with ``rep_dim`` (default: the larger width, or ``K - 1`` for logits only), plus ``MeanCCA`` when
-      both have embeddings.
+      the logits with ``rep_dim`` (default: ``max(r_p, r_q)`` of the log-probabilities centred over labels, at most
+      K - 1), plus ``MeanCCA`` when both have embeddings.
 
     ``compute()`` reports which M it used and why (``info["rep_dim"]``, ``info["rep_dim_reason"]``). ``ids`` (global
     sample positions) are given to the metrics with a candidate buffer, so the candidate inputs, hence every value,
@@ -98,6 +98,7 @@ class MetricSuite:
         self.k: int | None = None
         self.widths: tuple[int, int] | None = None
         self.rep_dim_reason = ""
+        self.svd_problem: str | None = None
         self.device = torch.device("cpu")
         self.num_rows = 0
         self.results: dict[str, Any] = {}
@@ -133,16 +134,16 @@ class MetricSuite:
         # label subsets fit (K >= M + 2); M is then max(r_p, r_q) of the embeddings (or `rep_dim`), found at compute()
         needed = self.rep_dim if self.rep_dim is not None else widest
         self.mode = "representations" if both and self.k >= needed + 2 else "logits"
+        self.m = self.rep_dim  # None: found at compute(), from the ranks of the embeddings or of the log-probabilities
         if self.rep_dim is not None:
-            self.m, self.rep_dim_reason = self.rep_dim, "given (rep_dim)"
+            self.rep_dim_reason = "given (rep_dim)"
         elif self.mode == "representations":
-            self.m, self.rep_dim_reason = None, "max(rank of the reference's embeddings, rank of the student's)"
-        elif both:
-            self.m = widest
-            self.rep_dim_reason = (f"the larger embedding width (logits route: K={self.k} < M + 2, so d_SVD is not "
-                                   "defined and the ranks are not computed)")
+            self.rep_dim_reason = "max(rank of the reference's embeddings, rank of the student's)"
         else:
-            self.m, self.rep_dim_reason = self.k - 1, "K - 1 (logits only: no embeddings, rep_dim not given)"
+            self.rep_dim_reason = "max(rank of the reference's log-probabilities, rank of the student's)"
+        self.svd_problem = None
+        if both and self.mode == "logits":
+            self.svd_problem = f"d_SVD needs K >= M + 2 labels, got K={self.k}, M={needed} (the embeddings' width)"
 
     def _build(self, ref: Representations, stu: Representations) -> None:
         from lightning_repsim import metrics as M
@@ -265,6 +266,8 @@ class MetricSuite:
             info["embedding_rank"] = [r_p, r_q]
             if self.rep_dim is None:
                 info["rep_dim_reason"] = f"max(rank {r_p} of the reference's embeddings, rank {r_q} of the student's)"
-        elif self.mode == "logits" and self.k is not None and self.m is not None and self.k < self.m + 2:
-            problems["d_svd"] = f"d_SVD needs K >= M + 2 labels, got K={self.k}, M={self.m}"
+        elif llv is not None and self.rep_dim is None:
+            info["rep_dim_reason"] = f"max(rank of the reference's log-probabilities, rank of the student's) = {llv.rep_dim}"
+        elif self.svd_problem:
+            problems["d_svd"] = self.svd_problem
         return values, info, problems

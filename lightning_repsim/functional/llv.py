@@ -85,13 +85,15 @@ def draw_input_sets(num_inputs: int, set_size: int, count: int, seed: int = 0) -
         sets[dup] = torch.randint(num_inputs, (n_dup, set_size), generator=gen)
 
 
-def llv_distance(logits_p: Tensor, logits_q: Tensor, rep_dim: int, **options: Any) -> LLVResult:
+def llv_distance(logits_p: Tensor, logits_q: Tensor, rep_dim: int | None = None, **options: Any) -> LLVResult:
     """Log-likelihood variance distance d_LLV between two models' predictive distributions.
 
     Args:
         logits_p, logits_q: logits of the two models on the same inputs, shape (N, K) or (..., K)
             (leading dimensions are flattened). Any float dtype and device; computed in float64.
-        rep_dim: the representation dimension M; input sets have M+1 inputs.
+        rep_dim: the representation dimension M; input sets have M+1 inputs. None (default): the larger rank of the
+            two models' log-probabilities over inputs (centred over labels), ``max(r_p, r_q)`` -- the rank of their
+            embeddings as the logits see them (``result.rep_dim`` reports it).
         options: the d_LLV options of :class:`LLVOptions`: ``lam``, ``reduce``, ``combine``,
             ``label_pivot``, ``leave_out``, ``labels``, ``pivot_candidates``, ``max_pivot_candidates``,
             ``input_sets`` (row indices), ``num_input_sets``, ``seed``.
@@ -114,7 +116,7 @@ def llv_distance(logits_p: Tensor, logits_q: Tensor, rep_dim: int, **options: An
         (True, torch.Size([3]))
     """
     opts = LLVOptions(**options)
-    rep_dim = check_rep_dim(rep_dim)
+    rep_dim = None if rep_dim is None else check_rep_dim(rep_dim)
     p, q = check_logit_pair(logits_p, logits_q)
     n, k = p.shape
     resolved = opts.resolve(k)
@@ -124,12 +126,14 @@ def llv_distance(logits_p: Tensor, logits_q: Tensor, rep_dim: int, **options: An
         lp, lq = lp.index_select(1, index), lq.index_select(1, index)
     kk = lp.shape[1]
     check_num_labels(kk)
+    route = LogitsRoute.from_log_probabilities(lp, lq)
+    if rep_dim is None:
+        rep_dim = route.representation_dim()
     check_num_inputs(n, rep_dim)
     if opts.input_sets is None:
         candidates = Candidates(draw_input_sets(n, rep_dim + 1, opts.num_input_sets, opts.seed).to(lp.device))
     else:
         candidates = Candidates(check_input_sets(opts.input_sets, rep_dim, n).to(lp.device), given=True)
-    route = LogitsRoute.from_log_probabilities(lp, lq)
     return llv_from_route(route, candidates, opts, resolved, LLVSizes(n, k, rep_dim))[0]
 
 

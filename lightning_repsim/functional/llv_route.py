@@ -86,6 +86,25 @@ class LogitsRoute(LLVRoute):
     def label_cov(self, pivots: Tensor) -> LabelCov:
         return label_cov_from_blocks(*self.blocks, pivots)
 
+    def representation_dim(self) -> int:
+        """``max(r_p, r_q)``: the larger rank over inputs of the two models' log-probabilities centred over labels
+        (``l(y|x) - mean_y l(y|x) = c(W) f(x) + c(b)``: the log-partition cancels), i.e. the rank of their embeddings
+        as their logits see them (:mod:`~lightning_repsim.functional.subspace`'s threshold)."""
+        from lightning_repsim.functional.subspace import RANK_RTOL
+
+        sxx, sxd, sdd = self.blocks
+        ranks = []
+        for cov in (sxx, sxx + sxd + sxd.T + sdd):
+            centred = cov - cov.mean(0, keepdim=True)
+            centred = centred - centred.mean(1, keepdim=True)
+            values = torch.linalg.eigvalsh(centred)
+            top = values[-1]
+            ranks.append(int((values > RANK_RTOL * top).sum()) if bool(top > 0) else 0)
+        if max(ranks) < 1:
+            raise ValueError("the log-probabilities are constant over the inputs for both models: there is no "
+                             "representation to compare (rep_dim cannot be inferred)")
+        return max(ranks)
+
     def label_means(self) -> tuple[Tensor, Tensor]:
         return self.means
 

@@ -76,11 +76,14 @@ class CandidateMixin(StreamingMetric):
         id_col = ids.to(torch.float64) if ids is not None else torch.full_like(key, -1.0)
         return torch.cat([key[:, None], key2[:, None], id_col[:, None], data], dim=1)
 
-    def _candidate_sets(self, buffer: Tensor, set_size: int) -> tuple[Tensor, Candidates]:
-        """``(rows, candidates)``: the filled buffer rows and the candidate sets as row positions in them, reported
-        as input ids when every buffered input has one (else as buffer positions): the given ``input_sets`` (ids),
-        or sets drawn from the buffer."""
-        rows = buffer_content(buffer) if buffer.numel() else buffer.new_zeros(0, META)
+    @staticmethod
+    def _buffered_rows(buffer: Tensor) -> Tensor:
+        """The filled rows ``[key, key2, id, data...]`` of a candidate buffer, in key order."""
+        return buffer_content(buffer) if buffer.numel() else buffer.new_zeros(0, META)
+
+    def _candidate_sets(self, rows: Tensor, set_size: int) -> Candidates:
+        """The candidate sets as row positions of the buffered ``rows``, reported as input ids when every buffered
+        input has one (else as buffer positions): the given ``input_sets`` (ids), or sets drawn from the buffer."""
         ids = rows[:, 2].to(torch.long)
         row_ids = ids if bool((ids >= 0).all()) else None
         if self.options.input_sets is not None:
@@ -93,11 +96,11 @@ class CandidateMixin(StreamingMetric):
                     f"`input_sets` refer to input ids never passed to update(): {missing[:10]}"
                     + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else "")
                 )
-            return rows, Candidates(pos.reshape(sets.shape), given=True, row_ids=ids)
+            return Candidates(pos.reshape(sets.shape), given=True, row_ids=ids)
         if rows.shape[0] < set_size:
             raise ValueError(
                 f"the candidate buffer holds {rows.shape[0]} distinct inputs, fewer than the M+1 = {set_size} of an "
                 "input set: update() with more (distinct) inputs"
             )
         pos = draw_input_sets(rows.shape[0], set_size, self.options.num_input_sets, self.options.seed).to(rows.device)
-        return rows, Candidates(pos, row_ids=row_ids)
+        return Candidates(pos, row_ids=row_ids)

@@ -68,7 +68,9 @@ class LLVDistance(CandidateMixin):
     pass ``labels=`` to estimate d_LLV on a subset of labels (``result.labels`` says so).
 
     Args:
-        rep_dim: the representation dimension M (input sets have M+1 inputs).
+        rep_dim: the representation dimension M (input sets have M+1 inputs). None (default): the larger rank of the
+            two models' log-probabilities (centred over labels) over the inputs, ``max(r_p, r_q)``, found at
+            ``compute()`` as :func:`~lightning_repsim.functional.llv_distance` does.
         num_labels: K; if None, taken from the first ``update`` (the states are then sized lazily).
         buffer_size: capacity of the candidate buffer (default 1024, at least M+1).
         nan_strategy: ``"error"`` (default, the functional layer's error) or ``"ignore"``: rows with a
@@ -107,7 +109,7 @@ class LLVDistance(CandidateMixin):
 
     def __init__(
         self,
-        rep_dim: int,
+        rep_dim: int | None = None,
         num_labels: int | None = None,
         buffer_size: int = DEFAULT_BUFFER_SIZE,
         nan_strategy: str = "error",
@@ -116,7 +118,8 @@ class LLVDistance(CandidateMixin):
     ) -> None:
         options, kwargs = LLVOptions.split(kwargs)
         labels = -1 if options.labels is None else int(hash_keys(options.labels.reshape(1, -1), 0)[0])
-        config = {"rep_dim": check_rep_dim(rep_dim), "labels": labels, **self.candidate_config(options, buffer_size)}
+        rep_dim = None if rep_dim is None else check_rep_dim(rep_dim)
+        config = {"rep_dim": -1 if rep_dim is None else rep_dim, "labels": labels, **self.candidate_config(options, buffer_size)}
         super().__init__(nan_strategy=nan_strategy, memory_budget_gb=memory_budget_gb, config=config, **kwargs)
         self.options = options
         self.rep_dim = rep_dim
@@ -127,7 +130,7 @@ class LLVDistance(CandidateMixin):
             width = 2 * self._resolve(self.num_labels, buffer_size).num_compared
         self._add_state_kind("moments", "moments", empty_moments(width) if width else torch.zeros(0, dtype=torch.float64))
         self._add_state_kind("dims", "dims", torch.tensor([self.num_labels or 0], dtype=torch.int64))
-        self._init_candidates(buffer_size, self.rep_dim + 1, width)
+        self._init_candidates(buffer_size, None if rep_dim is None else rep_dim + 1, width)
 
     # -- sizes -------------------------------------------------------------------------------------
     def _resolve(self, k: int, buffer_size: int | None = None) -> _Labels:
@@ -179,14 +182,16 @@ class LLVDistance(CandidateMixin):
     def _result_from(self, states: dict[str, Tensor]) -> LLVResult:
         moments = states["moments"]
         if moments.numel() == 0 or int(moments[0]) == 0:
-            raise ValueError(f"LLVDistance needs at least M + 2 = {self.rep_dim + 2} inputs, got N=0")
+            raise ValueError("LLVDistance needs at least M + 2 inputs, got N=0")
         n, mean, cov = moments_covariance(moments)
         kk = cov.shape[0] // 2
-        check_num_inputs(n, self.rep_dim)
         k = int(states["dims"][0]) or kk
-        rows, candidates = self._candidate_sets(states["candidates"], self.rep_dim + 1)
+        rows = self._buffered_rows(states["candidates"])
         route = LogitsRoute.from_moments(mean, cov, rows[:, META : META + kk], rows[:, META + kk :])
-        return llv_from_route(route, candidates, self.options, self.options.resolve(k), LLVSizes(n, k, self.rep_dim))[0]
+        rep_dim = self.rep_dim if self.rep_dim is not None else route.representation_dim()
+        check_num_inputs(n, rep_dim)
+        candidates = self._candidate_sets(rows, rep_dim + 1)
+        return llv_from_route(route, candidates, self.options, self.options.resolve(k), LLVSizes(n, k, rep_dim))[0]
 
     def compute_result(self) -> LLVResult:
         """The full :class:`~lightning_repsim.functional.LLVResult` (``.value`` is what ``compute()`` returns)."""

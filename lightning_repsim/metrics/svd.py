@@ -326,7 +326,8 @@ class SVDDissimilarity(CandidateMixin):
         heads = self._unembeddings(m_p, m_q, cov_u.device)
         k = heads[0].shape[0]
         check_num_labels(k, r, need_subsets=True)
-        rows, candidates = self._candidate_sets(states["candidates"], r + 1)
+        rows = self._buffered_rows(states["candidates"])
+        candidates = self._candidate_sets(rows, r + 1)
         fp_rows, fq_rows = rows[:, META : META + m_p], rows[:, META + m_p :]
         route = RepresentationRoute((mean_u, cov_u), heads, (fp_rows, fq_rows))
         llv, chosen = llv_from_route(route, candidates, self.options, self.options.resolve(k), LLVSizes(n, k, r))
