@@ -16,12 +16,12 @@ All are ``nn.Module`` s called like torch losses, ``loss(input, target)``, i.e.
 * ``reduction``: ``"mean"`` (over kept rows), ``"sum"`` or ``"none"`` (per row, leading shape,
   masked rows 0). :class:`LLVLoss` is a batch statistic; see its docstring for what the
   reductions mean there;
-* ``chunk_size``: rows per block. Each loss walks the ``(N, K)`` rows in blocks with a hand-written
-  backward, so the only ``(N, K)`` tensor it allocates is the gradient, plus a few ``chunk_size x K``
-  float32 blocks. The default is about 1 MB of float32 per block on the CPU (the fastest there: every
-  temporary stays in cache) and all rows in one block on an accelerator (fewest kernel launches); pass
-  ``chunk_size`` on an accelerator when the float32 copies of large (e.g. bf16 ``(B, T, 128k)``) logits do
-  not fit, or to bound the memory on any device.
+* ``chunk_size``: at most this many rows per block. Each loss walks the ``(N, K)`` rows in blocks with a
+  hand-written backward, so the only ``(N, K)`` tensor it allocates is the gradient, plus a few blocks. The
+  default is about 1 MB of float32 per block on the CPU (the fastest there: every temporary stays in cache;
+  a larger ``chunk_size`` changes nothing) and all rows in one block on an accelerator (fewest kernel
+  launches); pass ``chunk_size`` on an accelerator when the float32 work on large (e.g. bf16 ``(B, T, 128k)``)
+  logits does not fit: it then holds a few ``chunk_size x K`` float32 blocks.
 
 For vocabularies so large that the logits should never exist, :class:`HiddenStateLogitDistanceLoss` and
 :class:`HiddenStateKDLoss` take the hidden states and the linear output layers of both models instead.

@@ -9,7 +9,8 @@ README's table.
 **Common options** (every loss): ``reduction`` (``"mean"`` over kept rows, ``"sum"``, ``"none"``),
 ``dtype`` (the compute dtype: float32, or float64 when an input is float64), ``check_finite`` (raise on
 non-finite logits in kept rows; it reads a few derived numbers, not the logits, on the host) and
-``chunk_size`` (rows per block: bounds the float32 work memory, see :mod:`~lightning_repsim.distillation.rows`).
+``chunk_size`` (at most this many rows per block: bounds the float32 work memory, see
+:mod:`~lightning_repsim.distillation.rows`).
 The computation runs with autocast disabled, so bf16/fp16 logits are upcast block by block.
 """
 

@@ -222,8 +222,8 @@ class LLVLoss(DistillationLoss):
 
     **Memory and time.** The label terms come from column moments of the log-probabilities taken in two passes
     over blocks of rows (:mod:`~lightning_repsim.distillation.llv_moments`) with a hand-written backward;
-    besides the gradient, only ``chunk_size x K`` blocks (default: about 1 MB each on the CPU, all rows at once
-    on an accelerator) and the rows of the candidate input sets are held.
+    besides the gradient, only a few blocks of at most ``chunk_size`` rows are held (default: about 1 MB each on the
+    CPU, the leanest and the fastest there; all rows at once on an accelerator, where ``chunk_size`` bounds them).
 
     Args:
         rep_dim: M, the (teacher's) representation dimension; input sets have M+1 rows. Needed for

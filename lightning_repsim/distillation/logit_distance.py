@@ -112,8 +112,9 @@ class LogitDistanceLoss(RowwiseLoss):
             ``(B,)`` / ``(B, T)``, masked rows 0).
         dtype: compute dtype; default float32, or float64 when an input is float64.
         check_finite: raise on non-finite values in kept rows (one host read of the per-row values).
-        chunk_size: rows per block (default: about 1 MB of float32 per block on the CPU, all rows at once on
-            an accelerator). Besides the gradient, the loss then holds a few ``chunk_size x K`` float32 blocks.
+        chunk_size: at most this many rows per block: besides the gradient, the loss holds a few
+            ``chunk_size x K`` float32 blocks. Default: blocks of about 1 MB on the CPU (already the leanest and the
+            fastest), all rows at once on an accelerator (pass ``chunk_size`` there to bound the memory).
 
     Example:
         >>> import torch
