@@ -43,6 +43,8 @@ def assert_same(a, b, rtol: float = RTOL, path: str = "result") -> None:
         for f in dataclasses.fields(a):
             if f.name == "search" and "given" in (a.search.get("method"), b.search.get("method")):
                 continue  # provenance of the input set: a search on one side, the same sets given on the other
+            if f.name == "llv" and None in (a.llv, b.llv):
+                continue  # the streaming SVDResult carries its d_LLV result, the functional one not (compared apart)
             assert_same(getattr(a, f.name), getattr(b, f.name), rtol, f"{path}.{f.name}")
     elif isinstance(a, torch.Tensor):
         b = torch.as_tensor(b)

@@ -241,8 +241,8 @@ class LLVResult:
     reduce: str
     combine: str
 
-    def as_dict(self) -> dict[str, float]:
-        """Scalar summary (Python floats/ints) under the keys the callback logs."""
+    def as_dict(self) -> dict[str, float | int]:
+        """Scalar summary under the keys the callback logs: floats, and the label set as ints."""
         return {
             "d_llv": float(self.value),
             "llv_t1": float(self.t1),

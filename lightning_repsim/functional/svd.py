@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -74,6 +75,9 @@ class SVDResult:
         embedding_rank: the ranks (r_p, r_q) of the two models' embeddings.
         rep_dim: the representation dimension r the label subsets (r labels) and the input set (r + 1 inputs) have:
             ``max(r_p, r_q)`` unless given (M for two full-rank embeddings of width M).
+        llv: the :class:`~lightning_repsim.functional.LLVResult` that chose the sets, when the result comes from
+            :class:`~lightning_repsim.metrics.SVDDissimilarity` (the representation route's d_LLV); None from
+            :func:`svd_dissimilarity` (``compare`` reports it as ``report.llv``).
         label_pivot, leave_out, input_set: the sets used.
     """
 
@@ -94,9 +98,18 @@ class SVDResult:
     input_set: Tensor
     embedding_rank: tuple[int, int] = (0, 0)
     rep_dim: int = 0
+    llv: Any = field(default=None, repr=False)
 
-    def as_dict(self) -> dict[str, float]:
-        return {"d_svd": float(self.value), "d_svd_f": float(self.f_part), "d_svd_g": float(self.g_part)}
+    @property
+    def svd(self) -> SVDResult:
+        """The result itself (``SVDDissimilarity.compute_result().svd`` of earlier versions)."""
+        return self
+
+    def as_dict(self) -> dict[str, float | int]:
+        """Scalars under the keys the callback logs: ``d_svd``, ``d_svd_f``, ``d_svd_g``, and d_LLV's when ``llv`` is
+        set (the streaming metric)."""
+        out: dict[str, float | int] = {} if self.llv is None else self.llv.as_dict()
+        return {**out, "d_svd": float(self.value), "d_svd_f": float(self.f_part), "d_svd_g": float(self.g_part)}
 
 
 def _check_variances(v_p: Tensor, v_q: Tensor, what: str, names: Tensor | None = None) -> None:

@@ -3,7 +3,7 @@ representation route: O(M^2) state whatever the vocabulary size)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 from typing import Any
 
 import torch
@@ -18,7 +18,7 @@ from lightning_repsim.functional.inputs import (
     check_tensor,
     embedding_rows,
 )
-from lightning_repsim.functional.llv import LLVOptions, LLVResult
+from lightning_repsim.functional.llv import LLVOptions
 from lightning_repsim.functional.llv_representation import RepresentationRoute, embedding_covariance, representation_rows
 from lightning_repsim.functional.llv_route import LLVSizes, llv_from_route
 from lightning_repsim.functional.llv_terms import CHUNK_NUMBERS
@@ -31,30 +31,9 @@ from lightning_repsim.metrics.sketch import META
 __all__ = ["SVDDissimilarity", "SVDDissimilarityResult"]
 
 
-@dataclass(frozen=True)
-class SVDDissimilarityResult:
-    """What :class:`SVDDissimilarity` computed (``compute_result()``).
-
-    Attributes:
-        value: d_SVD ``= max(f_part, g_part)`` (float64 scalar), what ``compute()`` returns.
-        f_part, g_part: the two parts of d_SVD.
-        llv: the :class:`~lightning_repsim.functional.LLVResult` that chose the sets (representation route:
-            exact from the O(M^2) statistic; ``llv.label_search == "restricted"`` when only some pivots were
-            searched).
-        svd: the full :class:`~lightning_repsim.functional.SVDResult` (``svd.exhaustive`` is False when the
-            f-part was evaluated on a sample of label subsets).
-    """
-
-    value: Tensor
-    f_part: Tensor
-    g_part: Tensor
-    llv: LLVResult
-    svd: SVDResult
-
-    def as_dict(self) -> dict[str, float]:
-        """Flat scalars under the keys the callback logs: d_llv, llv_t1..llv_t4, label_pivot, leave_out, d_svd,
-        d_svd_f, d_svd_g."""
-        return {**self.llv.as_dict(), **self.svd.as_dict()}
+#: The result of :class:`SVDDissimilarity`: the functional :class:`~lightning_repsim.functional.SVDResult` with its
+#: ``llv`` set (one result type per measure; the name of earlier versions is kept).
+SVDDissimilarityResult = SVDResult
 
 
 def _stack_log_partitions(emb_p: Tensor, emb_q: Tensor, logz_p: Tensor | None, logz_q: Tensor | None):
@@ -99,8 +78,9 @@ class SVDDissimilarity(CandidateMixin):
 
     As output of ``forward`` and ``compute``: d_SVD as a float64 scalar tensor (``forward``: of the batch alone;
     its cost is a ``compute()`` on a batch-sized state, i.e. the label search: about a second at K = 50,257).
-    :meth:`compute_result` returns the :class:`SVDDissimilarityResult` (f- and g-parts, the d_LLV result with its
-    terms and sets, the full :class:`~lightning_repsim.functional.SVDResult`).
+    :meth:`compute_result` returns the :class:`~lightning_repsim.functional.SVDResult` (f- and g-parts, subsets,
+    ranks) with ``.llv``, the d_LLV result with its terms and sets (the same result type as
+    :func:`~lightning_repsim.functional.svd_dissimilarity`).
 
     State (float64, independent of the number of inputs N; not persistent unless ``persistent(True)``), sized at the
     first ``update`` from both widths:
@@ -314,7 +294,7 @@ class SVDDissimilarity(CandidateMixin):
         # tensor version counters do not survive a copy: a copy checks the unembeddings from its next update on
         return {**super().__getstate__(), "_in_use": None}
 
-    def _result_from(self, states: dict[str, Tensor]) -> SVDDissimilarityResult:
+    def _result_from(self, states: dict[str, Tensor]) -> SVDResult:
         moments = states["moments"]
         if moments.numel() == 0 or int(moments[0]) == 0:
             raise ValueError("SVDDissimilarity needs at least M + 2 inputs, got N=0")
@@ -334,8 +314,9 @@ class SVDDissimilarity(CandidateMixin):
         stats = SVDStatistics(cov_f, heads[0], heads[2], fp_rows[chosen], fq_rows[chosen],
                               cov_w=embedding_covariance(route.sigma_h, m_p))
         svd = svd_from_parts(stats, (llv.label_pivot, llv.leave_out, llv.input_set), r, self.max_label_subsets, self.options.seed)
-        return SVDDissimilarityResult(value=svd.value, f_part=svd.f_part, g_part=svd.g_part, llv=llv, svd=svd)
+        return dataclasses.replace(svd, llv=llv)
 
-    def compute_result(self) -> SVDDissimilarityResult:
-        """The full :class:`SVDDissimilarityResult` (``.value`` is what ``compute()`` returns)."""
+    def compute_result(self) -> SVDResult:
+        """The full :class:`~lightning_repsim.functional.SVDResult` with its ``llv`` (the d_LLV result that chose the
+        sets); ``.value`` is what ``compute()`` returns."""
         return super().compute_result()
