@@ -21,9 +21,15 @@ _BLOCK_CPU = 1 << 18
 _BLOCK = 1 << 22
 
 
+def _at_least_zero_(kl: Tensor) -> Tensor:
+    """Per-input KLs that round-off put below 0 (about -1e-17 for models that agree to float64 precision) set to 0,
+    in place: a KL is never negative. Non-finite values (a non-finite logit) stay as they are."""
+    return kl.masked_fill_((kl < 0) & torch.isfinite(kl), 0.0)
+
+
 def kl_per_input(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """``KL(p(.|x) || q(.|x))`` for each row, from float64 log-probabilities of shape (N, K)."""
-    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+    """``KL(p(.|x) || q(.|x))`` for each row, from float64 log-probabilities of shape (N, K) (never below 0)."""
+    return _at_least_zero_((log_p.exp() * (log_p - log_q)).sum(dim=-1))
 
 
 def _blocks(n: int, k: int, device: torch.device):
@@ -90,7 +96,7 @@ def kl_of_logit_rows(logits_p: Tensor, logits_q: Tensor, logz_p: Tensor | None =
         d = diff_buf[: z_p.shape[0]].copy_(logits_q[sl]).neg_().add_(z_p)
         weights = z_p.sub_(logz_p[sl, None]).exp_()  # p(y|x)
         kl[sl] = torch.linalg.vecdot(weights, d)
-    return kl - logz_p + logz_q
+    return _at_least_zero_(kl - logz_p + logz_q)
 
 
 def logit_pair_rows(logits_p: Tensor, logits_q: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -137,7 +143,7 @@ def logit_pair_rows(logits_p: Tensor, logits_q: Tensor) -> tuple[Tensor, Tensor,
         # of logZ_p against logZ_q)
         out[2, sl] = torch.linalg.vecdot(u, d) / total - ((m_p - m_q - centre) + (log_u - log_e))
     lz_p, lz_q, kl, sq = out.unbind(0)
-    return lz_p, lz_q, kl, sq
+    return lz_p, lz_q, _at_least_zero_(kl), sq
 
 
 def check_num_classes(k: int) -> None:

@@ -284,6 +284,12 @@ class StreamingMetric(Metric):
                     f"{type(self).__name__}: cannot combine with {source}: it has {self._describe(name, err.theirs)}, "
                     f"this metric {self._describe(name, err.ours)}"
                 ) from None
+            problem = kind.invalid(other)
+            if problem is not None:  # e.g. NaN moments: refused here, not as "cannot convert float NaN" at compute()
+                raise ValueError(
+                    f"{type(self).__name__}: state `{name}` of {source} has {problem}; no update produces such a state "
+                    "(a corrupted or edited checkpoint?), so it is not used"
+                )
 
     def merge_state(self, incoming_state: dict[str, Any] | Metric) -> None:
         """Merge another metric's (or a ``metric_state`` dict's) statistics exactly into this one, after checking

@@ -9,17 +9,22 @@ that folds the states of all processes (stacked along dim 0) exactly:
 * :class:`Statistic` -- a flat statistic with its own exact merge (the shifted CKA statistic);
 * :class:`Count` -- an integer counter (sum);
 * :class:`Dims` -- sizes seen so far, 0 = not seen yet (must agree);
+* :class:`Fingerprint` -- positive hash keys of what the statistics were computed with besides the inputs (e.g. the
+  unembeddings of :class:`~lightning_repsim.metrics.SVDDissimilarity`), 0 = nothing accumulated yet (must agree);
 * :class:`Config` -- the metric's configuration (must be identical).
 
 ``update`` contributions, ``merge_state`` and DDP sync all go through the same merge, so a result does not depend on
 batching or on the number of processes. States whose size is unknown before the first ``update`` are *lazily sized*:
 shape ``(0,)`` until then, and :func:`gather_states` gives a process that saw no data the empty statistic at sync time.
 A contribution or a state that does not fit raises :class:`SizeMismatch` / :class:`ConfigMismatch`, which the metric
-turns into a message in its own terms.
+turns into a message in its own terms. :meth:`StateKind.invalid` says what is wrong with a state's *values* (NaN or
+infinite statistics, a negative or fractional count): a loaded or merged state must be one that ``update`` could have
+produced.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +41,7 @@ __all__ = [
     "ConfigMismatch",
     "Count",
     "Dims",
+    "Fingerprint",
     "Moments",
     "SizeMismatch",
     "StateKind",
@@ -74,8 +80,25 @@ class StateKind:
     def check(self, ours: Tensor, theirs: Tensor) -> None:
         """Raise :class:`SizeMismatch` or :class:`ConfigMismatch` if ``theirs`` cannot be merged into ``ours``."""
 
+    def invalid(self, state: Tensor) -> str | None:
+        """What is wrong with the values of ``state`` (a loaded or incoming one), or None: every entry of a float
+        statistic must be finite."""
+        return _non_finite(state) if state.is_floating_point() else None
+
     def merge(self, ours: Tensor, theirs: Tensor) -> Tensor:
         raise NotImplementedError
+
+
+def _non_finite(values: Tensor) -> str | None:
+    bad = int((~torch.isfinite(values)).sum())
+    return f"{bad} non-finite value(s) (NaN or infinite) among its {values.numel()} entries" if bad else None
+
+
+def _bad_count(count: Tensor) -> str | None:
+    value = float(count)
+    if not math.isfinite(value) or value < 0 or value != math.floor(value):
+        return f"a count of {value!r} inputs (a count is a non-negative integer)"
+    return None
 
 
 class _Sized(StateKind):
@@ -123,6 +146,11 @@ class Moments(_Sized):
     def add(self, state: Tensor, value: Tensor) -> Tensor:
         return moments_add(state, value)
 
+    def invalid(self, state: Tensor) -> str | None:
+        if state.numel() == 0:
+            return None
+        return _bad_count(state[0]) or _non_finite(state)
+
     def _merge(self, ours: Tensor, theirs: Tensor) -> Tensor:
         return moments_merge_(ours, theirs) if float(theirs[0]) > 0 else ours
 
@@ -144,6 +172,16 @@ class Buffer(_Sized):
 
     def add(self, state: Tensor, value: Tensor) -> Tensor:
         return buffer_insert(state, value)
+
+    def invalid(self, state: Tensor) -> str | None:
+        """Keys finite or ``+inf`` (an empty slot), every other entry finite."""
+        if state.numel() == 0:
+            return None
+        keys, rest = state[:, :2], state[:, 2:]
+        bad = int((torch.isnan(keys) | (keys == float("-inf"))).sum()) + int((~torch.isfinite(rest)).sum())
+        if not bad:
+            return None
+        return f"{bad} invalid value(s) (NaN, or infinite outside the keys of empty slots) among its {state.numel()} entries"
 
     def _merge(self, ours: Tensor, theirs: Tensor) -> Tensor:
         return buffer_insert(ours, theirs)
@@ -178,6 +216,9 @@ class Count(StateKind):
 
     def add(self, state: Tensor, value: int) -> Tensor:
         return state + value
+
+    def invalid(self, state: Tensor) -> str | None:
+        return f"a negative count {state.tolist()}" if bool((state < 0).any()) else None
 
     def merge(self, ours: Tensor, theirs: Tensor) -> Tensor:
         return ours + theirs
@@ -214,6 +255,24 @@ class Dims(StateKind):
         return torch.maximum(ours, theirs)
 
 
+class Fingerprint(Dims):
+    """Positive hash keys of something the statistics depend on besides the inputs (a model's unembedding, with which
+    each input's log-partition was computed), 0 where nothing was accumulated yet: states accumulated with different
+    ones mix two models, so every process and every merged or loaded state must agree."""
+
+    @staticmethod
+    def reduce(stacked: Tensor) -> Tensor:
+        if stacked.ndim == 1:
+            return stacked
+        seen = stacked.amax(dim=0)
+        if _conflict(stacked, seen):
+            raise ValueError(
+                "the processes accumulated their inputs with different unembeddings (fingerprints "
+                f"{stacked.tolist()}): the statistics would mix two models"
+            )
+        return seen
+
+
 class Config(StateKind):
     """The metric's configuration as integers (``names`` in order): states of differently configured metrics refuse
     to merge. It is a metric's first state: torchmetrics < 1.9 compares only the first state of two metrics with the
@@ -247,6 +306,7 @@ _BY_NAME: dict[str, Callable[..., StateKind]] = {
     "merged": lambda capacity, merge: Statistic(merge),
     "count": lambda capacity, merge: Count(),
     "dims": lambda capacity, merge: Dims(),
+    "fingerprint": lambda capacity, merge: Fingerprint(),
 }
 
 

@@ -26,7 +26,7 @@ from lightning_repsim.functional.svd import SVDResult, SVDStatistics, representa
 from lightning_repsim.metrics.base import DEFAULT_MEMORY_BUDGET_GB
 from lightning_repsim.metrics.candidates import REPRESENTATION_BUFFER_SIZE, CandidateMixin
 from lightning_repsim.metrics.moment_state import moments_covariance, moments_dim
-from lightning_repsim.metrics.sketch import META
+from lightning_repsim.metrics.sketch import META, hash_keys
 
 __all__ = ["SVDDissimilarity", "SVDDissimilarityResult"]
 
@@ -55,6 +55,33 @@ def _stack_log_partitions(emb_p: Tensor, emb_q: Tensor, logz_p: Tensor | None, l
 def _version(t: Tensor) -> int | None:
     """The tensor's in-place modification counter (None for inference tensors, which cannot change in place)."""
     return None if t.is_inference() else t._version
+
+
+#: Entries of an unembedding hashed into its fingerprint (all of them when it has fewer).
+FINGERPRINT_ENTRIES = 4096
+
+
+def unembedding_fingerprint(unemb: Tensor) -> Tensor:
+    """Two positive int64 hash keys of an unembedding's shape and of ``FINGERPRINT_ENTRIES`` seeded entries (float64
+    values; all entries when there are fewer): O(1) cost at any K, exact integer hashing, so the same tensor gives the
+    same keys on every device and in every dtype it is exactly representable in. Two different models' unembeddings
+    differ in essentially every entry, so they get different keys.
+
+    Example:
+        >>> import torch
+        >>> g = torch.randn(6, 3)
+        >>> bool((unembedding_fingerprint(g) == unembedding_fingerprint(g.double())).all())
+        True
+        >>> bool((unembedding_fingerprint(g) == unembedding_fingerprint(g + 1)).all())
+        False
+    """
+    flat = unemb.detach().reshape(-1)
+    if flat.numel() > FINGERPRINT_ENTRIES:
+        picks = torch.randint(flat.numel(), (FINGERPRINT_ENTRIES,), generator=torch.Generator().manual_seed(flat.numel()))
+        flat = flat[picks.to(flat.device)]
+    shape = torch.tensor(list(unemb.shape), dtype=torch.float64, device=flat.device)
+    key, key2 = hash_keys(torch.cat([shape, flat.to(torch.float64)])[None, :], seed=20_24)
+    return torch.cat([key, key2]).to(torch.int64) + 1
 
 
 def _check_unembedding(unemb: Tensor, name: str) -> Tensor:
@@ -166,6 +193,8 @@ class SVDDissimilarity(CandidateMixin):
         # sized at the first update, once both widths are known (an unembedding may carry a bias column)
         self._add_state_kind("moments", "moments", torch.zeros(0, dtype=torch.float64))
         self._add_state_kind("widths", "dims", torch.zeros(2, dtype=torch.int64))
+        # which unembeddings the accumulated logZ used: states of two models refuse to merge, load or sync together
+        self._add_state_kind("unembeddings", "fingerprint", torch.zeros(4, dtype=torch.int64))
         self.buffer_size = buffer_size
         self._init_candidates(buffer_size, None if rep_dim is None else rep_dim + 1, None)
 
@@ -176,6 +205,10 @@ class SVDDissimilarity(CandidateMixin):
             return f"a buffer of {shape[0]} inputs with M_p + M_q = {shape[1] - META}"
         if name == "widths":
             return f"widths (M_p, M_q) = {shape}"
+        if name == "unembeddings":
+            if not any(shape):
+                return "no inputs"
+            return f"inputs whose logZ used other unembeddings (fingerprints p={shape[:2]}, q={shape[2:]})"
         return super()._describe(name, shape)
 
     def _check_sizes(self, m_p: int, m_q: int, k: int) -> None:
@@ -271,6 +304,9 @@ class SVDDissimilarity(CandidateMixin):
                 if not bool(torch.isfinite(unemb).all()):
                     check_finite(unemb.to(torch.float64), name)
         contributions: dict[str, Any] = {"widths": torch.tensor([m_p, m_q], dtype=torch.int64)}
+        if self._in_use is None and f_p.shape[0]:
+            fingerprints = [unembedding_fingerprint(self.unemb_p), unembedding_fingerprint(self.unemb_q)]
+            contributions["unembeddings"] = torch.cat(fingerprints)
         if dropped:
             contributions["num_dropped"] = dropped
         if f_p.shape[0]:
@@ -289,6 +325,22 @@ class SVDDissimilarity(CandidateMixin):
     def reset(self) -> None:
         super().reset()
         self._in_use = None
+
+    def _adopt_loaded_states(self) -> None:
+        """A loaded state must have been accumulated with this metric's unembeddings, when it holds them."""
+        super()._adopt_loaded_states()
+        self._in_use = None  # the next update checks its unembeddings against the loaded fingerprints
+        loaded = self.unembeddings
+        if bool((loaded == 0).all()) or self.unemb_p is None or self.unemb_q is None:
+            return
+        mine = torch.cat([unembedding_fingerprint(self.unemb_p), unembedding_fingerprint(self.unemb_q)]).to(loaded.device)
+        if not torch.equal(mine, loaded):
+            self.reset()
+            raise ValueError(
+                f"SVDDissimilarity: the loaded state_dict holds {self._describe('unembeddings', tuple(loaded.tolist()))} "
+                f"than this metric's ({self._describe('unembeddings', tuple(mine.tolist()))}): its statistics belong to "
+                "another model"
+            )
 
     def __getstate__(self) -> dict[str, Any]:
         # tensor version counters do not survive a copy: a copy checks the unembeddings from its next update on
