@@ -455,13 +455,15 @@ def test_reference_runs_at_the_students_precision(precision):
     trainer(max_epochs=1, callbacks=[cb], precision=precision).fit(student, train, val)
     assert cb.reference_fingerprint == before  # taken before the conversion
     dtype = {"64-true": torch.float64, "bf16-mixed": torch.float32, "bf16-true": torch.bfloat16}[precision]
-    assert all(p.dtype == dtype for p in ref.parameters()) and all(p.dtype == dtype for p in student.parameters())
+    assert all(p.dtype == dtype for p in cb.reference.parameters()) and all(p.dtype == dtype for p in student.parameters())
+    assert all(p.dtype == torch.float32 for p in ref.parameters())  # a converted copy ran: the user's module is as given
     assert all(math.isfinite(cb.history[-1][key]) for key in KEYS)
     if precision == "64-true":  # both models ran in float64 on float64 batches: compare on float64 data
         x = torch.cat([b for b, _ in val]).double()
+        ref64 = cb.reference  # the float64 copy the callback ran
         with torch.no_grad():
-            f_p, f_q, z_p, z_q = ref.body(x), student.body(x), ref(x), student(x)
-        expected = compare(f_p, unembedding(ref.head), f_q, unembedding(student.head), input_sets=candidate_sets(cb),
+            f_p, f_q, z_p, z_q = ref64.body(x), student.body(x), ref64(x), student(x)
+        expected = compare(f_p, unembedding(ref64.head), f_q, unembedding(student.head), input_sets=candidate_sets(cb),
                            logits=(z_p, z_q), route="representation").as_dict()
         for key in KEYS:
             assert_close(cb.history[-1][key], expected[key], key, rtol=1e-7)  # float64 batches of 50 vs all at once
@@ -480,6 +482,23 @@ def test_identical_models_are_identical_under_every_precision(precision):
     for h in (cb.history[-1], cb2.history[-1]):
         assert h["kl"] <= 1e-6 and h["d_llv"] <= 1e-6, (precision, h)
         assert h["d_svd"] <= 1e-6 and h["mcca"] >= 1 - 1e-6, (precision, h)
+
+
+def test_the_users_reference_keeps_its_dtype_after_a_bf16_true_run():
+    """Before: after a ``"bf16-true"`` run the user's reference object stayed bfloat16, so a later ``"32-true"`` run
+    compared a bf16 reference with an fp32 copy of it (KL 2.5e-6, d_LLV 4.3e-3 instead of 0)."""
+    _, student = make_pair(lr=0.0)
+    _, val = radial_loaders()
+    reference = copy.deepcopy(student)
+    cb = ReferenceComparison(reference)
+    trainer(callbacks=[cb], precision="bf16-true").validate(copy.deepcopy(student), val, verbose=False)
+    assert all(p.dtype == torch.float32 for p in reference.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in cb.reference.parameters())
+    for callback in (cb, ReferenceComparison(reference)):  # the same callback, or the same module in a new one
+        trainer(callbacks=[callback], precision="32-true").validate(student, val, verbose=False)
+        h = callback.history[-1]
+        assert all(p.dtype == torch.float32 for p in callback.reference.parameters())
+        assert h["kl"] == 0.0 and h["d_llv"] <= 1e-12 and h["mcca"] >= 1 - 1e-12, h
 
 
 # ----------------------------------------------------------------------------------------------

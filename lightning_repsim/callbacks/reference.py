@@ -2,14 +2,16 @@
 
 The reference is kept on the callback (never a submodule of the student, so never in its optimizer,
 checkpoint or DDP wrapper). It runs at the student's precision: Lightning's precision plugin converts it
-like the student (``"64-true"``, ``"bf16-true"``, ...) and its forward runs inside the same precision
-context (autocast for ``"16-mixed"``/``"bf16-mixed"``), so two identical models give identical outputs.
+like the student (``"64-true"``, ``"bf16-true"``, ...; a converted copy, the user's module keeps its dtype) and its
+forward runs inside the same precision context (autocast for ``"16-mixed"``/``"bf16-mixed"``), so two identical
+models give identical outputs.
 It receives the same model inputs as the student: for a mapping batch (a tokenizer's output) the keys
 its ``forward`` accepts, ``attention_mask`` included.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import os
@@ -29,6 +31,8 @@ __all__ = [
     "check_separate",
     "load_reference",
     "model_inputs",
+    "PreparedReference",
+    "converts_modules",
     "prepare_reference",
     "weights_fingerprint",
 ]
@@ -119,13 +123,49 @@ def check_separate(reference: nn.Module, student: nn.Module) -> None:
         )
 
 
+def converts_modules(trainer: pl.Trainer | None) -> bool:
+    """Whether the trainer's precision plugin converts modules (``"64-true"``, ``"bf16-true"``, ``"16-true"``,
+    quantisation...): it overrides ``Precision.convert_module``; the mixed-precision plugins run in autocast instead."""
+    from lightning.pytorch.plugins.precision import Precision
+
+    plugin = None if trainer is None else trainer.precision_plugin
+    return plugin is not None and type(plugin).convert_module is not Precision.convert_module
+
+
+class PreparedReference:
+    """The reference as one run needs it -- frozen, at the student's precision, on its device -- made from the user's
+    module, which is never converted in place.
+
+    A precision plugin that converts modules (``"bf16-true"``, ``"64-true"``) converts a *copy* (made once per
+    precision setting and kept): the user's object keeps its dtype, so reusing it in a later run at another precision
+    compares the model it is (an fp32 copy of the student after a ``"bf16-true"`` run still gives KL = d_LLV = 0 in a
+    ``"32-true"`` run). The cost is the converted copy's memory besides the user's module (half of it for bf16). With
+    any other plugin the user's module itself is moved to the device, as ``model.to(device)`` would.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.original = module
+        self._copy: nn.Module | None = None
+        self._copy_key: tuple | None = None
+
+    def prepare(self, trainer: pl.Trainer | None, device: torch.device) -> nn.Module:
+        """The module to run: frozen, converted by the trainer's precision plugin, on ``device``."""
+        original = self.original.eval().requires_grad_(False)
+        if not converts_modules(trainer):
+            return original.to(device)
+        plugin = trainer.precision_plugin  # type: ignore[union-attr]
+        key = (type(plugin), getattr(plugin, "precision", None))
+        if self._copy is None or self._copy_key != key:
+            self._copy = None  # the previous copy is released before the next is made
+            self._copy = plugin.convert_module(copy.deepcopy(original)).eval().requires_grad_(False)
+            self._copy_key = key
+        return self._copy.to(device)
+
+
 def prepare_reference(reference: nn.Module, trainer: pl.Trainer | None, device: torch.device) -> nn.Module:
-    """Frozen (``eval()``, no gradients), converted like the student by the trainer's precision plugin, on ``device``."""
-    reference.eval()
-    reference.requires_grad_(False)
-    if trainer is not None:
-        reference = trainer.precision_plugin.convert_module(reference)
-    return reference.to(device)
+    """Frozen (``eval()``, no gradients), converted like the student by the trainer's precision plugin (a converted
+    copy: ``reference`` keeps its dtype), on ``device`` (see :class:`PreparedReference`, which keeps the copy)."""
+    return PreparedReference(reference).prepare(trainer, device)
 
 
 def cast_floats(data: Any, dtype: torch.dtype) -> Any:

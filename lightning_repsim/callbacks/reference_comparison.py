@@ -36,11 +36,11 @@ from lightning_repsim.callbacks.media import embedding_figure, layer_figure, log
 from lightning_repsim.callbacks.positions import SamplePositions
 from lightning_repsim.callbacks.reference import (
     FingerprintCheck,
+    PreparedReference,
     batch_size_of,
     check_separate,
     load_reference,
     model_inputs,
-    prepare_reference,
     weights_fingerprint,
 )
 from lightning_repsim.functional.svd import DiversityWarning
@@ -114,8 +114,10 @@ class ReferenceComparison(Callback):
         self._fingerprint = FingerprintCheck()
         # the comparison is built now for an nn.Module (bad options fail here), at setup for a checkpoint path
         self.comparison: ModelComparison | None = None
+        self._prepared: PreparedReference | None = None  # the user's reference and its converted copy, if any
         if isinstance(reference, nn.Module):
             self.comparison = ModelComparison(reference, self.config)
+            self._prepared = PreparedReference(reference)
         else:
             ModelComparison.collaborators(self.config)
         self._active = False
@@ -193,14 +195,16 @@ class ReferenceComparison(Callback):
         if self.comparison is None:
             reference = load_reference(self._reference_source, pl_module, self.config.reference_load_kwargs)
             self.comparison = ModelComparison(reference, self.config)
-        check_separate(self.comparison.reference, pl_module)
-        self._fingerprint.take(self.comparison.reference)
+            self._prepared = PreparedReference(reference)
+        check_separate(self._prepared.original, pl_module)
+        self._fingerprint.take(self._prepared.original)
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """The reference on the student's device, converted by the precision plugin, forwards in its context."""
+        """The reference on the student's device, converted by the precision plugin (a copy: the user's module keeps
+        its dtype), forwards in its context."""
         self._fingerprint.check_pending()
         comparison = self.comparison
-        comparison.reference = prepare_reference(comparison.reference, trainer, pl_module.device)
+        comparison.reference = self._prepared.prepare(trainer, pl_module.device)
         comparison.context = trainer.precision_plugin.val_step_context
 
     @override
