@@ -14,9 +14,10 @@ Cases:
   targets (the losses at most 1.2x its CPU time and no more memory; LLVLoss and the README recipe at most 2.5x and
   1.5x its memory). It ignores the mask (its cheapest form); the masked per-row form is shown too;
 * every loss of :mod:`lightning_repsim.losses` with its default blocks (about 1 MB each on the CPU) and, marked
-  with an asterisk, as on an accelerator: all rows in one block (the default there, forced here by raising
-  ``rows.CPU_BLOCK_NUMBERS``) and with ``chunk_size=1024`` (the bound ``chunk_size`` sets there; on the CPU the
-  default blocks are already smaller, so ``chunk_size=1024`` changes nothing);
+  with an asterisk, as on an accelerator (the rows' device path, forced here: the mask applied inside the blocks,
+  no finiteness check), unchunked (``chunk_size`` = all 4,096 rows in one block) and with ``chunk_size=1024``. On
+  the CPU the default blocks are already far smaller, so ``chunk_size=1024`` changes nothing there; on an
+  accelerator the default blocks hold 2^26 numbers (2,097 rows here);
 * the hidden-state variants against the same loss on logits formed by the heads (heads included in both:
   student hidden width ``--student-width``, teacher ``--teacher-width``, gradients to the student's hidden states
   and head).
@@ -62,19 +63,19 @@ CASES = {
            "logits"),
     "kl_masked": ('the same KL per row (`reduction="none"`, `.sum(-1)`), averaged over the kept rows', "logits"),
     "ld": ("`LogitDistanceLoss()`", "logits"),
-    "ld_one": ("`LogitDistanceLoss()`, one block of all rows\\*", "logits"),
-    "ld_one_chunk": ("`LogitDistanceLoss(chunk_size=1024)`, blocks of 1,024 rows\\*", "logits"),
+    "ld_one": ("`LogitDistanceLoss(chunk_size=4096)`: unchunked, one block of all rows\\*", "logits"),
+    "ld_one_chunk": ("`LogitDistanceLoss(chunk_size=1024)`\\*", "logits"),
     "ld_mean": ('`LogitDistanceLoss(class_reduction="mean")`', "logits"),
     "kd": ("`KDLoss(temperature=2.0)`", "logits"),
-    "kd_one": ("`KDLoss(temperature=2.0)`, one block\\*", "logits"),
+    "kd_one": ("`KDLoss(temperature=2.0, chunk_size=4096)`: unchunked\\*", "logits"),
     "kd_one_chunk": ("`KDLoss(temperature=2.0, chunk_size=1024)`\\*", "logits"),
     "llv": ("`LLVLoss(rep_dim=2)`", "logits"),
-    "llv_one": ("`LLVLoss(rep_dim=2)`, one block\\*", "logits"),
+    "llv_one": ("`LLVLoss(rep_dim=2, chunk_size=4096)`: unchunked\\*", "logits"),
     "llv_one_chunk": ("`LLVLoss(rep_dim=2, chunk_size=1024)`\\*", "logits"),
     "llv_big_m": ("`LLVLoss(rep_dim=127)` (input sets of 128 rows)", "logits"),
     "llv_mean": ('`LLVLoss(input_set_search="mean", reduce="softmax")`', "logits"),
     "recipe": ("README recipe: `LLVLoss(...)` + 0.1 `KDLoss(temperature=4.0)`", "logits"),
-    "recipe_one": ("README recipe, one block\\*", "logits"),
+    "recipe_one": ("README recipe, both with `chunk_size=4096`: unchunked\\*", "logits"),
     "recipe_one_chunk": ("README recipe, both with `chunk_size=1024`\\*", "logits"),
     "heads_ld": ("heads + `LogitDistanceLoss()`", "hidden"),
     "hidden_ld": ("`HiddenStateLogitDistanceLoss()` (first call: builds the teacher's block)", "hidden"),
@@ -158,6 +159,8 @@ def _logits_case(name: str, student, teacher, mask, losses):
                            reduction="none").sum(-1)
         return (per_row * mask).sum() / mask.sum()
     chunk = {"chunk_size": 1024} if name.endswith("_chunk") else {}
+    if name.endswith("_one"):  # unchunked: every row in one block
+        chunk = {"chunk_size": student.shape[0] * student.shape[1]}
     base = name.removesuffix("_chunk").removesuffix("_one")
     if base == "ld":
         return losses.LogitDistanceLoss(**chunk)(student, teacher, mask=mask)
@@ -217,10 +220,10 @@ def run_case(args) -> dict:
         losses = _old_module(args.before)
     else:
         from lightning_repsim import losses
-    if "_one" in name:  # an accelerator's default on the CPU: all rows in one block (unless chunk_size bounds it)
+    if "_one" in name:  # as on an accelerator: the mask applied inside one block of all rows (or chunk_size rows)
         import lightning_repsim.distillation.rows as rows_module
 
-        rows_module.CPU_BLOCK_NUMBERS = 1 << 62
+        rows_module.compiling = lambda: True  # the rows' "not on the host" path (the finiteness check is skipped)
     hidden_loss = _hidden_loss(name) if kind == "hidden" else None
     if name == "hidden_ld_cached":
         with torch.no_grad():
@@ -301,7 +304,8 @@ def table(args) -> str:
         f"{args.student_width}, teacher width {args.teacher_width}, heads with bias; their inputs are the hidden "
         "states and heads, so the logits (and their gradient) count as extra memory there.",
         "",
-        "\\* as on an accelerator: all rows in one block, or blocks of `chunk_size` rows (see the script's docstring).",
+        "\\* as on an accelerator (the mask applied inside the blocks; see the script's docstring): unchunked "
+        "(`chunk_size` = all rows) or blocks of 1,024 rows.",
         "",
         "| loss | CPU (s) | CPU / KL | extra memory (MB) | memory / KL | beyond the gradient (MB) | value |",
         "|---|---:|---:|---:|---:|---:|---:|",

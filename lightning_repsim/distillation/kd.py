@@ -41,8 +41,9 @@ class _KDRows(torch.autograd.Function):
         lse = torch.zeros(2, rows.num_rows, dtype=rows.dtype, device=student.device)
         inv = 1.0 / temperature
         for i, j in rows.blocks():
-            sb, tb, _ = rows.block(i, j)
-            out[i:j], lse[0, i:j], lse[1, i:j] = kd_rows(sb * inv, tb * inv)
+            sb, tb, drop = rows.block(i, j)
+            a, b = rows.sanitise(sb * inv, drop), rows.sanitise(tb * inv, drop)
+            out[i:j], lse[0, i:j], lse[1, i:j] = kd_rows(a, b)
         ctx.save_for_backward(student, teacher, lse)
         ctx.rows, ctx.temperature = rows, temperature
         return out * (temperature * temperature)
@@ -57,13 +58,13 @@ class _KDRows(torch.autograd.Function):
         grad = rows.new_grad()
         direct = grad.dtype == rows.dtype and rows.keep is None
         for i, j in rows.blocks():
-            sb, tb, kb = rows.block(i, j)
-            ps = torch.mul(sb, inv, out=grad[i:j]) if direct else sb * inv
+            sb, tb, drop = rows.block(i, j)
+            ps = torch.mul(sb, inv, out=grad[i:j]) if direct else rows.sanitise(sb * inv, drop)
             ps.sub_(lse[0, i:j, None]).exp_()
-            pt = (tb * inv).sub_(lse[1, i:j, None]).exp_()
+            pt = rows.sanitise(tb * inv, drop).sub_(lse[1, i:j, None]).exp_()
             ps.sub_(pt).mul_(scale[i:j, None])
             if not direct:
-                rows.store(grad, i, j, ps, kb)
+                rows.store(grad, i, j, ps, drop)
         return grad, None, None, None
 
 

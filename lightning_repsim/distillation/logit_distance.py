@@ -38,8 +38,8 @@ class _LogitDistanceRows(torch.autograd.Function):
         out = torch.zeros(rows.num_rows, dtype=rows.dtype, device=student.device)
         means = torch.zeros_like(out) if centered else None
         for a, b in rows.blocks():
-            sb, tb, _ = rows.block(a, b)
-            d = sb - tb
+            sb, tb, drop = rows.block(a, b)
+            d = rows.sanitise(sb - tb, drop)
             if centered:
                 m = d.mean(-1, keepdim=True)
                 d.sub_(m)
@@ -61,8 +61,8 @@ class _LogitDistanceRows(torch.autograd.Function):
         grad = rows.new_grad()
         direct = grad.dtype == rows.dtype and rows.keep is None
         for a, b in rows.blocks():
-            sb, tb, kb = rows.block(a, b)
-            d = torch.sub(sb, tb, out=grad[a:b]) if direct and p == 2 else sb - tb
+            sb, tb, drop = rows.block(a, b)
+            d = torch.sub(sb, tb, out=grad[a:b]) if direct and p == 2 else rows.sanitise(sb - tb, drop)
             if centered:
                 d.sub_(means[a:b, None])
             if p == 2:
@@ -73,7 +73,7 @@ class _LogitDistanceRows(torch.autograd.Function):
                     gd.sub_(gd.mean(-1, keepdim=True))
                 gd.mul_(scale[a:b, None])
             if not (direct and p == 2):
-                rows.store(grad, a, b, gd, kb)
+                rows.store(grad, a, b, gd, drop)
         return grad, None, None, None, None, None, None
 
 

@@ -6,15 +6,16 @@ Why blocks: a loss over ``(B, T, V)`` logits written as whole-tensor torch opera
 product, their gradients) and streams each through main memory. The losses here walk the rows in blocks of
 about :data:`CPU_BLOCK_NUMBERS` numbers, so that every temporary of a block stays in the CPU cache and the only
 ``(N, V)`` tensor ever allocated is the gradient itself. ``chunk_size`` (rows per block) makes the bound
-explicit on any device; without it an accelerator takes all rows in one block (fewest kernel launches).
+explicit on any device; without it an accelerator takes blocks of 256 MB of float32 (few kernel launches).
 
 Masks: on the CPU the kept rows are found once as contiguous runs (left or right padding gives one run per
 sequence) and masked rows are never read, so they may hold anything, even NaN. Where the mask must stay on
 the device (an accelerator, or ``torch.compile`` tracing) the blocks are sanitised with ``torch.where`` instead.
 
 ``chunk_size`` is an upper bound on the rows per block. On the CPU the default blocks are already about 1 MB (a
-larger ``chunk_size`` changes nothing: bigger blocks leave the cache and are slower); elsewhere the default is one
-block of all rows, and ``chunk_size`` bounds the float32 work to a few ``chunk_size x K`` blocks.
+larger ``chunk_size`` changes nothing: bigger blocks leave the cache and are slower); elsewhere the default blocks
+hold :data:`DEVICE_BLOCK_NUMBERS` numbers, and ``chunk_size`` bounds the float32 work to a few ``chunk_size x K``
+blocks.
 """
 
 from __future__ import annotations
@@ -27,10 +28,13 @@ from torch import Tensor
 
 from lightning_repsim.functional._validation import check_finite, check_mask, check_same_shape, check_tensor
 
-__all__ = ["CPU_BLOCK_NUMBERS", "LogitRows", "check_values_finite", "compiling", "logit_rows", "reduce_rows"]
+__all__ = ["CPU_BLOCK_NUMBERS", "DEVICE_BLOCK_NUMBERS", "LogitRows", "check_values_finite", "compiling", "logit_rows", "reduce_rows"]
 
 #: Numbers per block on the CPU (1 MB of float32: the dozen temporaries of a block stay in a 1-2 MB L2 cache).
 CPU_BLOCK_NUMBERS = 1 << 18
+#: Numbers per block by default elsewhere (an accelerator, or a graph being compiled): 256 MB of float32, a few
+#: kernel launches for a language model's batch.
+DEVICE_BLOCK_NUMBERS = 1 << 26
 
 
 def compiling() -> bool:
@@ -81,12 +85,15 @@ class LogitRows:
 
     def block(self, a: int, b: int) -> tuple[Tensor, Tensor, Tensor | None]:
         """Student and teacher rows ``a:b`` in the compute dtype (views when no cast is needed: never write to
-        them), masked rows zeroed, and the block's keep mask (None when every row is kept)."""
+        them) and the block's drop mask ``(b - a, 1)`` (None when every row is kept). With a drop mask the rows may
+        hold anything: pass the block's first temporary through :meth:`sanitise`."""
         sb, tb = self.student[a:b].to(self.dtype), self.teacher[a:b].to(self.dtype)
-        if self.keep is None:
-            return sb, tb, None
-        kb = self.keep[a:b, None]
-        return torch.where(kb, sb, 0.0), torch.where(kb, tb, 0.0), kb
+        return sb, tb, None if self.keep is None else ~self.keep[a:b, None]
+
+    @staticmethod
+    def sanitise(x: Tensor, drop: Tensor | None) -> Tensor:
+        """Zero the dropped rows of a temporary, in place."""
+        return x if drop is None else x.masked_fill_(drop, 0.0)
 
     def kept_index(self) -> Tensor:
         """Positions of the kept rows, in order (a host read of the mask when the runs are not known)."""
@@ -109,11 +116,9 @@ class LogitRows:
                 start = b
         return grad
 
-    def store(self, grad: Tensor, a: int, b: int, value: Tensor, kb: Tensor | None) -> None:
-        """Write a block of the gradient (zero on masked rows, cast to the gradient's dtype)."""
-        if kb is not None:
-            value = torch.where(kb, value, 0.0)
-        grad[a:b].copy_(value)
+    def store(self, grad: Tensor, a: int, b: int, value: Tensor, drop: Tensor | None) -> None:
+        """Write a block of the gradient (zero on dropped rows, cast to the gradient's dtype)."""
+        grad[a:b].copy_(self.sanitise(value, drop))
 
 
 def _runs(keep: Tensor) -> tuple[tuple[int, int], ...]:
@@ -164,8 +169,8 @@ def logit_rows(
     if s.device.type == "cpu" and not compiling():  # cache-sized blocks: the fastest and the leanest
         block = max(1, CPU_BLOCK_NUMBERS // k)
         block = block if chunk_size is None else min(block, chunk_size)
-    else:  # one block (fewest kernel launches; a graph inductor fuses) unless bounded
-        block = chunk_size or max(n, 1)
+    else:  # few large blocks (few kernel launches; graphs inductor fuses) unless bounded
+        block = chunk_size or max(1, min(n, DEVICE_BLOCK_NUMBERS // k))
     return LogitRows(s, t, lead, dtype, runs, keep, block)
 
 
