@@ -146,8 +146,9 @@ def test_logged_values_equal_functional_compare(reuse):
         assert logged.dtype == torch.float64
         assert_close(float(logged), expected[key], f"logged {key}")
     assert {"repsim/kl", "repsim/d_llv", "repsim/d_svd"} <= set(tr.progress_bar_metrics)
-    if reuse:  # the student's own validation forward was reused: one probing forward (the sanity check) only
-        assert cb.stats["own_student_forward"] == 1 and cb.stats["reused_student_forward"] == 2 * 4
+    if reuse:  # the student's own validation forward was reused: the sanity check's forward, and one forward per
+        # comparison that checks the reused outputs on its first batch
+        assert cb.stats["own_student_forward"] == 1 + 2 and cb.stats["reused_student_forward"] == 2 * 4
     else:
         assert cb.stats["reused_student_forward"] == 0 and cb.stats["own_student_forward"] == 8 + 1  # + sanity check
     # the values change between epochs (the student trains), and the first epoch is right too
@@ -566,3 +567,52 @@ def test_low_precision_logits_are_recomputed_in_float32_with_the_bias():
     torch.testing.assert_close(z.double(), exact[keep], rtol=1e-6, atol=1e-6)
     own = torch.randn(2, 5, 7, generator=gen)
     assert torch.equal(logits_for_statistics(Representations(own, f, unemb), None), own.reshape(-1, 7))
+
+
+# ----------------------------------------------------------------------------------------------
+# reuse of the student's forward: checked before it is trusted
+# ----------------------------------------------------------------------------------------------
+class ScaledInputStep(RadialNet):
+    """Normalisation done in the step: validation_step runs the model on ``x * 2``."""
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x * 2.0), y))
+
+
+class NoisyInputStep(RadialNet):
+    """Noise added in the step (from the global generator, as augmentation code does)."""
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x + 0.05 * torch.randn_like(x)), y))
+
+
+@pytest.mark.parametrize("cls", [ScaledInputStep, NoisyInputStep], ids=["scaled", "noisy"])
+def test_a_validation_step_that_transforms_its_inputs_is_not_reused(cls):
+    """Before: with identical weights the reused head outputs belonged to other inputs than the reference's (scaled:
+    KL 0.021, d_LLV 0.145, mCCA 0.9925; noisy: KL 7e-4, d_LLV 0.126). The first batch's check finds it, warns once
+    and the student's own forward is used: the identical models compare as identical."""
+    pl.seed_everything(0, verbose=False)
+    student = cls(lr=0.0)
+    reference = copy.deepcopy(student)
+    train, val = radial_loaders()
+    cb = ReferenceComparison(reference)
+    with pytest.warns(UserWarning, match="did not run its head on the batch's inputs") as caught:
+        trainer(callbacks=[cb], num_sanity_val_steps=0, limit_train_batches=1).fit(student, train, val)
+    assert sum("did not run its head" in str(w.message) for w in caught) == 1  # once per fit
+    assert len(cb.history) == 2
+    for h in cb.history:
+        assert h["kl"] <= 1e-12 and h["d_llv"] <= 1e-9 and h["mcca"] >= 1 - 1e-9, h
+    # each comparison checks its first batch again: the probe (epoch 0) and one check (epoch 1), then own forwards
+    assert cb.stats["reused_student_forward"] == 0
+    assert cb.stats["own_student_forward"] == 1 + 4 + 1 + 4
+
+
+def test_a_reused_forward_that_agrees_is_trusted_without_a_warning(recwarn):
+    ref, student = make_pair()
+    _, val = radial_loaders()
+    cb = ReferenceComparison(ref)
+    trainer(callbacks=[cb], num_sanity_val_steps=0).validate(student, val, verbose=False)
+    assert not [w for w in recwarn if "did not run its head" in str(w.message)]
+    assert cb.stats == {"reused_student_forward": 4, "own_student_forward": 1, "padded_rows_dropped": 0}

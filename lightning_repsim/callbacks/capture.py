@@ -5,6 +5,11 @@ logits, found by the extractor) records its input (the embedding) and output (th
 uses them when the head ran exactly once with the batch's shape; a ``validation_step`` may instead return
 ``{"embeddings": ..., "logits": ..., "unembedding": ...}``. A logits-only student is reused from
 ``{"logits": ...}``. Otherwise the callback runs the student itself (under ``no_grad``, in eval mode).
+
+Reuse is verified before it is trusted: on the first batch of every comparison the callback also runs the student's
+own forward on the batch, as it runs the reference, and :func:`reuse_mismatch` compares the two. A ``validation_step``
+that transforms its inputs (``self(x * 2.0)``, added noise, a normalisation done in the step) fed the head other inputs
+than the reference's: the callback then runs the student's own forward for the rest of the comparison.
 """
 
 from __future__ import annotations
@@ -12,11 +17,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from lightning_repsim.callbacks.extraction import Representations, unembedding_of
 
-__all__ = ["HeadCapture", "reused_representations"]
+__all__ = ["HeadCapture", "REUSE_RTOL", "reuse_mismatch", "reused_representations"]
+
+#: Relative tolerance of the reuse check per dtype: float noise of the same computation passes, other inputs do not.
+REUSE_RTOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+_BLOCK = 1 << 22  # numbers per block of the difference (no full-size temporary for (B, T, V) logits)
 
 
 def leading(t: Tensor) -> tuple[int, ...]:
@@ -75,4 +85,37 @@ def reused_representations(
     logits = outputs.get("logits") if isinstance(outputs, Mapping) else None
     if head_known and head is None and isinstance(logits, Tensor) and leading(logits) == lead:
         return Representations(logits.detach())  # logits-only student
+    return None
+
+
+def _relative_difference(reused: Tensor, own: Tensor) -> float:
+    """``max |reused - own| / max |own|``, in blocks of rows, in the tensors' own dtype."""
+    a, b = reused.reshape(-1, reused.shape[-1]), own.reshape(-1, own.shape[-1]).to(reused.device, reused.dtype)
+    step = max(1, _BLOCK // max(1, a.shape[1]))
+    diff = scale = 0.0
+    for start in range(0, a.shape[0], step):
+        block_a, block_b = a[start : start + step], b[start : start + step]
+        diff = max(diff, float((block_a - block_b).abs().max()))
+        scale = max(scale, float(block_b.abs().max()))
+    return diff / max(scale, torch.finfo(torch.float64).tiny)
+
+
+def reuse_mismatch(reused: Representations, own: Representations) -> str | None:
+    """Why the reused representations are not the student's own on this batch (None when they are, up to float noise:
+    :data:`REUSE_RTOL` of the larger absolute value). The embeddings are compared when both have them (the logits are
+    the same head's output), else the logits."""
+    pairs = [(reused.embeddings, own.embeddings, "embeddings"), (reused.logits, own.logits, "logits")]
+    for mine, theirs, what in pairs:
+        if mine is None or theirs is None:
+            continue
+        if tuple(mine.shape) != tuple(theirs.shape):
+            return f"its {what} have shape {tuple(mine.shape)}, the student's own forward gives {tuple(theirs.shape)}"
+        if mine.numel() == 0:
+            return None
+        rtol = REUSE_RTOL.get(mine.dtype, 1e-5)
+        rel = _relative_difference(mine, theirs)
+        if not rel <= rtol:  # NaN too
+            return (f"its {what} differ from the student's own forward on the batch by {rel:.3g} relative (tolerance "
+                    f"{rtol:g} for {str(mine.dtype).replace('torch.', '')})")
+        return None
     return None
