@@ -17,6 +17,7 @@ reusing the student's validation forward, the sampler's positions, logging, chec
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,10 +27,11 @@ import torch
 from torch import Tensor, nn
 
 from lightning_repsim.callbacks.config import ComparisonConfig, split_config
-from lightning_repsim.callbacks.extraction import Representations
+from lightning_repsim.callbacks.extraction import Representations, is_dtensor
 from lightning_repsim.callbacks.layers import LayerComparison
 from lightning_repsim.callbacks.media import EmbeddingPoints
 from lightning_repsim.callbacks.metric_suite import MetricSuite
+from lightning_repsim.callbacks.overlap import InputOverlap
 from lightning_repsim.callbacks.positions import rows_and_ids
 from lightning_repsim.callbacks.reference import model_inputs, move_inputs
 
@@ -77,6 +79,9 @@ class ModelComparison:
         self.points = EmbeddingPoints(self.config.plot_max_points)
         self.device = torch.device("cpu")
         self.padded_rows_dropped = 0  # DistributedSampler duplicates dropped since the last reset
+        self.overlap = InputOverlap()  # content keys of samples without positions, under several processes
+        self._full_unembeddings: dict[str, Tensor] = {}  # sharded (DTensor) unembeddings gathered once per comparison
+        self.unembedding_gathers = 0  # how many times a sharded unembedding was gathered (tests: once per comparison)
 
     @staticmethod
     def collaborators(config: ComparisonConfig) -> tuple[MetricSuite, LayerComparison | None]:
@@ -108,6 +113,8 @@ class ModelComparison:
             self.layers.reset()
         self.points.start()
         self.padded_rows_dropped = 0
+        self.overlap.reset()
+        self._full_unembeddings = {}
 
     def watch_layers(self, student: nn.Module) -> None:
         """Install the layer hooks on both models (``layers`` option): the forwards that follow feed them."""
@@ -154,8 +161,14 @@ class ModelComparison:
             raise ValueError(f"reference and student outputs have different leading shapes {lead} and {lead_s}")
         if not lead:
             raise ValueError("the logits must have a batch dimension, got a single vector")
+        ref, stu = self._gathered(ref, "reference"), self._gathered(stu, "student")
         keep, ids, padded = rows_and_ids(self.config.mask_fn(batch), lead, positions, dataset_length)
         self.padded_rows_dropped += padded
+        if self.overlap.tracking:  # which inputs each process saw: compared across processes at compute()
+            if positions is None:
+                self.overlap.add(model_inputs(batch, self.reference, self.config.input_fn), lead[0])
+            else:
+                self.overlap.add_positions(positions if dataset_length is None else positions[positions < dataset_length])
         added = self.suite.update(ref, stu, keep, ids)
         if self.layers is not None:
             self.layers.update(lead, keep)
@@ -163,11 +176,38 @@ class ModelComparison:
             self.points.add(ref, stu, self.config.label_fn(batch), keep, lead)
         return added
 
+    def _gathered(self, reps: Representations, side: str) -> Representations:
+        """``reps`` with a sharded unembedding (DTensor parameters: FSDP2's ``fully_shard``, tensor parallelism) as
+        the full tensor, gathered on the first batch of the comparison (a collective: every process is at its first
+        batch) and reused for the others: the unembedding does not change during a comparison."""
+        if not is_dtensor(reps.unembedding):
+            return reps
+        full = self._full_unembeddings.get(side)
+        if full is None:
+            full = reps.unembedding.full_tensor().detach()
+            self._full_unembeddings[side] = full
+            self.unembedding_gathers += 1
+        return dataclasses.replace(reps, unembedding=full)
+
     # -- result ------------------------------------------------------------------------------------
     def compute(self) -> ComparisonOutcome:
         """Every value over all batches (and processes: a collective under ``torch.distributed``, every process
-        must call it). The accumulated state stays until :meth:`reset`."""
+        must call it). The accumulated state stays until :meth:`reset`.
+
+        Under several processes, what each process accumulated is compared first (:mod:`.overlap`: the samples'
+        positions, or their content when added without ``positions``): processes that saw the same inputs as a lower
+        rank (every process iterating the whole set, tensor-parallel ranks) do not count them again; overlapping but
+        different inputs raise :class:`~lightning_repsim.callbacks.overlap.SharedInputsError`.
+        ``info["inputs_across_processes"]`` says what was found: ``"positions"`` (disjoint by position),
+        ``"positions, shared by groups"`` (a sampler of fewer replicas than processes), ``"disjoint"`` or
+        ``"replicated"`` (by content), ``"unknown"`` (inputs that are not tensors)."""
         outcome = ComparisonOutcome()
+        if not self.overlap.settle(self.device):
+            self.suite.reset()  # a lower rank saw the same inputs: its statistics count, each input once
+            if self.layers is not None:
+                self.layers.reset()
+        if self.overlap.verdict is not None:
+            outcome.info["inputs_across_processes"] = self.overlap.verdict
         if self.layers is not None:
             values, info, problems = self.layers.compute()
             outcome.values.update(values)

@@ -28,6 +28,7 @@ __all__ = [
     "default_logits_fn",
     "default_label_fn",
     "default_mask_fn",
+    "is_dtensor",
     "unembedding_of",
 ]
 
@@ -152,8 +153,19 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a ``torch.distributed`` DTensor (a parameter sharded by FSDP2 or tensor parallelism)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
 def unembedding_of(linear: nn.Linear) -> Tensor:
-    """``[W, b]`` (K x (M+1)) of a linear layer, or ``W`` (K x M) when it has no bias (detached)."""
+    """``[W, b]`` (K x (M+1)) of a linear layer, or ``W`` (K x M) when it has no bias (detached). Sharded parameters
+    give a sharded (DTensor) result, which :class:`~lightning_repsim.callbacks.ModelComparison` gathers once per
+    comparison."""
     w = linear.weight.detach()
     if linear.bias is None:
         return w

@@ -43,6 +43,7 @@ from lightning_repsim.callbacks.reference import (
     model_inputs,
     weights_fingerprint,
 )
+from lightning_repsim.callbacks.spawn import WorkerResults, spawned_by
 from lightning_repsim.functional.svd import DiversityWarning
 
 __all__ = ["ReferenceComparison", "weights_fingerprint", "METRIC_KEYS"]
@@ -91,6 +92,10 @@ class ReferenceComparison(Callback):
             ``compute_result()``). Not saved in checkpoints.
         stats: counters: student forwards reused / run by the callback, padded duplicate rows dropped.
 
+    Under ``strategy="ddp_spawn"`` (or ``"ddp_fork"``) the comparisons run in worker processes; ``history``,
+    ``last_results``, ``stats`` and ``last_embeddings`` of the callback in the main process are those of the worker of
+    rank 0 once ``fit``/``validate`` returns (:mod:`~lightning_repsim.callbacks.spawn`).
+
     Example:
         >>> import lightning.pytorch as pl
         >>> from lightning_repsim.callbacks import ReferenceComparison
@@ -109,8 +114,9 @@ class ReferenceComparison(Callback):
         self._reference_source = reference
         self.every_n_epochs = every_n_epochs
         self.dataloader = dataloader
-        self.history: list[dict[str, Any]] = []
-        self.last_results: dict[str, Any] = {}
+        self._history: list[dict[str, Any]] = []
+        self._last_results: dict[str, Any] = {}
+        self._mailbox = WorkerResults()  # ddp_spawn: the results of rank 0's worker come back to this object
         self._fingerprint = FingerprintCheck()
         # the comparison is built now for an nn.Module (bad options fail here), at setup for a checkpoint path
         self.comparison: ModelComparison | None = None
@@ -127,7 +133,52 @@ class ReferenceComparison(Callback):
         self._reuse = "unverified"  # "verified" / "refused" once the first batch of a comparison checked it
         self._own_reps: Representations | None = None  # the probing forward's representations of the current batch
         self._positions = SamplePositions()
-        self.stats = {"reused_student_forward": 0, "own_student_forward": 0, "padded_rows_dropped": 0}
+        self._stats = {"reused_student_forward": 0, "own_student_forward": 0, "padded_rows_dropped": 0}
+
+    # ------------------------------------------------------------------------------------------
+    # results (also after ddp_spawn: the worker of rank 0 sends them back, see .spawn)
+    # ------------------------------------------------------------------------------------------
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        self._receive()
+        return self._history
+
+    @history.setter
+    def history(self, value: list[dict[str, Any]]) -> None:
+        self._history = value
+
+    @property
+    def last_results(self) -> dict[str, Any]:
+        self._receive()
+        return self._last_results
+
+    @last_results.setter
+    def last_results(self, value: dict[str, Any]) -> None:
+        self._last_results = value
+
+    @property
+    def stats(self) -> dict[str, int]:
+        self._receive()
+        return self._stats
+
+    def _receive(self) -> None:
+        """Take the results a spawned worker sent back (``strategy="ddp_spawn"``), if any."""
+        payload = self._mailbox.receive()
+        if payload is None:
+            return
+        self._history, self._last_results, self._stats = payload["history"], payload["last_results"], payload["stats"]
+        if self.comparison is not None and payload.get("last_embeddings") is not None:
+            self.comparison.points.last = payload["last_embeddings"]
+
+    def _send(self, trainer: pl.Trainer) -> None:
+        """In the worker of local rank 0 of a spawning strategy: send the results back to the main process."""
+        if self._mailbox.in_worker and trainer.local_rank == 0 and spawned_by(trainer):
+            self._mailbox.send({"history": self._history, "last_results": self._last_results, "stats": self._stats,
+                                "last_embeddings": self.last_embeddings})
+
+    def __getstate__(self) -> dict[str, Any]:
+        self._receive()  # a second ddp_spawn run starts from the first one's history
+        return self.__dict__.copy()
 
     # ------------------------------------------------------------------------------------------
     # read-only views
@@ -194,6 +245,7 @@ class ReferenceComparison(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Load the reference (from a checkpoint path if given one), check it is separate, fingerprint it."""
+        self._receive()  # a forked worker: results of an earlier run that the main process has not read yet
         if self.comparison is None:
             reference = load_reference(self._reference_source, pl_module, self.config.reference_load_kwargs)
             self.comparison = ModelComparison(reference, self.config)
@@ -231,25 +283,25 @@ class ReferenceComparison(Callback):
         return trainer.state.fn == TrainerFn.FITTING and (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
     def _mine(self, dataloader_idx: int) -> bool:
-        """Whether a validation batch of ``dataloader_idx`` is one this callback compares on."""
-        return self.dataloader is None and dataloader_idx == self.config.dataloader_idx
+        """Whether a validation batch of ``dataloader_idx`` is one this callback compares on (a combined batch of
+        several loaders always holds a part of the compared one)."""
+        return self.dataloader is None and (self._positions.combined or dataloader_idx == self.config.dataloader_idx)
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Decide whether this validation compares; reset the comparison, the positions and the head capture."""
+        """Decide whether this validation compares; read the compared loader (its sampler, how loaders are combined);
+        reset the comparison and the head capture."""
         self._active = self._should_compare(trainer)
+        self._positions.reset()
+        if self.dataloader is None:
+            self._positions.configure(trainer, self.config.dataloader_idx)
         if not self._active:
             return
         comparison = self.comparison
         comparison.reference.eval()
         comparison.reset()
         comparison.to(pl_module.device)
-        self._positions.reset()
         self._reuse = "unverified"  # the student's reused forward is checked on the first batch of each comparison
-        if self.dataloader is None:
-            warning = self._positions.configure(trainer, self.config.dataloader_idx)
-            if warning:
-                self._warn_once("no-distributed-sampler", warning)
         self._install_capture(pl_module)
         comparison.watch_layers(pl_module)
 
@@ -269,10 +321,11 @@ class ReferenceComparison(Callback):
         """Forget the head calls of the previous batch; if the student's head is not located yet, locate it now (one
         probing forward), so that this batch's own validation forward is already captured and reused."""
         self._capture.clear()
-        if (self._active and self.config.reuse_student_outputs and self._mine(dataloader_idx)
+        batch = self._positions.select(batch) if self._mine(dataloader_idx) else None
+        if (batch is not None and self._active and self.config.reuse_student_outputs and self._mine(dataloader_idx)
                 and not self._capture.installed and not self.student_extractor.is_located(pl_module)):
             with self._isolated_rng(pl_module.device):
-                self.stats["own_student_forward"] += 1
+                self._stats["own_student_forward"] += 1
                 self._own_reps = self.comparison.student_representations(batch, pl_module)  # checks this batch's reuse
             self._install_capture(pl_module)
         if self.comparison is not None and self.comparison.layers is not None:
@@ -284,9 +337,10 @@ class ReferenceComparison(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         """Feed the batch to the comparison (or, in the sanity check, check once that both models can be compared)."""
-        if self._mine(dataloader_idx) and not self._checked and trainer.sanity_checking:
+        batch = self._positions.select(batch) if self._mine(dataloader_idx) else None
+        if batch is not None and not self._checked and trainer.sanity_checking:
             self._check_outputs(pl_module, batch)
-        if self._active and self._mine(dataloader_idx):
+        if batch is not None and self._active:
             self._process_batch(pl_module, batch, outputs, positions=None)
         self._capture.clear()
         self._own_reps = None
@@ -304,7 +358,7 @@ class ReferenceComparison(Callback):
     def _check_outputs(self, pl_module: pl.LightningModule, batch: Any) -> None:
         """Run both models on one sanity-check batch: different label sets fail here, before any training."""
         self._checked = True
-        self.stats["own_student_forward"] += 1
+        self._stats["own_student_forward"] += 1
         with self._isolated_rng(pl_module.device):
             ref = self.comparison.reference_representations(batch)
             stu = self.comparison.student_representations(batch, pl_module)
@@ -320,7 +374,7 @@ class ReferenceComparison(Callback):
             positions = self._positions.next(ref.leading_shape[0] if ref.leading_shape else 0)
         before = comparison.padded_rows_dropped
         comparison.add(batch, ref, stu, positions, self._positions.length)
-        self.stats["padded_rows_dropped"] += comparison.padded_rows_dropped - before
+        self._stats["padded_rows_dropped"] += comparison.padded_rows_dropped - before
 
     def _student_representations(self, pl_module: pl.LightningModule, batch: Any, outputs: Any, lead: tuple[int, ...],
                                  reuse: bool) -> Representations:
@@ -334,9 +388,9 @@ class ReferenceComparison(Callback):
             if reps is not None and self._reuse == "unverified":
                 reps = self._verify_reuse(pl_module, batch, reps)
             if reps is not None:
-                self.stats["reused_student_forward"] += 1
+                self._stats["reused_student_forward"] += 1
                 return reps
-        self.stats["own_student_forward"] += 1
+        self._stats["own_student_forward"] += 1
         self._capture.remove()  # the callback's own forward must not be captured as the student's
         reps = self.comparison.student_representations(batch, pl_module)
         if self.config.reuse_student_outputs and self.dataloader is None and self._active and self._reuse != "refused":
@@ -349,7 +403,7 @@ class ReferenceComparison(Callback):
         now on) and one warning saying why."""
         own = self._own_reps
         if own is None:
-            self.stats["own_student_forward"] += 1
+            self._stats["own_student_forward"] += 1
             self._capture.remove()  # the check's forward must not be captured as the student's
             own = self.comparison.student_representations(batch, pl_module)
             self._install_capture(pl_module)
@@ -423,6 +477,19 @@ class ReferenceComparison(Callback):
             self._warn_once(f"{key}:{message[:48]}",
                             f"ReferenceComparison: `{key}` is not defined here and is not logged: {message}")
         info = outcome.info
+        across = info.get("inputs_across_processes")
+        if across == "replicated":
+            self._warn_once("replicated", "ReferenceComparison: processes compared the same validation inputs (the "
+                            "loader has no DistributedSampler): each input was counted once, as by one process. "
+                            "Lightning's default `use_distributed_sampler=True` shares the work instead.")
+        elif across == "positions, shared by groups":
+            self._info_once("shared-positions", "ReferenceComparison: groups of processes compared the same inputs (a "
+                            "DistributedSampler over fewer replicas than processes, e.g. tensor-parallel ranks): each "
+                            "input was counted once.")
+        elif across == "unknown":
+            self._warn_once("overlap-unknown", "ReferenceComparison: several processes without a DistributedSampler, "
+                            "and the model inputs are not tensors, so whether processes saw the same inputs cannot be "
+                            "checked: an input seen by several processes is counted once per process.")
         if info.get("num_dropped"):
             self._warn_once("dropped", f"ReferenceComparison: {info['num_dropped']} validation input(s) had non-finite outputs "
                             "and were skipped (history: `num_dropped`); the values use the other inputs.")
@@ -477,8 +544,9 @@ class ReferenceComparison(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Remove the hooks."""
+        """Remove the hooks; under ``ddp_spawn``, send the results back to the main process."""
         self._remove_hooks()
+        self._send(trainer)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
