@@ -63,13 +63,14 @@ def run(tmp_path, devices: int) -> list[dict[str, float]]:
     ref.double()
     student.double()
     logger = CSVLogger(str(tmp_path), name=f"devices{devices}", version=0)
+    compare = ReferenceComparison(ref, layers=["body.1", "body.3"])  # + layer-wise CKA, the padded copy dropped
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=devices,
         strategy="ddp_spawn" if devices > 1 else "auto",
         max_epochs=2,
         logger=logger,
-        callbacks=[ReferenceComparison(ref, layers=["body.1", "body.3"])],  # + layer-wise CKA, the padded copy dropped
+        callbacks=[compare],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -77,15 +78,20 @@ def run(tmp_path, devices: int) -> list[dict[str, float]]:
         use_distributed_sampler=False,
     )
     trainer.fit(student, datamodule=RadialData())
-    return logged_rows(logger.log_dir)
+    return logged_rows(logger.log_dir), compare.history
 
 
 @pytest.mark.ddp
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_ddp_spawn_two_processes_log_the_same_values_as_one(tmp_path):
-    single = run(tmp_path, 1)
-    double = run(tmp_path, 2)
+    single, single_history = run(tmp_path, 1)
+    double, double_history = run(tmp_path, 2)
     assert len(single) == len(double) == 2
+    # the callback in the main process has the spawned workers' history (before: [] after ddp_spawn)
+    assert [h["epoch"] for h in double_history] == [0, 1] and all(h["num_inputs"] == 201 for h in double_history)
+    for one, two in zip(single_history, double_history):
+        for key in KEYS:
+            assert abs(one[key] - two[key]) <= STREAM_RTOL * max(abs(one[key]), 1e-12), key
     for one, two in zip(single, double):
         assert one["epoch"] == two["epoch"]
         layer_keys = [f"layers/{n}/{m}" for n in ("body.1", "body.3") for m in ("cka", "cka_debiased", "procrustes")]

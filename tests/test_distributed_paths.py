@@ -11,6 +11,8 @@ here the way ``torchrun`` starts them, each running every scenario in turn) are 
 * ``ModelParallelStrategy`` with the student sharded by FSDP2's ``fully_shard`` (data parallel over 2 processes: the
   unembedding is a DTensor, gathered once per comparison), and with its default tensor-parallel layout (2 processes
   in one data-parallel group see the same inputs: each input must count once);
+* a reference too large for one device, sharded by the user with ``fully_shard`` (run where it lives: its forward
+  gathers its layers, its unembedding is gathered once per comparison, its fingerprint is the unsharded weights');
 * an iterable dataset whose shards overlap: refused with a clear error, never counted twice.
 
 Models and data are float64, so per-sample forwards do not depend on the batch composition beyond ~1e-16.
@@ -94,27 +96,38 @@ def loaders(scenario: str):
         "no_sampler": lambda: a,
         "model_parallel": lambda: a,
         "tensor_parallel_groups": lambda: a,
+        "sharded_reference": lambda: a,
         "overlapping_shards": lambda: DataLoader(ShardedIterable(odd, overlap=10), batch_size=25),
     }[scenario]()
 
 
-SCENARIOS = ["dict", "list", "combined_cycle", "iterable", "no_sampler", "model_parallel", "tensor_parallel_groups"]
+SCENARIOS = ["dict", "list", "combined_cycle", "iterable", "no_sampler", "model_parallel", "tensor_parallel_groups",
+             "sharded_reference"]
 TWO_LOADERS = {"dict", "list", "combined_cycle"}
 
 
 def run_scenario(scenario: str, devices: int, strategy: str = "auto") -> dict:
     """Validate the student on the scenario's loaders; the logged values and the history of each callback."""
     ref, trained = make_pair()
-    sharded = devices > 1 and scenario in ("model_parallel", "tensor_parallel_groups")
+    sharded = devices > 1 and scenario in ("model_parallel", "tensor_parallel_groups", "sharded_reference")
     student = (ShardedNet if sharded else MultiLoaderNet)()
     student.load_state_dict(trained.state_dict())
     ref, student = ref.double(), student.double()
+    if devices > 1 and scenario == "sharded_reference":  # a reference too large for one device, sharded by the user
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (devices,))
+        for layer in [*ref.body, ref.head]:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(ref, mesh=mesh)
     indices = (0, 1) if scenario in TWO_LOADERS else (0,)
     callbacks = [ReferenceComparison(ref, dataloader_idx=i, prefix=f"cmp{i}", log_media=False) for i in indices]
     if sharded:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        dp = devices if scenario == "model_parallel" else 1  # the default layout: 1 data-parallel group of 2
+        dp = 1 if scenario == "tensor_parallel_groups" else devices  # the default layout: 1 data-parallel group of 2
         strategy = ModelParallelStrategy(data_parallel_size=dp, tensor_parallel_size=devices // dp)
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, callbacks=callbacks,
@@ -128,6 +141,7 @@ def run_scenario(scenario: str, devices: int, strategy: str = "auto") -> dict:
             "history": {k: entry[k] for k in (*KEYS, "num_inputs")},
             "across": entry.get("inputs_across_processes"),
             "gathers": cb.comparison.unembedding_gathers,
+            "fingerprint": cb.reference_fingerprint,
         }
     return out
 
@@ -185,6 +199,9 @@ def test_two_ddp_processes_log_the_values_of_one(two_ddp_processes, scenario):
     assert all(v["across"] == expected_across for v in double.values())
     if scenario in ("model_parallel", "tensor_parallel_groups"):  # the student's DTensor unembedding, gathered once
         assert double["cmp0"]["gathers"] == 1
+    if scenario == "sharded_reference":  # both unembeddings gathered once; the fingerprint of the unsharded weights
+        assert double["cmp0"]["gathers"] == 2
+        assert double["cmp0"]["fingerprint"] == single["cmp0"]["fingerprint"]
 
 
 def test_overlapping_shards_are_refused(two_ddp_processes):

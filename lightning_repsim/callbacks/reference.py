@@ -46,7 +46,9 @@ _INPUT_KEYS = ("input_ids", "x", "input", "inputs", "pixel_values")
 def weights_fingerprint(module: nn.Module) -> str:
     """SHA-256 of a module's ``state_dict`` (names, dtypes, shapes and raw bytes, in name order).
 
-    Two modules have the same fingerprint iff their parameters and buffers are bit-identical.
+    Two modules have the same fingerprint iff their parameters and buffers are bit-identical. Sharded (DTensor)
+    parameters are gathered one at a time, so a sharded module has the fingerprint of its unsharded weights (a
+    collective: every process must call it).
 
     Example:
         >>> import torch
@@ -54,12 +56,16 @@ def weights_fingerprint(module: nn.Module) -> str:
         >>> weights_fingerprint(a) == weights_fingerprint(a), len(weights_fingerprint(a))
         (True, 64)
     """
+    from lightning_repsim.callbacks.extraction import is_dtensor
+
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         h.update(name.encode())
         if not isinstance(tensor, Tensor):
             h.update(repr(tensor).encode())
             continue
+        if is_dtensor(tensor):  # a sharded reference (FSDP2): the full tensor, one at a time (every process calls this)
+            tensor = tensor.full_tensor()
         t = tensor.detach().to("cpu").contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
