@@ -14,8 +14,9 @@ Cases:
   targets (the losses at most 1.2x its CPU time and no more memory; LLVLoss and the README recipe at most 2.5x and
   1.5x its memory). It ignores the mask (its cheapest form); the masked per-row form is shown too;
 * every loss of :mod:`lightning_repsim.losses` with its default blocks (about 1 MB each on the CPU) and, marked
-  with an asterisk, as on an accelerator (the rows' device path, forced here: the mask applied inside the blocks,
-  no finiteness check), unchunked (``chunk_size`` = all 4,096 rows in one block) and with ``chunk_size=1024``. On
+  with an asterisk (``LogitDistanceLoss``, ``KDLoss``), as on an accelerator (the rows' device path, forced
+  here: the mask applied inside the blocks, no finiteness check), unchunked (``chunk_size`` = all 4,096 rows in one
+  block) and with ``chunk_size=1024``. On
   the CPU the default blocks are already far smaller, so ``chunk_size=1024`` changes nothing there; on an
   accelerator the default blocks hold 2^26 numbers (2,097 rows here);
 * the hidden-state variants against the same loss on logits formed by the heads (heads included in both:
@@ -70,13 +71,9 @@ CASES = {
     "kd_one": ("`KDLoss(temperature=2.0, chunk_size=4096)`: unchunked\\*", "logits"),
     "kd_one_chunk": ("`KDLoss(temperature=2.0, chunk_size=1024)`\\*", "logits"),
     "llv": ("`LLVLoss(rep_dim=2)`", "logits"),
-    "llv_one": ("`LLVLoss(rep_dim=2, chunk_size=4096)`: unchunked\\*", "logits"),
-    "llv_one_chunk": ("`LLVLoss(rep_dim=2, chunk_size=1024)`\\*", "logits"),
     "llv_big_m": ("`LLVLoss(rep_dim=127)` (input sets of 128 rows)", "logits"),
     "llv_mean": ('`LLVLoss(input_set_search="mean", reduce="softmax")`', "logits"),
     "recipe": ("README recipe: `LLVLoss(...)` + 0.1 `KDLoss(temperature=4.0)`", "logits"),
-    "recipe_one": ("README recipe, both with `chunk_size=4096`: unchunked\\*", "logits"),
-    "recipe_one_chunk": ("README recipe, both with `chunk_size=1024`\\*", "logits"),
     "heads_ld": ("heads + `LogitDistanceLoss()`", "hidden"),
     "hidden_ld": ("`HiddenStateLogitDistanceLoss()` (first call: builds the teacher's block)", "hidden"),
     "hidden_ld_cached": ("`HiddenStateLogitDistanceLoss()` (teacher's block cached, as in training)", "hidden"),
@@ -240,7 +237,8 @@ def run_case(args) -> dict:
     cpu, wall = time.process_time() - c0, time.perf_counter() - w0
     peak = _status("VmHWM")
     grads = inputs[:1] if kind == "logits" else (inputs[0], *inputs[2])  # the student's logits, or h_s, W_s, b_s
-    grad_mb = sum(x.numel() * x.element_size() for x in grads) / 2**20
+    copies = 2 if base_name == "recipe" else 1  # two losses: autograd holds both gradients while it adds them
+    grad_mb = copies * sum(x.numel() * x.element_size() for x in grads) / 2**20
     return {"case": name, "cpu": cpu, "wall": wall, "extra_mb": peak - rss0, "grad_mb": grad_mb,
             "value": float(value.detach()), "exact_peak": exact_peak}
 
@@ -276,6 +274,10 @@ def _child(args, extra: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _command() -> str:
+    return " ".join(["python", "benchmarks/bench_losses.py", *sys.argv[1:]])
+
+
 def table(args) -> str:
     names = list(CASES) + (list(BEFORE) if args.before else [])
     results = {}
@@ -297,10 +299,12 @@ def table(args) -> str:
         f"{kept:,} of {n_tokens:,} tokens kept (left padding), forward + backward, one thread",
         "",
         f"Machine: {machine_info()}",
-        f"Date: {datetime.date.today().isoformat()}. Command: `{' '.join(['python', 'benchmarks/bench_losses.py', *sys.argv[1:]])}`",
+        f"Date: {datetime.date.today().isoformat()}. Command: `{_command()}`",
         f"CPU time (`time.process_time`) and peak RSS above the inputs (gradient included), each case in {args.repeats} "
-        "fresh processes, median; \"beyond the gradient\": the extra memory less the size of one gradient of the "
-        "student's inputs (the work memory). Hidden-state rows: student width "
+        "fresh processes, median; \"beyond the gradient\": the extra memory less the size of the gradient of the "
+        "student's inputs (twice for the recipe, whose two losses each give one), i.e. the work memory. LLVLoss finds "
+        "the kept rows on the host on every device, so its blocks never span two sequences (at most 512 rows here). "
+        "Hidden-state rows: student width "
         f"{args.student_width}, teacher width {args.teacher_width}, heads with bias; their inputs are the hidden "
         "states and heads, so the logits (and their gradient) count as extra memory there.",
         "",
@@ -326,9 +330,9 @@ def sweep(args) -> str:
     lines = ["### Where the hidden-state logit distance wins: CPU s of heads + `LogitDistanceLoss()` vs "
              "`HiddenStateLogitDistanceLoss()` (forward + backward to h_s, W_s, b_s, teacher's block cached by a "
              "first step; one thread, one process per point)",
-             "", f"Machine: {machine_info()}", f"Date: {datetime.date.today().isoformat()}. Command: "
-             f"`python benchmarks/bench_losses.py --sweep`", "",
-             "| tokens N | V | M_s | M_t | heads + logits (s) | hidden states (s) | speed-up |", "|---:|---:|---:|---:|---:|---:|---:|"]
+             "", f"Machine: {machine_info()}", f"Date: {datetime.date.today().isoformat()}. Command: `{_command()}`", "",
+             "| tokens N | V | M_s | M_t | heads + logits (s) | hidden states (s) | speed-up |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
     for point in points:
         r = _child(args, ["--point", *map(str, point)])
         lines.append(f"| {point[0]:,} | {point[1]:,} | {point[2]} | {point[3]} | {r['heads_ld']:.2f} | "

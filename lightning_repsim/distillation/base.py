@@ -21,8 +21,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from lightning_repsim.functional._validation import check_choice, check_positive_int
 from lightning_repsim.distillation.rows import LogitRows, check_values_finite, logit_rows, reduce_rows
+from lightning_repsim.functional._validation import check_choice, check_positive_int
 
 __all__ = ["REDUCTIONS", "DistillationLoss", "RowwiseLoss", "check_compute_dtype", "check_number", "no_autocast"]
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +34,7 @@ from lightning_repsim.functional._validation import check_choice, check_finite, 
 
 __all__ = ["HiddenStateKDLoss", "HiddenStateLogitDistanceLoss", "linear_head"]
 
-Head = Union[nn.Linear, tuple, Tensor]
+Head = nn.Linear | tuple | Tensor
 #: Numbers per chunk of logits in :class:`HiddenStateKDLoss` by default (16 MB of float32).
 KD_CHUNK_NUMBERS = 1 << 22
 

@@ -124,23 +124,24 @@ def _column_dot(x: Tensor, y: Tensor) -> Tensor:
     return (x * y).sum(0, dtype=torch.float64)
 
 
-def _pass2(rows: LogitRows, p1: _Pass1, label: bool, row: bool) -> tuple[Tensor, Tensor]:
-    """Label sums (6, K) of ``X~X~, X~D~, D~D~, U~U~, U~V~, V~V~`` and the same row sums (6, N)."""
+def _pass2(rows: LogitRows, p1: _Pass1, row: bool) -> tuple[Tensor, Tensor]:
+    """Label sums (6, K) of ``X~X~, X~D~, D~D~, U~U~, U~V~, V~V~`` and, with ``row``, the same sums over labels per
+    row (6, N) against the column means."""
     dev, cdt = rows.student.device, rows.dtype
-    acc = torch.zeros(6, rows.num_classes if label else 0, dtype=torch.float64, device=dev)
+    acc = torch.zeros(6, rows.num_classes, dtype=torch.float64, device=dev)
     per_row = torch.zeros(6, rows.num_rows if row else 0, dtype=cdt, device=dev)
     dot = torch.linalg.vecdot
     for a, b in rows.blocks():
         sb, tb, _ = rows.block(a, b)
-        if label:  # products summed over the block's rows in float64: the same sums whatever the blocks
-            xt, dt = _label_fields(sb, tb, p1, a, b)
-            acc[0] += _column_dot(xt, xt)
-            acc[1] += _column_dot(xt, dt)
-            acc[2] += _column_dot(dt, dt)
-            ut, vt = xt.sub_(p1.x_ref_c[a:b, None]), dt.sub_(p1.d_ref_c[a:b, None])
-            acc[3] += _column_dot(ut, ut)
-            acc[4] += _column_dot(ut, vt)
-            acc[5] += _column_dot(vt, vt)
+        # products summed over the block's rows in float64: the same sums whatever the blocks
+        xt, dt = _label_fields(sb, tb, p1, a, b)
+        acc[0] += _column_dot(xt, xt)
+        acc[1] += _column_dot(xt, dt)
+        acc[2] += _column_dot(dt, dt)
+        ut, vt = xt.sub_(p1.x_ref_c[a:b, None]), dt.sub_(p1.d_ref_c[a:b, None])
+        acc[3] += _column_dot(ut, ut)
+        acc[4] += _column_dot(ut, vt)
+        acc[5] += _column_dot(vt, vt)
         if row:
             cs, cd = _row_fields(sb, tb, p1, a, b)
             per_row[0, a:b], per_row[1, a:b], per_row[2, a:b] = dot(cs, cs), dot(cs, cd), dot(cd, cd)
@@ -202,7 +203,7 @@ class _BatchMoments(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, rows, index, pivot, mean_rows, pairs, own):
         p1, refs, cols = _pass1(rows, index, pivot)
-        acc, per_row = _pass2(rows, p1, True, mean_rows)
+        acc, per_row = _pass2(rows, p1, mean_rows)
         pair_sums, own_sums = _pair_pass(rows, pairs, own)
         n, k = index.numel(), rows.num_classes
         empty = student.new_zeros(0, dtype=rows.dtype)
@@ -212,7 +213,7 @@ class _BatchMoments(torch.autograd.Function):
         pair_m = (pair_sums[0] * cr, (2 * pair_sums[1] + pair_sums[2]) * cr)
         own_m = tuple(own_sums * cr)
         ctx.save_for_backward(student, teacher, index, pairs, own)
-        ctx.rows, ctx.p1, ctx.options = rows, p1, (pivot, True, mean_rows)
+        ctx.rows, ctx.p1, ctx.options = rows, p1, (pivot, mean_rows)
         return (*label_m, refs[0], refs[1], *row_m, cols[0], cols[1], *pair_m, *own_m)
 
     @staticmethod
@@ -220,16 +221,16 @@ class _BatchMoments(torch.autograd.Function):
     def backward(ctx, *grads):
         student, teacher, index, pairs, own = ctx.saved_tensors
         rows = dataclasses.replace(ctx.rows, student=student, teacher=teacher)
-        grad = _input_grad(rows, ctx.p1, index, ctx.options, grads)
+        grad = _logits_grad(rows, ctx.p1, index, ctx.options, grads)
         g = [x.to(rows.dtype) for x in grads]
         if pairs.numel() or own.numel():
             _pair_grad(rows, pairs, own, g[14:16], g[16:19], grad)
         return grad, None, None, None, None, None, None, None
 
 
-def _input_grad(rows: LogitRows, p1: _Pass1, index: Tensor, options, grads) -> Tensor:
+def _logits_grad(rows: LogitRows, p1: _Pass1, index: Tensor, options, grads) -> Tensor:
     """The gradient in the student's logits of ``sum <grad, output>`` over the outputs of :class:`_BatchMoments`."""
-    pivot, label, row = options
+    pivot, row = options
     cdt, dev, k, n = rows.dtype, rows.student.device, rows.num_classes, index.numel()
     g = [x.to(cdt) for x in grads]
     full = torch.zeros(7, rows.num_rows, dtype=cdt, device=dev)  # per-row grads scattered to all rows
@@ -238,68 +239,63 @@ def _input_grad(rows: LogitRows, p1: _Pass1, index: Tensor, options, grads) -> T
         for j in range(5):
             full[2 + j, index] = g[7 + j]
     c, cr = 1.0 / (n - 1), 1.0 / (k - 1)
-    if label:
-        gvx, gcxd, gvd, gvu, gdel = g[:5]
-        k_x, k_d, k_u = c * (2 * gvx - gcxd), c * (gcxd - 2 * gvd), c * (2 * gvu - 2 * gdel)
-        # X~ @ [kX + kU, 2c Gvu, 2c Gdelta] and D~ @ [kD, 2c Gdelta]: the row sums of the label part
-        proj_x = torch.stack([k_x + k_u, 2 * c * gvu, 2 * c * gdel], 1)
-        proj_d = torch.stack([k_d, 2 * c * gdel], 1)
-        sums = (k_u.sum(), proj_x[:, 1].sum(), proj_x[:, 2].sum())
+    gvx, gcxd, gvd, gvu, gdel = g[:5]
+    k_x, k_d, k_u = c * (2 * gvx - gcxd), c * (gcxd - 2 * gvd), c * (2 * gvu - 2 * gdel)
+    # X~ @ [kX + kU, 2c Gvu, 2c Gdelta] and D~ @ [kD, 2c Gdelta]: the row sums of the label part
+    proj_x = torch.stack([k_x + k_u, 2 * c * gvu, 2 * c * gdel], 1)
+    proj_d = torch.stack([k_d, 2 * c * gdel], 1)
+    sums = (k_u.sum(), proj_x[:, 1].sum(), proj_x[:, 2].sum())
     col_grad = (g[12] - g[13]) / n  # Xbar and Dbar are means over the kept rows: every row gets 1/n
     if row:
-        alpha = cr * (2 * full[2] - full[3])
-        beta = cr * (full[3] - 2 * full[4])
+        alpha, beta = cr * (2 * full[2] - full[3]), cr * (full[3] - 2 * full[4])
         gamma = cr * (2 * full[5] - 2 * full[6])
-        sum_u = torch.zeros(k, dtype=torch.float64, device=dev)
-        sum_v = torch.zeros(k, dtype=torch.float64, device=dev)
-        for a, b in rows.blocks():  # the gradient in the row terms' reference (Xbar, Dbar), over all rows
-            sb, tb, _ = rows.block(a, b)
-            uc, vc = _row_fields(sb, tb, p1, a, b)
-            uc.sub_(p1.col_x0)
-            vc.sub_(p1.col_d0)
-            w_u, w_d = 2 * cr * full[5, a:b], 2 * cr * full[6, a:b]
-            sum_u += _column_dot(uc, w_u[:, None]) + _column_dot(vc, w_d[:, None])
-            sum_v += _column_dot(uc.add_(vc), w_d[:, None])
-        col_grad = col_grad - ((sum_u - sum_v) / n).to(cdt)
+        col_grad = col_grad - _row_reference_grad(rows, p1, full) / n
     col_grad_sum = col_grad.sum()
     grad = rows.new_grad()
     for a, b in rows.blocks():
-        sb, tb, kb = rows.block(a, b)
-        row_sum = col_grad_sum.expand(b - a)
-        out = None
-        outer_rows, outer_cols = [torch.ones(b - a, dtype=cdt, device=dev)], [col_grad]
-        r_ref = full[0, a:b]
-        d_ref = full[1, a:b]
-        if label:
-            xt, dt = _label_fields(sb, tb, p1, a, b)
-            px, pd = xt @ proj_x, dt @ proj_d
-            xr, dr = p1.x_ref_c[a:b], p1.d_ref_c[a:b]
-            sum_du = px[:, 1] - xr * sums[1] + pd[:, 1] - dr * sums[2]
-            sum_dv = px[:, 2] - xr * sums[2] + pd[:, 1] - dr * sums[2]
-            r_ref = r_ref - sum_du
-            d_ref = d_ref - sum_dv
-            out = xt.mul_(k_x + k_u).addcmul_(dt, k_d)
-            outer_rows.append(-xr)
-            outer_cols.append(k_u)
-            row_sum = row_sum + px[:, 0] + pd[:, 0] - xr * sums[0]
+        sb, tb, _ = rows.block(a, b)
+        xt, dt = _label_fields(sb, tb, p1, a, b)
+        px, pd = xt @ proj_x, dt @ proj_d
+        xr, dr = p1.x_ref_c[a:b], p1.d_ref_c[a:b]
+        # the gradients in the row references r_p and r_q - r_p, through U = X - r_p and V = D - (r_q - r_p)
+        r_ref = full[0, a:b] - (px[:, 1] - xr * sums[1] + pd[:, 1] - dr * sums[2])
+        d_ref = full[1, a:b] - (px[:, 2] - xr * sums[2] + pd[:, 1] - dr * sums[2])
+        out = xt.mul_(k_x + k_u).addcmul_(dt, k_d)
+        outer_rows, outer_cols = [torch.ones(b - a, dtype=cdt, device=dev), -xr], [col_grad, k_u]
+        row_sum = col_grad_sum + px[:, 0] + pd[:, 0] - xr * sums[0]
         if row:
             cs, cd = _row_fields(sb, tb, p1, a, b)
-            out = torch.zeros_like(sb) if out is None else out
             out.addcmul_(cs, (alpha[a:b] + gamma[a:b])[:, None]).addcmul_(cd, beta[a:b, None])
             outer_rows.append(-gamma[a:b])
             outer_cols.append(p1.col_x0)
-        shift = r_ref - d_ref  # the gradient in the row reference w . X
-        out = torch.zeros_like(sb) if out is None else out
         out.addmm_(torch.stack(outer_rows, 1), torch.stack(outer_cols, 0))
+        shift = r_ref - d_ref  # the gradient in the row reference w . X
         if pivot is None:
             out.add_(shift[:, None] / k)
         else:
             out[:, pivot] += shift
         row_sum = row_sum + shift
-        prob = (sb - p1.lse_s[a:b, None]).exp_()
+        prob = (sb - p1.lse_s[a:b, None]).exp_()  # through log_softmax: g - p sum_y g
         out.addcmul_(prob, row_sum[:, None], value=-1.0)
-        rows.store(grad, a, b, out, kb)
+        rows.store(grad, a, b, out, None)
     return grad
+
+
+def _row_reference_grad(rows: LogitRows, p1: _Pass1, full: Tensor) -> Tensor:
+    """The gradient of the all-pivots row moments in their reference (the centred column means), summed over all
+    rows: ``sum_i (d/dU_i - d/dV_i)``, which every row then receives through ``Xbar``, ``Dbar``."""
+    cr = 1.0 / (rows.num_classes - 1)
+    sum_u = torch.zeros(rows.num_classes, dtype=torch.float64, device=rows.student.device)
+    sum_v = torch.zeros_like(sum_u)
+    for a, b in rows.blocks():
+        sb, tb, _ = rows.block(a, b)
+        uc, vc = _row_fields(sb, tb, p1, a, b)
+        uc.sub_(p1.col_x0)
+        vc.sub_(p1.col_d0)
+        w_u, w_d = 2 * cr * full[5, a:b, None], 2 * cr * full[6, a:b, None]
+        sum_u += _column_dot(uc, w_u) + _column_dot(vc, w_d)
+        sum_v += _column_dot(uc.add_(vc), w_d)
+    return (sum_u - sum_v).to(rows.dtype)
 
 
 @torch.compiler.disable  # the block loops run eagerly under torch.compile (a graph break); the rest compiles

@@ -28,7 +28,15 @@ from torch import Tensor
 
 from lightning_repsim.functional._validation import check_finite, check_mask, check_same_shape, check_tensor
 
-__all__ = ["CPU_BLOCK_NUMBERS", "DEVICE_BLOCK_NUMBERS", "LogitRows", "check_values_finite", "compiling", "logit_rows", "reduce_rows"]
+__all__ = [
+    "CPU_BLOCK_NUMBERS",
+    "DEVICE_BLOCK_NUMBERS",
+    "LogitRows",
+    "check_values_finite",
+    "compiling",
+    "logit_rows",
+    "reduce_rows",
+]
 
 #: Numbers per block on the CPU (1 MB of float32: the dozen temporaries of a block stay in a 1-2 MB L2 cache).
 CPU_BLOCK_NUMBERS = 1 << 18
