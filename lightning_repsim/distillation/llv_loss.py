@@ -99,7 +99,6 @@ def set_entries(m: BatchMoments, num_sets: int, eps: float) -> tuple[Tensor, Ten
     return torch.cat([b, b_piv], dim=-1), t4
 
 
-
 class LLVLossTerms(NamedTuple):
     """Everything :meth:`LLVLoss.terms` computed (compute dtype; differentiable).
 
@@ -125,6 +124,9 @@ class LLVLossTerms(NamedTuple):
 
 class LLVLoss(DistillationLoss):
     r"""Differentiable mini-batch estimate of d_LLV (SPEC §3) between student (``p``) and teacher (``q``).
+
+    Called as ``loss(student_logits, teacher_logits, mask=None, input_sets=None)`` (like a torch loss's
+    ``(input, target)``: the student receives the gradient, the teacher is detached).
 
     With ``l_p(y|x) = log_softmax(student)``, ``l_q`` the teacher's, all standard deviations
     unbiased (``n - 1``) and taken over the kept rows of the batch (label terms) or over all K
@@ -244,7 +246,7 @@ class LLVLoss(DistillationLoss):
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (see above).
         dtype: compute dtype; default float32, or float64 when an input is float64.
         check_finite: raise on non-finite values in kept rows (a host sync; skipped under compile).
-        chunk_size: rows per block (see **Memory and time**).
+        chunk_size: at most this many rows per block (see **Memory and time**).
 
     Example:
         >>> import torch
