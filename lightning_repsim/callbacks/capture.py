@@ -6,10 +6,11 @@ uses them when the head ran exactly once with the batch's shape; a ``validation_
 ``{"embeddings": ..., "logits": ..., "unembedding": ...}``. A logits-only student is reused from
 ``{"logits": ...}``. Otherwise the callback runs the student itself (under ``no_grad``, in eval mode).
 
-Reuse is verified before it is trusted: on the first batch of every comparison the callback also runs the student's
-own forward on the batch, as it runs the reference, and :func:`reuse_mismatch` compares the two. A ``validation_step``
-that transforms its inputs (``self(x * 2.0)``, added noise, a normalisation done in the step) fed the head other inputs
-than the reference's: the callback then runs the student's own forward for the rest of the comparison.
+Reuse is verified before it is trusted (:class:`ReuseCheck`): on the first batch of every comparison the callback also
+runs the student's own forward on the batch's first :data:`CHECK_ROWS` samples, as it runs the reference, and
+:func:`reuse_mismatch` compares them with the reused rows. A ``validation_step`` that transforms its inputs
+(``self(x * 2.0)``, added noise, a normalisation done in the step) fed the head other inputs than the reference's: the
+callback then runs the student's own forward for the rest of the comparison.
 """
 
 from __future__ import annotations
@@ -18,11 +19,17 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
 from lightning_repsim.callbacks.extraction import Representations, unembedding_of
 
-__all__ = ["HeadCapture", "REUSE_RTOL", "reuse_mismatch", "reused_representations"]
+__all__ = ["CHECK_ROWS", "HeadCapture", "REUSE_RTOL", "ReuseCheck", "first_samples", "reuse_mismatch",
+           "reused_representations"]
+
+#: Samples of the first batch of a comparison that the student's own forward checks the reused outputs on (a forward
+#: of a few samples: the check costs a small part of one batch's forward per comparison).
+CHECK_ROWS = 8
 
 #: Relative tolerance of the reuse check per dtype: float noise of the same computation passes, other inputs do not.
 REUSE_RTOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -119,3 +126,38 @@ def reuse_mismatch(reused: Representations, own: Representations) -> str | None:
                     f"{rtol:g} for {str(mine.dtype).replace('torch.', '')})")
         return None
     return None
+
+
+def first_samples(batch: Any, batch_size: int, rows: int) -> Any:
+    """``batch`` with every tensor whose first dimension is the batch cut to its first ``rows`` samples."""
+    return apply_to_collection(batch, Tensor, lambda t: t[:rows] if t.ndim and t.shape[0] == batch_size else t)
+
+
+def _first_rows(reps: Representations, rows: int) -> Representations:
+    def cut(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t[:rows]
+
+    return Representations(cut(reps.logits), cut(reps.embeddings), reps.unembedding)
+
+
+class ReuseCheck:
+    """Whether the reused student forward of the current comparison can be trusted: ``"unverified"`` until the first
+    batch is checked, then ``"verified"`` or ``"refused"`` (the comparison runs the student's own forward)."""
+
+    def __init__(self) -> None:
+        self.state = "unverified"
+        self.own: Representations | None = None  # the student's own forward on the current batch, when one ran
+
+    def reset(self) -> None:
+        self.state, self.own = "unverified", None
+
+    def rows(self, lead: tuple[int, ...]) -> int:
+        """How many samples of a batch with outputs of leading shape ``lead`` the check's forward runs."""
+        return min(lead[0], CHECK_ROWS) if lead else 0
+
+    def decide(self, reused: Representations, own: Representations) -> str | None:
+        """Compare the reused representations with the student's own on the same first samples; returns why they
+        differ (the comparison then stops reusing), or None."""
+        problem = reuse_mismatch(_first_rows(reused, own.leading_shape[0]) if own.leading_shape else reused, own)
+        self.state = "verified" if problem is None else "refused"
+        return problem

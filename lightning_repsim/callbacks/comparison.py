@@ -125,6 +125,15 @@ class ModelComparison:
         if self.layers is not None:
             self.layers.remove()
 
+    @contextlib.contextmanager
+    def layers_paused(self):
+        """Forwards inside this context do not feed the layer hooks (e.g. a check on a few samples)."""
+        if self.layers is None:
+            yield
+            return
+        with self.layers.paused():
+            yield
+
     # -- per batch ---------------------------------------------------------------------------------
     def reference_representations(self, batch: Any) -> Representations:
         """The reference's representations of ``batch`` (under ``no_grad``, in the forward context)."""

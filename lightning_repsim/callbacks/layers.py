@@ -23,6 +23,7 @@ side and layer name, so a projection is the same in every process, epoch and run
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 from collections.abc import Mapping, Sequence
@@ -108,6 +109,7 @@ class _Hooks:
         self.outputs: dict[str, Tensor] = {}
         self.calls: dict[str, int] = {}
         self._handles: list[Any] = []
+        self.paused = False
 
     def install(self, model: nn.Module, names: Sequence[str]) -> None:
         self.remove()
@@ -124,6 +126,8 @@ class _Hooks:
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if self.paused:
+                return
             tensor = first_tensor(output)
             if tensor is not None:
                 self.outputs[name] = tensor.detach()
@@ -141,7 +145,7 @@ class _Hooks:
         self.clear()
 
     def __getstate__(self) -> dict[str, Any]:  # hooks do not travel to other processes (ddp_spawn)
-        return {"side": self.side, "outputs": {}, "calls": {}, "_handles": []}
+        return {"side": self.side, "outputs": {}, "calls": {}, "_handles": [], "paused": False}
 
 
 class LayerComparison:
@@ -199,6 +203,15 @@ class LayerComparison:
     def clear(self) -> None:
         self._ref_hooks.clear()
         self._stu_hooks.clear()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """The hooks ignore the forwards run inside this context."""
+        self._ref_hooks.paused = self._stu_hooks.paused = True
+        try:
+            yield
+        finally:
+            self._ref_hooks.paused = self._stu_hooks.paused = False
 
     def remove(self) -> None:
         self._ref_hooks.remove()

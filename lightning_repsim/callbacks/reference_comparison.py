@@ -28,7 +28,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_repsim.callbacks.capture import HeadCapture, reuse_mismatch, reused_representations
+from lightning_repsim.callbacks.capture import HeadCapture, ReuseCheck, first_samples, reused_representations
 from lightning_repsim.callbacks.comparison import ComparisonOutcome, ModelComparison
 from lightning_repsim.callbacks.config import METRIC_KEYS, ComparisonConfig, split_config
 from lightning_repsim.callbacks.extraction import Extractor, Representations
@@ -130,8 +130,7 @@ class ReferenceComparison(Callback):
         self._checked = False
         self._warned: set[str] = set()
         self._capture = HeadCapture()
-        self._reuse = "unverified"  # "verified" / "refused" once the first batch of a comparison checked it
-        self._own_reps: Representations | None = None  # the probing forward's representations of the current batch
+        self._reuse = ReuseCheck()  # the student's reused forward, checked on the first batch of each comparison
         self._positions = SamplePositions()
         self._stats = {"reused_student_forward": 0, "own_student_forward": 0, "padded_rows_dropped": 0}
 
@@ -301,7 +300,7 @@ class ReferenceComparison(Callback):
         comparison.reference.eval()
         comparison.reset()
         comparison.to(pl_module.device)
-        self._reuse = "unverified"  # the student's reused forward is checked on the first batch of each comparison
+        self._reuse.reset()  # the student's reused forward is checked on the first batch of each comparison
         self._install_capture(pl_module)
         comparison.watch_layers(pl_module)
 
@@ -326,7 +325,7 @@ class ReferenceComparison(Callback):
                 and not self._capture.installed and not self.student_extractor.is_located(pl_module)):
             with self._isolated_rng(pl_module.device):
                 self._stats["own_student_forward"] += 1
-                self._own_reps = self.comparison.student_representations(batch, pl_module)  # checks this batch's reuse
+                self._reuse.own = self.comparison.student_representations(batch, pl_module)  # checks this batch
             self._install_capture(pl_module)
         if self.comparison is not None and self.comparison.layers is not None:
             self.comparison.layers.clear()  # outputs of the probe (or of a previous batch) are not this batch's
@@ -343,7 +342,7 @@ class ReferenceComparison(Callback):
         if batch is not None and self._active:
             self._process_batch(pl_module, batch, outputs, positions=None)
         self._capture.clear()
-        self._own_reps = None
+        self._reuse.own = None
 
     # ------------------------------------------------------------------------------------------
     # per batch
@@ -381,11 +380,11 @@ class ReferenceComparison(Callback):
         """The student's own validation forward when it can be reused (returned embeddings, or the head call the
         hook captured), else a forward of the callback's own."""
         extractor = self.student_extractor
-        if reuse and self.config.reuse_student_outputs and self._reuse != "refused":
+        if reuse and self.config.reuse_student_outputs and self._reuse.state != "refused":
             located = extractor.is_located(pl_module)
             head = extractor.head(pl_module) if located else None
             reps = reused_representations(outputs, located, head, self._capture, lead)
-            if reps is not None and self._reuse == "unverified":
+            if reps is not None and self._reuse.state == "unverified":
                 reps = self._verify_reuse(pl_module, batch, reps)
             if reps is not None:
                 self._stats["reused_student_forward"] += 1
@@ -393,25 +392,26 @@ class ReferenceComparison(Callback):
         self._stats["own_student_forward"] += 1
         self._capture.remove()  # the callback's own forward must not be captured as the student's
         reps = self.comparison.student_representations(batch, pl_module)
-        if self.config.reuse_student_outputs and self.dataloader is None and self._active and self._reuse != "refused":
+        if self.config.reuse_student_outputs and self.dataloader is None and self._active and self._reuse.state != "refused":
             self._install_capture(pl_module)  # the head is known now: reuse from the next batch on
         return reps
 
     def _verify_reuse(self, pl_module: pl.LightningModule, batch: Any, reused: Representations) -> Representations | None:
-        """Compare the reused representations with the student's own forward on the batch (the probing forward's, when
-        it ran on this batch): trusted for the rest of the comparison when they agree, else None (own forwards from
-        now on) and one warning saying why."""
-        own = self._own_reps
+        """Compare the reused representations with the student's own forward on the batch's first samples (or the
+        probing forward's, when it ran on this batch): trusted for the rest of the comparison when they agree, else
+        None (own forwards from now on) and one warning saying why."""
+        own = self._reuse.own
         if own is None:
             self._stats["own_student_forward"] += 1
-            self._capture.remove()  # the check's forward must not be captured as the student's
-            own = self.comparison.student_representations(batch, pl_module)
+            self._capture.remove()  # the check's forward must not be captured as the student's, nor feed the layers
+            rows = self._reuse.rows(reused.leading_shape)
+            with self.comparison.layers_paused():
+                own = self.comparison.student_representations(first_samples(batch, reused.leading_shape[0], rows),
+                                                              pl_module)
             self._install_capture(pl_module)
-        problem = reuse_mismatch(reused, own)
+        problem = self._reuse.decide(reused, own)
         if problem is None:
-            self._reuse = "verified"
             return reused
-        self._reuse = "refused"
         self._capture.remove()
         self._warn_once("reuse-mismatch", (
             f"ReferenceComparison: the student's validation_step did not run its head on the batch's inputs as given "
