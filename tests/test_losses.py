@@ -787,3 +787,13 @@ def test_torch_compile_with_mask_is_one_graph(name):
     eager_value, eager_grad = _value_and_grad(loss, student, teacher, mask)
     assert float(value) == pytest.approx(float(eager_value), rel=1e-5)
     torch.testing.assert_close(grad, eager_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_options_are_keywords_and_unknown_ones_are_named():
+    with pytest.raises(TypeError, match="unexpected keyword argument 'lamda'"):
+        LLVLoss(rep_dim=2, lamda=0.1)
+    with pytest.raises(TypeError, match="chunksize"):
+        KDLoss(chunksize=4)
+    loss = LLVLoss(rep_dim=2, lam=0.5, reduction="sum", chunk_size=3, label_pivot=1)
+    assert (loss.lam, loss.reduction, loss.chunk_size, loss.label_pivot) == (0.5, "sum", 3, 1)
+    assert "chunk_size=3" in repr(loss) and "lam=0.5" in repr(loss)

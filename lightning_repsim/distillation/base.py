@@ -50,10 +50,25 @@ def no_autocast(x: Tensor) -> torch.autocast:
 
 
 class DistillationLoss(nn.Module):
-    """Base of the distillation losses: the common options (see the module docstring) and input preparation."""
+    """Base of the distillation losses: the common options and input preparation.
+
+    Every loss takes these keyword arguments (its own ``__init__`` passes ``**kwargs`` on, as torchmetrics'
+    metrics do):
+
+    Args:
+        reduction: ``"mean"`` over the kept rows (default), ``"sum"``, or ``"none"`` (per row, the leading shape
+            ``(B,)`` / ``(B, T)``, masked rows 0; :class:`~lightning_repsim.distillation.LLVLoss`: its four terms).
+        dtype: the compute dtype, None (default: float32, or float64 when an input is float64), float32 or float64.
+        check_finite: raise on non-finite values in kept rows (default True; one host read of a few numbers derived
+            from the logits; skipped while ``torch.compile`` traces).
+        chunk_size: at most this many rows per block: besides the gradient, the loss holds a few ``chunk_size x K``
+            float32 blocks. Default: blocks of about 1 MB on the CPU (already the leanest and the fastest there),
+            of 2^26 numbers on an accelerator (pass ``chunk_size`` there to bound the memory further).
+    """
 
     def __init__(
         self,
+        *,
         reduction: str = "mean",
         dtype: torch.dtype | None = None,
         check_finite: bool = True,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -159,9 +160,9 @@ class HiddenStateLogitDistanceLoss(DistillationLoss):
     Args:
         centered: centre over classes (default True).
         class_reduction: ``"sum"`` (default) or ``"mean"`` (divided by V).
-        reduction, dtype, check_finite: as for every loss (``dtype`` is the returned dtype: ``G`` and the
-            quadratic forms are float64).
-        chunk_size: tokens per block of quadratic forms (default: all).
+        kwargs: ``reduction``, ``dtype`` (the returned dtype: ``G`` and the quadratic forms are float64),
+            ``check_finite``, and ``chunk_size`` (tokens per block of quadratic forms; default: all), as for every
+            loss (:class:`~lightning_repsim.distillation.base.DistillationLoss`).
 
     Example:
         >>> import torch
@@ -175,9 +176,8 @@ class HiddenStateLogitDistanceLoss(DistillationLoss):
         True
     """
 
-    def __init__(self, centered: bool = True, class_reduction: str = "sum", reduction: str = "mean",
-                 dtype: torch.dtype | None = None, check_finite: bool = True, chunk_size: int | None = None) -> None:
-        super().__init__(reduction, dtype, check_finite, chunk_size)
+    def __init__(self, centered: bool = True, class_reduction: str = "sum", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.centered = bool(centered)
         self.class_reduction = check_choice(class_reduction, "class_reduction", ("sum", "mean"))
         self._teacher_block: tuple | None = None
@@ -254,7 +254,8 @@ class _HiddenKD(torch.autograd.Function):
     without, the per-token values, and the backward pass forms each chunk's logits again."""
 
     @staticmethod
-    def forward(ctx, hs, ws, bs, ht, wt, bt, temperature, step, dtype, weights, want_grad):
+    def forward(ctx, hs, ws, bs, teacher, weights, options):
+        (ht, wt, bt), (temperature, step, dtype, want_grad) = teacher, options
         n, inv = hs.shape[0], 1.0 / temperature
         out = torch.zeros(n, dtype=dtype, device=hs.device)
         lse = torch.zeros(2, n, dtype=dtype, device=hs.device)
@@ -283,7 +284,7 @@ class _HiddenKD(torch.autograd.Function):
         else:
             grads = _backward_recompute(ctx, grad_out)
         hs, ws, bs = grads
-        return hs, ws, bs, None, None, None, None, None, None, None, None
+        return hs, ws, bs, None, None, None
 
 
 def _zero_grads(ctx, hs: Tensor, ws: Tensor, bs: Tensor | None, dtype: torch.dtype) -> list:
@@ -335,8 +336,8 @@ class HiddenStateKDLoss(DistillationLoss):
 
     Args:
         temperature: ``T > 0`` (default 4.0).
-        reduction, dtype, check_finite: as for every loss.
-        chunk_size: tokens per chunk (default: about 4M numbers of logits, 131 tokens at V = 32,000).
+        kwargs: ``reduction``, ``dtype``, ``check_finite``, and ``chunk_size`` (tokens per chunk; default: about 4M
+            numbers of logits, 131 tokens at V = 32,000), as for every loss.
 
     Example:
         >>> import torch
@@ -349,9 +350,8 @@ class HiddenStateKDLoss(DistillationLoss):
         True
     """
 
-    def __init__(self, temperature: float = 4.0, reduction: str = "mean", dtype: torch.dtype | None = None,
-                 check_finite: bool = True, chunk_size: int | None = None) -> None:
-        super().__init__(reduction, dtype, check_finite, chunk_size)
+    def __init__(self, temperature: float = 4.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.temperature = check_number(temperature, "temperature")
 
     def forward(self, student_hidden: Tensor, teacher_hidden: Tensor, student_head: Head, teacher_head: Head,
@@ -367,8 +367,8 @@ class HiddenStateKDLoss(DistillationLoss):
             if self.reduction != "none":  # the loss is a weighted sum: its gradient is formed in the forward pass
                 weights = torch.full((n,), 1.0 / max(n, 1) if self.reduction == "mean" else 1.0, dtype=rows.dtype,
                                      device=rows.student.device)
-            args = (rows.student, ws, bs, rows.teacher, wt, bt, self.temperature, step, rows.dtype, weights, want_grad)
-            value = _HiddenKD.apply(*args)
+            options = (self.temperature, step, rows.dtype, want_grad)
+            value = _HiddenKD.apply(rows.student, ws, bs, (rows.teacher, wt, bt), weights, options)
             _check_hidden_finite(value.detach(), rows, self.check_finite)
             if weights is not None:
                 return value

@@ -10,6 +10,7 @@ Two exponentials per logit each way, no ``(N, K)`` temporary but the gradient (`
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -87,13 +88,9 @@ class KDLoss(RowwiseLoss):
 
     Args:
         temperature: ``T > 0`` (default 4.0).
-        reduction: ``"mean"`` over kept rows (default; i.e. the ``"batchmean"`` KL convention),
-            ``"sum"``, or ``"none"`` (per row, masked rows 0).
-        dtype: compute dtype; default float32, or float64 when an input is float64.
-        check_finite: raise on non-finite values in kept rows (one host read of the per-row values).
-        chunk_size: at most this many rows per block: besides the gradient, the loss holds a few
-            ``chunk_size x K`` float32 blocks. Default: blocks of about 1 MB on the CPU (already the leanest and the
-            fastest), all rows at once on an accelerator (pass ``chunk_size`` there to bound the memory).
+        kwargs: the options every loss has, ``reduction`` (``"mean"`` over kept rows: the ``"batchmean"`` KL
+            convention; ``"sum"``; ``"none"``: per row), ``dtype``, ``check_finite`` and ``chunk_size`` (see
+            :class:`~lightning_repsim.distillation.base.DistillationLoss`).
 
     Example:
         >>> import torch
@@ -108,15 +105,8 @@ class KDLoss(RowwiseLoss):
         1.0
     """
 
-    def __init__(
-        self,
-        temperature: float = 4.0,
-        reduction: str = "mean",
-        dtype: torch.dtype | None = None,
-        check_finite: bool = True,
-        chunk_size: int | None = None,
-    ) -> None:
-        super().__init__(reduction, dtype, check_finite, chunk_size)
+    def __init__(self, temperature: float = 4.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.temperature = check_number(temperature, "temperature")
 
     def per_row(self, rows: LogitRows) -> Tensor:

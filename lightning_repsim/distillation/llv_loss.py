@@ -8,7 +8,8 @@ formula (:func:`~lightning_repsim.functional.llv_terms.compared_variance`) with 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -20,7 +21,7 @@ from lightning_repsim.distillation.rows import LogitRows, check_values_finite
 from lightning_repsim.functional._validation import check_choice, check_rep_dim
 from lightning_repsim.functional.llv_terms import compared_variance
 
-__all__ = ["LLVLoss", "LLVLossTerms"]
+__all__ = ["LLVLoss", "LLVLossOptions", "LLVLossTerms"]
 
 LLV_REDUCE = ("max", "mean", "softmax")
 LLV_COMBINE = ("max", "sum", "softmax")
@@ -97,6 +98,29 @@ def set_entries(m: BatchMoments, num_sets: int, eps: float) -> tuple[Tensor, Ten
     compared, reference = tuple(x[:, 1:] for x in own), tuple(x[:, :1] for x in own)
     b, b_piv, t4 = entries(s1sq, delta, compared, reference, eps)
     return torch.cat([b, b_piv], dim=-1), t4
+
+
+#: The options every loss has (:class:`~lightning_repsim.distillation.base.DistillationLoss`).
+COMMON_OPTIONS = ("reduction", "dtype", "check_finite", "chunk_size")
+
+
+@dataclass(frozen=True)
+class LLVLossOptions:
+    """The options of :class:`LLVLoss` besides ``rep_dim`` and the common ones, passed to it as keyword arguments
+    (see its docstring for their meaning); validated by :class:`LLVLoss`."""
+
+    label_pivot: int | str = "mean"
+    leave_out: int | None = None
+    input_set_search: str = "sample"
+    input_sets: Tensor | list[int] | None = None
+    input_terms: bool = True
+    lam: float = 1e-5
+    reduce: str = "max"
+    combine: str = "max"
+    softmax_temperature: float = 0.05
+    num_input_sets: int = 16
+    seed: int = 0
+    eps: float = 1e-6
 
 
 class LLVLossTerms(NamedTuple):
@@ -231,6 +255,7 @@ class LLVLoss(DistillationLoss):
         rep_dim: M, the (teacher's) representation dimension; input sets have M+1 rows. Needed for
             ``input_set_search="sample"`` (default) and ``"first"`` (unless ``input_terms=False`` or
             ``input_sets`` are given); checked against explicit sets.
+        options: keyword arguments (:class:`LLVLossOptions` and the common options):
         label_pivot: ``"mean"`` (default, all-pivots mode) or a label index ``y0``.
         leave_out: optional label excluded from the compared labels (the reference leaves one out).
         input_set_search: ``"sample"`` (default), ``"first"`` or ``"mean"``, when ``input_sets`` is None.
@@ -243,10 +268,9 @@ class LLVLoss(DistillationLoss):
         num_input_sets: candidate sets for ``input_set_search="sample"`` (default 16).
         seed: seed of the candidate draw (default 0).
         eps: see the epsilon policy above.
-        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (see above).
-        dtype: compute dtype; default float32, or float64 when an input is float64.
-        check_finite: raise on non-finite values in kept rows (a host sync; skipped under compile).
-        chunk_size: at most this many rows per block (see **Memory and time**).
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (see above); ``dtype``, ``check_finite``,
+            ``chunk_size`` (see **Memory and time**): as for every loss
+            (:class:`~lightning_repsim.distillation.base.DistillationLoss`).
 
     Example:
         >>> import torch
@@ -270,37 +294,20 @@ class LLVLoss(DistillationLoss):
         True
     """
 
-    def __init__(
-        self,
-        rep_dim: int | None = None,
-        label_pivot: int | str = "mean",
-        leave_out: int | None = None,
-        input_set_search: str = "sample",
-        input_sets: Tensor | list[int] | None = None,
-        input_terms: bool = True,
-        lam: float = 1e-5,
-        reduce: str = "max",
-        combine: str = "max",
-        softmax_temperature: float = 0.05,
-        num_input_sets: int = 16,
-        seed: int = 0,
-        eps: float = 1e-6,
-        reduction: str = "mean",
-        dtype: torch.dtype | None = None,
-        check_finite: bool = True,
-        chunk_size: int | None = None,
-    ) -> None:
-        super().__init__(reduction, dtype, check_finite, chunk_size)
+    def __init__(self, rep_dim: int | None = None, **options: Any) -> None:
+        common = {key: options.pop(key) for key in COMMON_OPTIONS if key in options}
+        super().__init__(**common)
+        opts = LLVLossOptions(**options)  # an unknown option is a TypeError naming it
         self.rep_dim = None if rep_dim is None else check_rep_dim(rep_dim)
-        self.labels = LabelChoice(label_pivot, leave_out)
-        self.input_terms = bool(input_terms)
-        self.inputs = InputSetChoice(self.rep_dim, input_set_search, input_sets, num_input_sets, seed,
-                                     self.input_terms)
-        self.lam = check_number(lam, "lam", allow_zero=True)
-        self.reduce = check_choice(reduce, "reduce", LLV_REDUCE)
-        self.combine = check_choice(combine, "combine", LLV_COMBINE)
-        self.softmax_temperature = check_number(softmax_temperature, "softmax_temperature")
-        self.eps = check_number(eps, "eps")
+        self.labels = LabelChoice(opts.label_pivot, opts.leave_out)
+        self.input_terms = bool(opts.input_terms)
+        self.inputs = InputSetChoice(self.rep_dim, opts.input_set_search, opts.input_sets, opts.num_input_sets,
+                                     opts.seed, self.input_terms)
+        self.lam = check_number(opts.lam, "lam", allow_zero=True)
+        self.reduce = check_choice(opts.reduce, "reduce", LLV_REDUCE)
+        self.combine = check_choice(opts.combine, "combine", LLV_COMBINE)
+        self.softmax_temperature = check_number(opts.softmax_temperature, "softmax_temperature")
+        self.eps = check_number(opts.eps, "eps")
 
     # the options as attributes, under their constructor names
     label_pivot = property(lambda self: self.labels.label_pivot)

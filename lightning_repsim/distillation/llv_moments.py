@@ -201,7 +201,8 @@ def _pair_grad(rows: LogitRows, pairs: Tensor, own: Tensor, g_pairs, g_own, grad
 
 class _BatchMoments(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, rows, index, pivot, mean_rows, pairs, own):
+    def forward(ctx, student, teacher, rows, index, sets, options):
+        (pairs, own), (pivot, mean_rows) = sets, options
         p1, refs, cols = _pass1(rows, index, pivot)
         acc, per_row = _pass2(rows, p1, mean_rows)
         pair_sums, own_sums = _pair_pass(rows, pairs, own)
@@ -225,7 +226,7 @@ class _BatchMoments(torch.autograd.Function):
         g = [x.to(rows.dtype) for x in grads]
         if pairs.numel() or own.numel():
             _pair_grad(rows, pairs, own, g[14:16], g[16:19], grad)
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def _logits_grad(rows: LogitRows, p1: _Pass1, index: Tensor, options, grads) -> Tensor:
@@ -304,5 +305,5 @@ def batch_moments(rows: LogitRows, pivot: int | None, mean_rows: bool, pairs: Te
     label reference ``pivot`` (None: the mean over labels); the per-row moments against the column means when
     ``mean_rows``; the pair moments of ``pairs`` (2, P) and the own moments of ``own`` (R,) (row positions)."""
     index = rows.kept_index()
-    out = _BatchMoments.apply(rows.student, rows.teacher, rows, index, pivot, mean_rows, pairs, own)
+    out = _BatchMoments.apply(rows.student, rows.teacher, rows, index, (pairs, own), (pivot, mean_rows))
     return BatchMoments(out[0:5], out[5], out[6], out[7:12], out[12], out[13], out[14:16], out[16:19])

@@ -9,6 +9,7 @@ five such tensors).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -33,8 +34,8 @@ class _LogitDistanceRows(torch.autograd.Function):
     """Per-row logit distance of ``rows`` (N,), with a hand-written backward (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, student: Tensor, teacher: Tensor, rows: LogitRows, p: int, centered: bool, eps: float,
-                per_class: bool) -> Tensor:
+    def forward(ctx, student: Tensor, teacher: Tensor, rows: LogitRows, options: tuple) -> Tensor:
+        p, centered, eps, per_class = options
         out = torch.zeros(rows.num_rows, dtype=rows.dtype, device=student.device)
         means = torch.zeros_like(out) if centered else None
         for a, b in rows.blocks():
@@ -48,7 +49,7 @@ class _LogitDistanceRows(torch.autograd.Function):
         if per_class:
             out /= rows.num_classes
         ctx.save_for_backward(student, teacher, means)
-        ctx.rows, ctx.options = rows, (p, centered, eps, per_class)
+        ctx.rows, ctx.options = rows, options
         return out
 
     @staticmethod
@@ -74,7 +75,7 @@ class _LogitDistanceRows(torch.autograd.Function):
                 gd.mul_(scale[a:b, None])
             if not (direct and p == 2):
                 rows.store(grad, a, b, gd, drop)
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None
 
 
 class LogitDistanceLoss(RowwiseLoss):
@@ -108,13 +109,9 @@ class LogitDistanceLoss(RowwiseLoss):
             ``"mean"`` (divided by K).
         eps: only for ``p=1``: ``|u|`` is replaced by ``sqrt(u^2 + eps^2) - eps`` (within ``eps`` of
             ``|u|``, smooth, gradient 0 at 0). ``eps=0`` gives the exact L1 norm (subgradient 0 at 0).
-        reduction: ``"mean"`` over kept rows (default), ``"sum"``, or ``"none"`` (per row, shape
-            ``(B,)`` / ``(B, T)``, masked rows 0).
-        dtype: compute dtype; default float32, or float64 when an input is float64.
-        check_finite: raise on non-finite values in kept rows (one host read of the per-row values).
-        chunk_size: at most this many rows per block: besides the gradient, the loss holds a few
-            ``chunk_size x K`` float32 blocks. Default: blocks of about 1 MB on the CPU (already the leanest and the
-            fastest), all rows at once on an accelerator (pass ``chunk_size`` there to bound the memory).
+        kwargs: the options every loss has, ``reduction`` (``"mean"`` over kept rows, ``"sum"``, ``"none"``: per
+            row), ``dtype``, ``check_finite`` and ``chunk_size`` (see
+            :class:`~lightning_repsim.distillation.base.DistillationLoss`).
 
     Example:
         >>> import torch
@@ -136,12 +133,9 @@ class LogitDistanceLoss(RowwiseLoss):
         centered: bool = True,
         class_reduction: str = "sum",
         eps: float = 1e-6,
-        reduction: str = "mean",
-        dtype: torch.dtype | None = None,
-        check_finite: bool = True,
-        chunk_size: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(reduction, dtype, check_finite, chunk_size)
+        super().__init__(**kwargs)
         if p not in (1, 2) or isinstance(p, bool):
             raise ValueError(f"`p` must be 1 or 2, got {p!r}")
         self.p = int(p)
@@ -150,8 +144,8 @@ class LogitDistanceLoss(RowwiseLoss):
         self.eps = check_number(eps, "eps", allow_zero=True)
 
     def per_row(self, rows: LogitRows) -> Tensor:
-        return _LogitDistanceRows.apply(rows.student, rows.teacher, rows, self.p, self.centered, self.eps,
-                                        self.class_reduction == "mean")
+        options = (self.p, self.centered, self.eps, self.class_reduction == "mean")
+        return _LogitDistanceRows.apply(rows.student, rows.teacher, rows, options)
 
     def extra_repr(self) -> str:
         return (f"p={self.p}, centered={self.centered}, class_reduction={self.class_reduction!r}, eps={self.eps}, "
