@@ -47,6 +47,7 @@ from lightning_repsim.distillation import (
     HiddenStateLogitDistanceLoss,
     KDLoss,
     LLVLoss,
+    LLVLossOptions,
     LLVLossTerms,
     LogitDistanceLoss,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "HiddenStateLogitDistanceLoss",
     "KDLoss",
     "LLVLoss",
+    "LLVLossOptions",
     "LLVLossTerms",
     "LogitDistanceLoss",
 ]

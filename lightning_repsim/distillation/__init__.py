@@ -8,7 +8,7 @@ computed from hidden states and linear heads, without the logits).
 
 from lightning_repsim.distillation.hidden import HiddenStateKDLoss, HiddenStateLogitDistanceLoss
 from lightning_repsim.distillation.kd import KDLoss
-from lightning_repsim.distillation.llv_loss import LLVLoss, LLVLossTerms
+from lightning_repsim.distillation.llv_loss import LLVLoss, LLVLossOptions, LLVLossTerms
 from lightning_repsim.distillation.logit_distance import LogitDistanceLoss
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "HiddenStateLogitDistanceLoss",
     "KDLoss",
     "LLVLoss",
+    "LLVLossOptions",
     "LLVLossTerms",
     "LogitDistanceLoss",
 ]
