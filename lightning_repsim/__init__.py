@@ -7,9 +7,16 @@ streaming torchmetrics metrics (:mod:`lightning_repsim.metrics`), and Lightning 
 """
 
 from lightning_repsim import functional
-from lightning_repsim.callbacks import ReferenceComparison
+from lightning_repsim.callbacks import ComparisonConfig, ModelComparison, ReferenceComparison
 from lightning_repsim.constructions import radial_dataset, theorem31_pair
-from lightning_repsim.losses import KDLoss, LLVLoss, LogitDistanceLoss
+from lightning_repsim.losses import (
+    HiddenStateKDLoss,
+    HiddenStateLogitDistanceLoss,
+    KDLoss,
+    LLVLoss,
+    LLVLossOptions,
+    LogitDistanceLoss,
+)
 from lightning_repsim.metrics import (
     LinearCKA,
     LLVDistance,
@@ -24,14 +31,19 @@ from lightning_repsim.metrics import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ComparisonConfig",
+    "HiddenStateKDLoss",
+    "HiddenStateLogitDistanceLoss",
     "KDLoss",
     "LLVDistance",
     "LLVLoss",
+    "LLVLossOptions",
     "LinearCKA",
     "LogitDistance",
     "LogitDistanceLoss",
     "MeanCCA",
     "MeanKLDivergence",
+    "ModelComparison",
     "ProcrustesDistance",
     "ReferenceComparison",
     "SVDDissimilarity",

@@ -36,7 +36,6 @@ __all__ = [
     "displacement_moments",
     "entries",
     "first_argmin",
-    "input_part",
     "normalisers",
     "select_input_set",
     "set_entries",
@@ -119,8 +118,8 @@ def entries(
 def displacement_moments(x: Tensor, d: Tensor, x_ref: Tensor, d_ref: Tensor, dim: int = -1) -> tuple[Tensor, ...]:
     """Unbiased moments along ``dim`` that one entry needs: ``Var u`` and ``Delta = 2 Cov(u, v) + Var v`` for the
     displacement ``u = x - x_ref``, ``v = d - d_ref``, then ``(Var x, Cov(x, d), Var d)`` and the same for the
-    reference. ``dim=-1``: over labels (input terms); ``dim=0``: over inputs (label terms of a batch, as
-    :class:`~lightning_repsim.losses.LLVLoss` computes them). Differentiable; references broadcast."""
+    reference. ``dim=-1``: over labels (the input terms of given rows); ``dim=0``: over inputs. Differentiable;
+    references broadcast."""
     scale = 1.0 / (x.shape[dim] - 1)
     xc, dc = x - x.mean(dim, keepdim=True), d - d.mean(dim, keepdim=True)
     x0c, d0c = x_ref - x_ref.mean(dim, keepdim=True), d_ref - d_ref.mean(dim, keepdim=True)
@@ -167,12 +166,6 @@ def set_entries(lp_rows: Tensor, lq_rows: Tensor, positions: Tensor) -> tuple[Te
         lp, lq = lp_rows[chunk], lq_rows[chunk]
         parts.append(input_entries(lp[:, 1:], lq[:, 1:], lp[:, :1], lq[:, :1]))
     return tuple(torch.cat(t) for t in zip(*parts))  # type: ignore[return-value]
-
-
-def input_part(lp_rows: Tensor, lq_rows: Tensor, positions: Tensor, reported: Tensor, reduce: str = "max") -> InputPart:
-    """T2/T4 for every candidate set (:func:`set_entries`) and the argmin of T2 (first on ties); ``reported``: the
-    sets as the result reports them (row indices or input ids)."""
-    return select_input_set(*set_entries(lp_rows, lq_rows, positions), reported, reduce)
 
 
 def select_input_set(
