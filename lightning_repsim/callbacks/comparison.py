@@ -12,6 +12,11 @@ reusing the student's validation forward, the sampler's positions, logging, chec
     for batch in loader:
         comparison.update(batch, student)              # runs both models under no_grad (or pass Representations)
     outcome = comparison.compute()                     # outcome.values["d_llv"], outcome.info["rep_dim"], ...
+
+Under several processes, pass each batch's global sample ``positions`` (and the data set's length, so that a
+``DistributedSampler``'s padded copies are dropped); without them the processes compare the content of what they saw at
+``compute()``: inputs every process saw count once, overlapping shards are refused (``docs/distributed.md``).
+Sharded (DTensor) unembeddings are gathered once per comparison.
 """
 
 from __future__ import annotations
@@ -80,6 +85,7 @@ class ModelComparison:
         self.device = torch.device("cpu")
         self.padded_rows_dropped = 0  # DistributedSampler duplicates dropped since the last reset
         self.overlap = InputOverlap()  # content keys of samples without positions, under several processes
+        self._synced = self.config.metric_kwargs.get("sync_on_compute", True) is not False  # else each process alone
         self._full_unembeddings: dict[str, Tensor] = {}  # sharded (DTensor) unembeddings gathered once per comparison
         self.unembedding_gathers = 0  # how many times a sharded unembedding was gathered (tests: once per comparison)
 
@@ -173,7 +179,7 @@ class ModelComparison:
         ref, stu = self._gathered(ref, "reference"), self._gathered(stu, "student")
         keep, ids, padded = rows_and_ids(self.config.mask_fn(batch), lead, positions, dataset_length)
         self.padded_rows_dropped += padded
-        if self.overlap.tracking:  # which inputs each process saw: compared across processes at compute()
+        if self._synced and self.overlap.tracking:  # which inputs each process saw: compared across processes at compute()
             if positions is None:
                 self.overlap.add(model_inputs(batch, self.reference, self.config.input_fn), lead[0])
             else:
@@ -211,7 +217,7 @@ class ModelComparison:
         ``"positions, shared by groups"`` (a sampler of fewer replicas than processes), ``"disjoint"`` or
         ``"replicated"`` (by content), ``"unknown"`` (inputs that are not tensors)."""
         outcome = ComparisonOutcome()
-        if not self.overlap.settle(self.device):
+        if self._synced and not self.overlap.settle(self.device):
             self.suite.reset()  # a lower rank saw the same inputs: its statistics count, each input once
             if self.layers is not None:
                 self.layers.reset()

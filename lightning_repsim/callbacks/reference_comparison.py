@@ -321,8 +321,8 @@ class ReferenceComparison(Callback):
         probing forward), so that this batch's own validation forward is already captured and reused."""
         self._capture.clear()
         batch = self._positions.select(batch) if self._mine(dataloader_idx) else None
-        if (batch is not None and self._active and self.config.reuse_student_outputs and self._mine(dataloader_idx)
-                and not self._capture.installed and not self.student_extractor.is_located(pl_module)):
+        if (batch is not None and self._active and self.config.reuse_student_outputs and not self._capture.installed
+                and not self.student_extractor.is_located(pl_module)):
             with self._isolated_rng(pl_module.device):
                 self._stats["own_student_forward"] += 1
                 self._reuse.own = self.comparison.student_representations(batch, pl_module)  # checks this batch
