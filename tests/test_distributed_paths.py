@@ -4,8 +4,8 @@ One ``ddp_spawn`` run (the history must come back to the main process) and one l
 here the way ``torchrun`` starts them, each running every scenario in turn) are compared with one process on:
 
 * several validation loaders given as a dict, a list, or a ``CombinedLoader`` in ``"max_size_cycle"`` mode (its short
-  loader restarts: the restarted inputs must not count again), the first of odd size (201: the DistributedSampler pads
-  rank 1 with a copy of sample 0);
+  loader restarts: the restarted inputs must not count again) or ``"max_size"`` mode (an exhausted loader's part is
+  None), the first of odd size (201: the DistributedSampler pads rank 1 with a copy of sample 0);
 * an ``IterableDataset`` sharded by the user (no sampler, uneven shards);
 * ``use_distributed_sampler=False`` (every process iterates everything: each input must count once);
 * ``ModelParallelStrategy`` with the student sharded by FSDP2's ``fully_shard`` (data parallel over 2 processes: the
@@ -42,10 +42,16 @@ pytestmark = [pytest.mark.ddp, pytest.mark.skipif(not torch.distributed.is_avail
 
 
 class MultiLoaderNet(RadialNet):
-    """A student for several validation loaders, sequential (``dataloader_idx``) or combined (a dict of batches)."""
+    """A student for several validation loaders, sequential (``dataloader_idx``) or combined (a dict or list of
+    ``[x, y]`` batches, None for an exhausted loader)."""
 
     def validation_step(self, batch, batch_idx, dataloader_idx=0):
-        parts = batch.values() if isinstance(batch, dict) else [batch]
+        if isinstance(batch, dict):
+            parts = list(batch.values())
+        elif batch[0] is None or isinstance(batch[0], (list, tuple)):
+            parts = batch
+        else:
+            parts = [batch]
         for x, y in (p for p in parts if p is not None):
             self.log("val_loss", nn.functional.cross_entropy(self(x), y), batch_size=len(x))
 
@@ -92,6 +98,7 @@ def loaders(scenario: str):
         "dict": lambda: {"odd": a, "small": b},
         "list": lambda: [a, b],
         "combined_cycle": lambda: CombinedLoader({"odd": a, "small": b}, mode="max_size_cycle"),
+        "combined_max_size": lambda: CombinedLoader([a, b], mode="max_size"),
         "iterable": lambda: DataLoader(ShardedIterable(odd), batch_size=25),
         "no_sampler": lambda: a,
         "model_parallel": lambda: a,
@@ -101,9 +108,9 @@ def loaders(scenario: str):
     }[scenario]()
 
 
-SCENARIOS = ["dict", "list", "combined_cycle", "iterable", "no_sampler", "model_parallel", "tensor_parallel_groups",
-             "sharded_reference"]
-TWO_LOADERS = {"dict", "list", "combined_cycle"}
+SCENARIOS = ["dict", "list", "combined_cycle", "combined_max_size", "iterable", "no_sampler", "model_parallel",
+             "tensor_parallel_groups", "sharded_reference"]
+TWO_LOADERS = {"dict", "list", "combined_cycle", "combined_max_size"}
 
 
 def run_scenario(scenario: str, devices: int, strategy: str = "auto") -> dict:
