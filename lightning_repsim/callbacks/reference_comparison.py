@@ -24,15 +24,15 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_repsim.callbacks.capture import HeadCapture, ReuseCheck, first_samples, reused_representations
-from lightning_repsim.callbacks.comparison import ComparisonOutcome, ModelComparison
+from lightning_repsim.callbacks.comparison import ModelComparison
 from lightning_repsim.callbacks.config import METRIC_KEYS, ComparisonConfig, split_config
-from lightning_repsim.callbacks.extraction import Extractor, Representations
+from lightning_repsim.callbacks.extraction import Extractor
 from lightning_repsim.callbacks.media import embedding_figure, layer_figure, log_wandb_layer_matrix, log_wandb_media
+from lightning_repsim.callbacks.notices import Notices
 from lightning_repsim.callbacks.positions import SamplePositions
 from lightning_repsim.callbacks.reference import (
     FingerprintCheck,
@@ -43,15 +43,15 @@ from lightning_repsim.callbacks.reference import (
     model_inputs,
     weights_fingerprint,
 )
-from lightning_repsim.callbacks.spawn import WorkerResults, spawned_by
-from lightning_repsim.functional.svd import DiversityWarning
+from lightning_repsim.callbacks.spawn import SpawnedResults, WorkerResults
+from lightning_repsim.callbacks.student import StudentForwards
 
 __all__ = ["ReferenceComparison", "weights_fingerprint", "METRIC_KEYS"]
 
 _STATE_VERSION = 2
 
 
-class ReferenceComparison(Callback):
+class ReferenceComparison(SpawnedResults, Callback):
     """Compare the model in training (the *student*) with a frozen *reference* model each validation epoch.
 
     KL says whether the two models *predict* alike; d_LLV, d_SVD and mCCA say whether they *represent* alike (Nielsen
@@ -128,56 +128,19 @@ class ReferenceComparison(Callback):
             ModelComparison.collaborators(self.config)
         self._active = False
         self._checked = False
-        self._warned: set[str] = set()
-        self._capture = HeadCapture()
-        self._reuse = ReuseCheck()  # the student's reused forward, checked on the first batch of each comparison
+        self._notices = Notices()  # warnings and notes, once per fit
         self._positions = SamplePositions()
         self._stats = {"reused_student_forward": 0, "own_student_forward": 0, "padded_rows_dropped": 0}
+        # the student's reused forward (checked on the first batch of each comparison) or the comparison's own
+        self._student = StudentForwards(self.student_extractor, self.config.reuse_student_outputs and dataloader is None,
+                                        self._stats, self._notices.warn_once)
 
-    # ------------------------------------------------------------------------------------------
-    # results (also after ddp_spawn: the worker of rank 0 sends them back, see .spawn)
-    # ------------------------------------------------------------------------------------------
-    @property
-    def history(self) -> list[dict[str, Any]]:
-        self._receive()
-        return self._history
+    def _extra_results(self) -> dict[str, Any]:  # ddp_spawn: the picture's points travel back too (see .spawn)
+        return {"last_embeddings": self.last_embeddings}
 
-    @history.setter
-    def history(self, value: list[dict[str, Any]]) -> None:
-        self._history = value
-
-    @property
-    def last_results(self) -> dict[str, Any]:
-        self._receive()
-        return self._last_results
-
-    @last_results.setter
-    def last_results(self, value: dict[str, Any]) -> None:
-        self._last_results = value
-
-    @property
-    def stats(self) -> dict[str, int]:
-        self._receive()
-        return self._stats
-
-    def _receive(self) -> None:
-        """Take the results a spawned worker sent back (``strategy="ddp_spawn"``), if any."""
-        payload = self._mailbox.receive()
-        if payload is None:
-            return
-        self._history, self._last_results, self._stats = payload["history"], payload["last_results"], payload["stats"]
+    def _restore_extra(self, payload: dict[str, Any]) -> None:
         if self.comparison is not None and payload.get("last_embeddings") is not None:
             self.comparison.points.last = payload["last_embeddings"]
-
-    def _send(self, trainer: pl.Trainer) -> None:
-        """In the worker of local rank 0 of a spawning strategy: send the results back to the main process."""
-        if self._mailbox.in_worker and trainer.local_rank == 0 and spawned_by(trainer):
-            self._mailbox.send({"history": self._history, "last_results": self._last_results, "stats": self._stats,
-                                "last_embeddings": self.last_embeddings})
-
-    def __getstate__(self) -> dict[str, Any]:
-        self._receive()  # a second ddp_spawn run starts from the first one's history
-        return self.__dict__.copy()
 
     # ------------------------------------------------------------------------------------------
     # read-only views
@@ -263,7 +226,7 @@ class ReferenceComparison(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Move the reference to the student's device and precision; warnings are given once per fit."""
-        self._warned.clear()
+        self._notices.clear()
         self._prepare(trainer, pl_module)
 
     @override
@@ -300,18 +263,8 @@ class ReferenceComparison(Callback):
         comparison.reference.eval()
         comparison.reset()
         comparison.to(pl_module.device)
-        self._reuse.reset()  # the student's reused forward is checked on the first batch of each comparison
-        self._install_capture(pl_module)
+        self._student.start(pl_module)
         comparison.watch_layers(pl_module)
-
-    def _install_capture(self, pl_module: pl.LightningModule) -> None:
-        """Watch the student's head during ``validation_step`` (reuse of its forward), when the head is known."""
-        self._capture.remove()
-        extractor = self.student_extractor
-        if self.config.reuse_student_outputs and self.dataloader is None and extractor.is_located(pl_module):
-            head = extractor.head(pl_module)
-            if head is not None:
-                self._capture.install(head)
 
     @override
     def on_validation_batch_start(
@@ -319,14 +272,11 @@ class ReferenceComparison(Callback):
     ) -> None:
         """Forget the head calls of the previous batch; if the student's head is not located yet, locate it now (one
         probing forward), so that this batch's own validation forward is already captured and reused."""
-        self._capture.clear()
+        self._student.clear()
         batch = self._positions.select(batch) if self._mine(dataloader_idx) else None
-        if (batch is not None and self._active and self.config.reuse_student_outputs and not self._capture.installed
-                and not self.student_extractor.is_located(pl_module)):
+        if batch is not None and self._active:
             with self._isolated_rng(pl_module.device):
-                self._stats["own_student_forward"] += 1
-                self._reuse.own = self.comparison.student_representations(batch, pl_module)  # checks this batch
-            self._install_capture(pl_module)
+                self._student.locate(batch, pl_module, self.comparison)
         if self.comparison is not None and self.comparison.layers is not None:
             self.comparison.layers.clear()  # outputs of the probe (or of a previous batch) are not this batch's
 
@@ -341,8 +291,7 @@ class ReferenceComparison(Callback):
             self._check_outputs(pl_module, batch)
         if batch is not None and self._active:
             self._process_batch(pl_module, batch, outputs, positions=None)
-        self._capture.clear()
-        self._reuse.own = None
+        self._student.clear()
 
     # ------------------------------------------------------------------------------------------
     # per batch
@@ -367,58 +316,16 @@ class ReferenceComparison(Callback):
         comparison = self.comparison
         with self._isolated_rng(pl_module.device):
             ref = comparison.reference_representations(batch)
-            stu = self._student_representations(pl_module, batch, outputs, ref.leading_shape, positions is None)
+            if positions is None:  # a validation batch: the student's own validation forward may be reused
+                stu = self._student.representations(pl_module, batch, outputs, ref.leading_shape, comparison)
+            else:
+                stu = self._student.own(pl_module, batch, comparison)
         self._checked = True
         if positions is None:
             positions = self._positions.next(ref.leading_shape[0] if ref.leading_shape else 0)
         before = comparison.padded_rows_dropped
         comparison.add(batch, ref, stu, positions, self._positions.length)
         self._stats["padded_rows_dropped"] += comparison.padded_rows_dropped - before
-
-    def _student_representations(self, pl_module: pl.LightningModule, batch: Any, outputs: Any, lead: tuple[int, ...],
-                                 reuse: bool) -> Representations:
-        """The student's own validation forward when it can be reused (returned embeddings, or the head call the
-        hook captured), else a forward of the callback's own."""
-        extractor = self.student_extractor
-        if reuse and self.config.reuse_student_outputs and self._reuse.state != "refused":
-            located = extractor.is_located(pl_module)
-            head = extractor.head(pl_module) if located else None
-            reps = reused_representations(outputs, located, head, self._capture, lead)
-            if reps is not None and self._reuse.state == "unverified":
-                reps = self._verify_reuse(pl_module, batch, reps)
-            if reps is not None:
-                self._stats["reused_student_forward"] += 1
-                return reps
-        self._stats["own_student_forward"] += 1
-        self._capture.remove()  # the callback's own forward must not be captured as the student's
-        reps = self.comparison.student_representations(batch, pl_module)
-        if self.config.reuse_student_outputs and self.dataloader is None and self._active and self._reuse.state != "refused":
-            self._install_capture(pl_module)  # the head is known now: reuse from the next batch on
-        return reps
-
-    def _verify_reuse(self, pl_module: pl.LightningModule, batch: Any, reused: Representations) -> Representations | None:
-        """Compare the reused representations with the student's own forward on the batch's first samples (or the
-        probing forward's, when it ran on this batch): trusted for the rest of the comparison when they agree, else
-        None (own forwards from now on) and one warning saying why."""
-        own = self._reuse.own
-        if own is None:
-            self._stats["own_student_forward"] += 1
-            self._capture.remove()  # the check's forward must not be captured as the student's, nor feed the layers
-            rows = self._reuse.rows(reused.leading_shape)
-            with self.comparison.layers_paused():
-                own = self.comparison.student_representations(first_samples(batch, reused.leading_shape[0], rows),
-                                                              pl_module)
-            self._install_capture(pl_module)
-        problem = self._reuse.decide(reused, own)
-        if problem is None:
-            return reused
-        self._capture.remove()
-        self._warn_once("reuse-mismatch", (
-            f"ReferenceComparison: the student's validation_step did not run its head on the batch's inputs as given "
-            f"to the reference ({problem}): inputs transformed or noised in the step? The comparison runs the student's "
-            "own forward on the batch instead (one more forward per batch), so both models see the same inputs. Pass "
-            "`input_fn` to feed both models what validation_step feeds the student, or reuse_student_outputs=False."))
-        return None
 
     def _run_custom_dataloader(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         rank, world = trainer.global_rank, trainer.world_size
@@ -442,7 +349,7 @@ class ReferenceComparison(Callback):
         if not self._active:
             return
         self._active = False
-        self._capture.remove()
+        self._student.remove()
         comparison = self.comparison
         comparison.unwatch_layers()
         if self.dataloader is not None:
@@ -451,7 +358,7 @@ class ReferenceComparison(Callback):
         outcome = comparison.compute()
         comparison.reset()
         self.last_results = outcome.results
-        self._report(outcome)
+        self._notices.report(outcome)
         entry: dict[str, Any] = {
             "epoch": int(trainer.current_epoch),
             "global_step": int(trainer.global_step),
@@ -465,38 +372,6 @@ class ReferenceComparison(Callback):
             log_wandb_media(trainer, self.prefix, self.history, METRIC_KEYS, entry, lambda: self.embedding_figure(entry))
             if "layer_matrix" in entry:
                 log_wandb_layer_matrix(trainer, self.prefix, entry, self.layer_figure(entry))
-
-    def _report(self, outcome: ComparisonOutcome) -> None:
-        """The outcome's warnings and undefined values, each once per fit; the M used, once per fit."""
-        for caught in outcome.warnings:  # a near-singular diversity set is reported once per fit, not every epoch
-            if issubclass(caught.category, DiversityWarning):
-                self._warn_once(f"diversity:{str(caught.message)[:48]}", str(caught.message), DiversityWarning)
-            else:
-                warnings.warn_explicit(caught.message, caught.category, caught.filename, caught.lineno)
-        for key, message in outcome.problems.items():
-            self._warn_once(f"{key}:{message[:48]}",
-                            f"ReferenceComparison: `{key}` is not defined here and is not logged: {message}")
-        info = outcome.info
-        across = info.get("inputs_across_processes")
-        if across == "replicated":
-            self._warn_once("replicated", "ReferenceComparison: processes compared the same validation inputs (the "
-                            "loader has no DistributedSampler): each input was counted once, as by one process. "
-                            "Lightning's default `use_distributed_sampler=True` shares the work instead.")
-        elif across == "positions, shared by groups":
-            self._info_once("shared-positions", "ReferenceComparison: groups of processes compared the same inputs (a "
-                            "DistributedSampler over fewer replicas than processes, e.g. tensor-parallel ranks): each "
-                            "input was counted once.")
-        elif across == "unknown":
-            self._warn_once("overlap-unknown", "ReferenceComparison: several processes without a DistributedSampler, "
-                            "and the model inputs are not tensors, so whether processes saw the same inputs cannot be "
-                            "checked: an input seen by several processes is counted once per process.")
-        if info.get("num_dropped"):
-            self._warn_once("dropped", f"ReferenceComparison: {info['num_dropped']} validation input(s) had non-finite outputs "
-                            "and were skipped (history: `num_dropped`); the values use the other inputs.")
-        if info.get("rep_dim") is not None:
-            widths = f", embedding widths {tuple(info['widths'])}" if info.get("widths") else ""
-            self._info_once("rep_dim", f"ReferenceComparison: comparing at representation dimension M={info['rep_dim']} "
-                            f"({info.get('rep_dim_reason', '')}{widths})")
 
     def _log(self, pl_module: pl.LightningModule, values: Mapping[str, float]) -> None:
         with warnings.catch_warnings():
@@ -518,16 +393,6 @@ class ReferenceComparison(Callback):
             self.history = [h for h in self.history if (h.get("stage"), h.get("epoch"), h.get("global_step")) != key]
         self.history.append(entry)
 
-    def _info_once(self, key: str, message: str) -> None:
-        if f"info:{key}" not in self._warned:
-            self._warned.add(f"info:{key}")
-            rank_zero_info(message)
-
-    def _warn_once(self, key: str, message: str, category: type[Warning] = UserWarning) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            rank_zero_warn(message, category=category)
-
     def embedding_figure(self, entry: Mapping[str, Any] | None = None) -> Any | None:
         """The figure of the last compared embeddings (M = 2 only), or None."""
         return embedding_figure(self.last_embeddings, entry or (self.history[-1] if self.history else {}))
@@ -537,7 +402,7 @@ class ReferenceComparison(Callback):
         return layer_figure(entry or (self.history[-1] if self.history else {}))
 
     def _remove_hooks(self) -> None:
-        self._capture.remove()
+        self._student.remove()
         if self.comparison is not None:
             self.comparison.unwatch_layers()
         self._active = False

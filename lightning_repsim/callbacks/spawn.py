@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["WorkerResults"]
+__all__ = ["SpawnedResults", "WorkerResults"]
 
 
 def _remove(path: str, owner_pid: int) -> None:
@@ -74,3 +74,65 @@ class WorkerResults:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)  # no finalizer in a copy: only the creating process removes the file
+
+
+class SpawnedResults:
+    """Mixin of :class:`~lightning_repsim.callbacks.ReferenceComparison`: ``history``, ``last_results`` and ``stats``
+    that come back from a spawned worker. The class sets ``_history``, ``_last_results``, ``_stats`` and ``_mailbox``
+    (a :class:`WorkerResults`) and calls :meth:`_send` at ``teardown``; reading a result first takes what a worker
+    sent."""
+
+    _history: list[dict[str, Any]]
+    _last_results: dict[str, Any]
+    _stats: dict[str, int]
+    _mailbox: WorkerResults
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        self._receive()
+        return self._history
+
+    @history.setter
+    def history(self, value: list[dict[str, Any]]) -> None:
+        self._history = value
+
+    @property
+    def last_results(self) -> dict[str, Any]:
+        self._receive()
+        return self._last_results
+
+    @last_results.setter
+    def last_results(self, value: dict[str, Any]) -> None:
+        self._last_results = value
+
+    @property
+    def stats(self) -> dict[str, int]:
+        self._receive()
+        return self._stats
+
+    def _extra_results(self) -> dict[str, Any]:
+        """More of the class's results to send back (override)."""
+        return {}
+
+    def _restore_extra(self, payload: dict[str, Any]) -> None:
+        """Take back what :meth:`_extra_results` sent (override)."""
+
+    def _receive(self) -> None:
+        """Take the results a spawned worker sent back (``strategy="ddp_spawn"``), if any."""
+        payload = self._mailbox.receive()
+        if payload is None:
+            return
+        self._history, self._last_results = payload["history"], payload["last_results"]
+        self._stats.clear()
+        self._stats.update(payload["stats"])  # the same dict: collaborators hold it
+        self._restore_extra(payload)
+
+    def _send(self, trainer: Any) -> None:
+        """In the worker of local rank 0 of a spawning strategy: send the results back to the main process."""
+        if self._mailbox.in_worker and trainer.local_rank == 0 and spawned_by(trainer):
+            self._mailbox.send({"history": self._history, "last_results": self._last_results, "stats": self._stats,
+                                **self._extra_results()})
+
+    def __getstate__(self) -> dict[str, Any]:
+        self._receive()  # a second ddp_spawn run starts from the first one's history
+        return self.__dict__.copy()
