@@ -181,7 +181,7 @@ def compare(
     max_label_subsets = options.pop("max_label_subsets", None)
     opts = LLVOptions(**options)
     pair = ModelPair.of(emb_p, unemb_p, emb_q, unemb_q)
-    n, k, (m_p, m_q) = pair.num_inputs, pair.num_labels, pair.widths
+    n, k, m_p, m_q = pair.sizes
     given = _given_logits(logits, n, k)
     if choose_route(route, k, max(m_p, m_q)) == "logits":
         cov_f, cov_w = embedding_pair_covariance(pair.f_p, pair.f_q), None
@@ -245,7 +245,7 @@ def _given_logits(logits: tuple[Tensor, Tensor] | None, n: int, k: int) -> tuple
 def _kl_and_representation_rows(pair: ModelPair, given: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Mean KL(p || q), d_logit and the rows ``u`` of the representation layout, from the ``given`` logits or those
     formed from the representations, in blocks of rows (float64; memory O(block K))."""
-    n, k = pair.num_inputs, pair.num_labels
+    n, k = pair.sizes[:2]
     step = max(1, CHUNK_NUMBERS // k)
     kl_sum = pair.f_p.new_zeros(())
     logit_sum = pair.f_p.new_zeros(())

@@ -15,15 +15,8 @@ from torch import Tensor
 
 from lightning_repsim.functional.inputs import as_matrix, check_embedding_pair, check_finite
 
-__all__ = [
-    "ModelPair",
-    "fit_width",
-    "log_partition",
-    "logits_from_parts",
-    "logits_from_representations",
-    "split_unembedding",
-    "unembedding_parts",
-]
+__all__ = ["ModelPair", "fit_width", "log_partition", "logits_from_parts", "logits_from_representations", "split_unembedding",
+           "unembedding_parts"]
 
 #: Labels per block when ``logZ`` is computed for large vocabularies (never a B x K float64 block); on CPU the
 #: block is narrowed so that a block of logits holds about :data:`CPU_BLOCK_NUMBERS` numbers (4 MB: its passes stay
@@ -114,16 +107,9 @@ class ModelPair:
         return cls(f_p, w_p, b_p, f_q, w_q, b_q)
 
     @property
-    def widths(self) -> tuple[int, int]:
-        return int(self.f_p.shape[1]), int(self.f_q.shape[1])
-
-    @property
-    def num_inputs(self) -> int:
-        return int(self.f_p.shape[0])
-
-    @property
-    def num_labels(self) -> int:
-        return int(self.w_p.shape[0])
+    def sizes(self) -> tuple[int, int, int, int]:
+        """``(N, K, M_p, M_q)``: inputs, labels and the two embedding widths."""
+        return int(self.f_p.shape[0]), int(self.w_p.shape[0]), int(self.f_p.shape[1]), int(self.f_q.shape[1])
 
     def logits(self) -> tuple[Tensor, Tensor]:
         """Both models' logits (N, K), float64."""

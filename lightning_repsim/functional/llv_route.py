@@ -199,33 +199,16 @@ def llv_result(labels: LabelPart, inputs: InputPart, resolved: ResolvedLabels, s
                search: SearchInfo | None = None) -> LLVResult:
     """Assemble an :class:`LLVResult` from its label and input parts; label positions are mapped back to label
     indices."""
+    from_labels = {name: getattr(labels, name) for name in ("t1", "t3", "t1_terms", "t3_terms")}
+    from_inputs = {name: getattr(inputs, name) for name in ("t2", "t4", "t2_terms", "t4_terms", "input_set",
+                                                             "chosen_candidate", "candidate_sets", "candidate_scores")}
+    label_set = {name: resolved.original(getattr(labels, name)) for name in ("label_pivot", "leave_out", "kept_labels")}
+    report = {"method": "given", **({} if search is None else search.as_dict()), "label_pivots_refined": labels.refined_pivots}
     return LLVResult(
         value=combine_terms(labels.t1, inputs.t2, labels.t3, inputs.t4, options.lam, options.combine),
-        t1=labels.t1,
-        t2=inputs.t2,
-        t3=labels.t3,
-        t4=inputs.t4,
-        t1_terms=labels.t1_terms,
-        t2_terms=inputs.t2_terms,
-        t3_terms=labels.t3_terms,
-        t4_terms=inputs.t4_terms,
-        label_pivot=resolved.original(labels.label_pivot),
-        leave_out=resolved.original(labels.leave_out),
-        kept_labels=resolved.original(labels.kept_labels),
-        input_set=inputs.input_set,
-        chosen_candidate=inputs.chosen_candidate,
-        candidate_sets=inputs.candidate_sets,
-        candidate_scores=inputs.candidate_scores,
-        label_search=labels.search,
-        num_pivots_searched=labels.num_pivots,
-        labels=resolved.labels,
-        search={"method": "given", **({} if search is None else search.as_dict()), "label_pivots_refined": labels.refined_pivots},
-        num_inputs=sizes.num_inputs,
-        num_labels=sizes.num_labels,
-        rep_dim=sizes.rep_dim,
-        lam=options.lam,
-        reduce=options.reduce,
-        combine=options.combine,
+        **from_labels, **from_inputs, **label_set, label_search=labels.search, num_pivots_searched=labels.num_pivots,
+        labels=resolved.labels, search=report, num_inputs=sizes.num_inputs, num_labels=sizes.num_labels,
+        rep_dim=sizes.rep_dim, lam=options.lam, reduce=options.reduce, combine=options.combine,
     )
 
 

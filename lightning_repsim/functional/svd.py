@@ -282,8 +282,9 @@ def svd_dissimilarity(
     """
     pair = ModelPair.of(emb_p, unemb_p, emb_q, unemb_q)
     cov_f = embedding_pair_covariance(pair.f_p, pair.f_q)
-    r = representation_dim(cov_f, pair.widths[0], rep_dim)
-    check_num_labels(pair.num_labels, r, need_subsets=True)
+    n, k, m_p, m_q = pair.sizes
+    r = representation_dim(cov_f, m_p, rep_dim)
+    check_num_labels(k, r, need_subsets=True)
     label_pivot, leave_out = options.get("label_pivot"), options.get("leave_out")
     if label_pivot is None or leave_out is None or input_set is None:
         given = None if input_set is None else torch.as_tensor(input_set)[None]
@@ -293,7 +294,7 @@ def svd_dissimilarity(
     if input_set.numel() != r + 1:
         raise ValueError(
             f"`input_set` must hold r+1 = {r + 1} input indices (r = {r}, the representation dimension; widths "
-            f"{pair.widths}), got {input_set.numel()}"
+            f"{(m_p, m_q)}), got {input_set.numel()}"
         )
     stats = SVDStatistics(cov_f, pair.w_p, pair.w_q, pair.f_p[input_set], pair.f_q[input_set])
     return svd_from_parts(stats, (int(label_pivot), int(leave_out), input_set), r, max_label_subsets, options.get("seed", 0))

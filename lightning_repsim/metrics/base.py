@@ -23,7 +23,8 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -33,10 +34,23 @@ from torchmetrics.utilities.prints import rank_zero_warn
 from lightning_repsim.functional.inputs import NAN_STRATEGIES, check_choice
 from lightning_repsim.metrics.state_kinds import Config, ConfigMismatch, Count, SizeMismatch, StateKind, gather_states, state_kind
 
-__all__ = ["DEFAULT_MEMORY_BUDGET_GB", "StreamingMetric", "gather_states"]
+__all__ = ["DEFAULT_MEMORY_BUDGET_GB", "MetricResult", "StreamingMetric", "gather_states"]
 
 #: Default ``memory_budget_gb``: the most a metric may hold in states plus its compute temporaries.
 DEFAULT_MEMORY_BUDGET_GB = 8.0
+
+
+@dataclass(frozen=True)
+class MetricResult:
+    """The result of a metric whose headline is one scalar: ``value`` (float64) and ``num_inputs``; subclasses add
+    their details. ``key`` is the name the callback logs ``value`` under."""
+
+    value: Tensor
+    num_inputs: int
+    key: ClassVar[str] = "value"
+
+    def as_dict(self) -> dict[str, float]:
+        return {self.key: float(self.value)}
 _GB = 1e9
 
 

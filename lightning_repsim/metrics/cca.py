@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from lightning_repsim.functional.cca import canonical_correlations_from_cov, check_cca_inputs
 from lightning_repsim.functional.inputs import embedding_rows
-from lightning_repsim.metrics.base import DEFAULT_MEMORY_BUDGET_GB, StreamingMetric
+from lightning_repsim.metrics.base import DEFAULT_MEMORY_BUDGET_GB, MetricResult, StreamingMetric
 from lightning_repsim.metrics.moment_state import moments_covariance, moments_dim
 from lightning_repsim.metrics.state_kinds import Dims, Moments
 
@@ -18,16 +18,12 @@ __all__ = ["CCAResult", "MeanCCA"]
 
 
 @dataclass(frozen=True)
-class CCAResult:
+class CCAResult(MetricResult):
     """What :class:`MeanCCA` computed: ``value`` = the mean canonical correlation (float64 scalar), all
     ``canonical_correlations`` (decreasing) and ``num_inputs``."""
 
-    value: Tensor
     canonical_correlations: Tensor
-    num_inputs: int
-
-    def as_dict(self) -> dict[str, float]:
-        return {"mcca": float(self.value)}
+    key: ClassVar[str] = "mcca"
 
 
 class MeanCCA(StreamingMetric):

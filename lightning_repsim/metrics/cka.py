@@ -15,15 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_repsim.functional.cka import (
-    _unpack,
-    check_cka_state,
-    cka_batch_state,
-    cka_merge,
-    cka_shift,
-    cka_state_size,
-    cka_values,
-)
+from lightning_repsim.functional import cka as statistic  # the shifted CKA statistic and its exact merge
 from lightning_repsim.functional.inputs import embedding_rows
 from lightning_repsim.metrics.base import DEFAULT_MEMORY_BUDGET_GB, StreamingMetric
 from lightning_repsim.metrics.state_kinds import Statistic
@@ -94,12 +86,12 @@ class LinearCKA(StreamingMetric):
             raise ValueError(f"`debiased` must be a bool, got {debiased!r}")
         super().__init__(nan_strategy=nan_strategy, memory_budget_gb=memory_budget_gb, **kwargs)
         self.debiased = debiased
-        self._add_state_kind("cka_state", Statistic(cka_merge), torch.zeros(0, dtype=torch.float64))
+        self._add_state_kind("cka_state", Statistic(statistic.cka_merge), torch.zeros(0, dtype=torch.float64))
 
     @property
     def num_inputs(self) -> int:
         state = self.cka_state
-        return 0 if cka_shift(state) is None else int(_unpack(state)[3])
+        return 0 if statistic.cka_shift(state) is None else int(statistic._unpack(state)[3])
 
     def _describe(self, name: str, shape: tuple[int, ...]) -> str:
         if name == "cka_state":
@@ -111,7 +103,7 @@ class LinearCKA(StreamingMetric):
         p, q, _, dropped = embedding_rows(emb_p, emb_q, mask, None, self.nan_strategy, same_dim=False)
         dim_p, dim_q = p.shape[1], q.shape[1]
         d = dim_p + dim_q + 2
-        self._check_memory(8.0 * cka_state_size(dim_p, dim_q), 8.0 * (3 * d * d + p.shape[0] * d),
+        self._check_memory(8.0 * statistic.cka_state_size(dim_p, dim_q), 8.0 * (3 * d * d + p.shape[0] * d),
                            f"with embedding widths {dim_p} + {dim_q}",
                            "Pool or project the embeddings to a smaller width first.")
         state = self.cka_state
@@ -124,18 +116,18 @@ class LinearCKA(StreamingMetric):
         if dropped:
             contributions["num_dropped"] = dropped
         if p.shape[0]:
-            shift = cka_shift(state)
-            contributions["cka_state"] = cka_batch_state(p, q, None if shift is None else shift.to(p.device))
+            shift = statistic.cka_shift(state)
+            contributions["cka_state"] = statistic.cka_batch_state(p, q, None if shift is None else shift.to(p.device))
         self._accumulate(contributions)
 
     def _result_from(self, states: dict[str, Tensor]) -> CKAResult:
         state = states["cka_state"]
-        if cka_shift(state) is None:
+        if statistic.cka_shift(state) is None:
             raise ValueError(f"{type(self).__name__} needs at least 4 inputs, got N=0")
-        check_cka_state(state)
-        values = cka_values(state)
+        statistic.check_cka_state(state)
+        values = statistic.cka_values(state)
         headline = "cka_debiased" if self._headline == "cka" and self.debiased else self._headline
-        return CKAResult(value=values[headline], num_inputs=int(_unpack(state)[3]), **values)
+        return CKAResult(value=values[headline], num_inputs=int(statistic._unpack(state)[3]), **values)
 
     def compute_result(self) -> CKAResult:
         """The :class:`CKAResult` (``.value`` is what ``compute()`` returns)."""

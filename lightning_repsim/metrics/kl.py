@@ -3,27 +3,25 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import Tensor
 
 from lightning_repsim.functional.inputs import given_log_partitions
 from lightning_repsim.functional.kl import kl_of_logit_rows
+from lightning_repsim.metrics.base import MetricResult
 from lightning_repsim.metrics.per_input import PerInputMean
 
 __all__ = ["KLResult", "MeanKLDivergence"]
 
 
 @dataclass(frozen=True)
-class KLResult:
+class KLResult(MetricResult):
     """What :class:`MeanKLDivergence` computed: ``value`` = mean KL(p || q) (float64 scalar), its unbiased
     standard deviation over inputs ``std``, and ``num_inputs``."""
 
-    value: Tensor
     std: Tensor
-    num_inputs: int
-
-    def as_dict(self) -> dict[str, float]:
-        return {"kl": float(self.value)}
+    key: ClassVar[str] = "kl"
 
 
 class MeanKLDivergence(PerInputMean):

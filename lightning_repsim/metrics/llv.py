@@ -154,13 +154,12 @@ class LLVDistance(CandidateMixin):
         return _Labels(resolved, kk)
 
     def _describe(self, name: str, shape: tuple[int, ...]) -> str:
-        if name == "moments":
-            return f"K={moments_dim(shape[0]) // 2} labels"
-        if name == "candidates":
-            return f"a buffer of {shape[0]} inputs with K={(shape[1] - META) // 2} labels"
-        if name == "dims":
-            return f"K={shape[0]} labels"
-        return super()._describe(name, shape)
+        labels = {"moments": lambda: moments_dim(shape[0]) // 2, "dims": lambda: shape[0],
+                  "candidates": lambda: (shape[1] - META) // 2}
+        if name not in labels:
+            return super()._describe(name, shape)
+        buffer = f"a buffer of {shape[0]} inputs with " if name == "candidates" else ""
+        return f"{buffer}K={labels[name]()} labels"
 
     # -- update and compute ------------------------------------------------------------------------
     def update(self, logits_p: Tensor, logits_q: Tensor, mask: Tensor | None = None, ids: Tensor | None = None) -> None:

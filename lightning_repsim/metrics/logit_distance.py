@@ -3,27 +3,25 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import Tensor
 
 from lightning_repsim.functional.cka import logit_distance_rows
+from lightning_repsim.metrics.base import MetricResult
 from lightning_repsim.metrics.per_input import PerInputMean
 
 __all__ = ["LogitDistance", "LogitDistanceResult"]
 
 
 @dataclass(frozen=True)
-class LogitDistanceResult:
+class LogitDistanceResult(MetricResult):
     """What :class:`LogitDistance` computed: ``value`` = d_logit (float64 scalar), ``mean_squared`` = d_logit^2,
     its standard deviation over inputs ``std_squared`` and ``num_inputs``."""
 
-    value: Tensor
     mean_squared: Tensor
     std_squared: Tensor
-    num_inputs: int
-
-    def as_dict(self) -> dict[str, float]:
-        return {"d_logit": float(self.value)}
+    key: ClassVar[str] = "d_logit"
 
 
 class LogitDistance(PerInputMean):

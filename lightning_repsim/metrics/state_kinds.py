@@ -231,13 +231,15 @@ def _conflict(ours: Tensor, theirs: Tensor) -> bool:
 class Dims(StateKind):
     """Sizes seen so far (e.g. K), 0 where not seen yet: every process and every batch must agree."""
 
-    @staticmethod
-    def reduce(stacked: Tensor) -> Tensor:
+    #: what the processes disagree on, when they do (``{values}``: the gathered states)
+    conflict_message = "the processes accumulated inputs of different sizes: {values}"
+
+    def reduce(self, stacked: Tensor) -> Tensor:
         if stacked.ndim == 1:
             return stacked
         seen = stacked.amax(dim=0)
         if _conflict(stacked, seen):
-            raise ValueError(f"the processes accumulated inputs of different sizes: {stacked.tolist()}")
+            raise ValueError(self.conflict_message.format(values=stacked.tolist()))
         return seen
 
     def prepare(self, state: Tensor, value: Tensor, device: torch.device) -> Tensor:
@@ -260,17 +262,8 @@ class Fingerprint(Dims):
     each input's log-partition was computed), 0 where nothing was accumulated yet: states accumulated with different
     ones mix two models, so every process and every merged or loaded state must agree."""
 
-    @staticmethod
-    def reduce(stacked: Tensor) -> Tensor:
-        if stacked.ndim == 1:
-            return stacked
-        seen = stacked.amax(dim=0)
-        if _conflict(stacked, seen):
-            raise ValueError(
-                "the processes accumulated their inputs with different unembeddings (fingerprints "
-                f"{stacked.tolist()}): the statistics would mix two models"
-            )
-        return seen
+    conflict_message = ("the processes accumulated their inputs with different unembeddings (fingerprints {values}): "
+                        "the statistics would mix two models")
 
 
 class Config(StateKind):

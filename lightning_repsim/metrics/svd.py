@@ -165,16 +165,9 @@ class SVDDissimilarity(CandidateMixin):
 
     plot_upper_bound = 1.0
 
-    def __init__(
-        self,
-        rep_dim: int | None = None,
-        unemb_p: Tensor | None = None,
-        unemb_q: Tensor | None = None,
-        buffer_size: int = REPRESENTATION_BUFFER_SIZE,
-        nan_strategy: str = "error",
-        memory_budget_gb: float | None = DEFAULT_MEMORY_BUDGET_GB,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, rep_dim: int | None = None, unemb_p: Tensor | None = None, unemb_q: Tensor | None = None,
+                 buffer_size: int = REPRESENTATION_BUFFER_SIZE, nan_strategy: str = "error",
+                 memory_budget_gb: float | None = DEFAULT_MEMORY_BUDGET_GB, **kwargs: Any) -> None:
         max_label_subsets = kwargs.pop("max_label_subsets", None)
         options, kwargs = LLVOptions.split(kwargs)
         rep_dim = None if rep_dim is None else check_rep_dim(rep_dim)
@@ -199,17 +192,14 @@ class SVDDissimilarity(CandidateMixin):
         self._init_candidates(buffer_size, None if rep_dim is None else rep_dim + 1, None)
 
     def _describe(self, name: str, shape: tuple[int, ...]) -> str:
-        if name == "moments":
-            return f"M_p + M_q = {moments_dim(shape[0]) - 2}"
-        if name == "candidates":
-            return f"a buffer of {shape[0]} inputs with M_p + M_q = {shape[1] - META}"
-        if name == "widths":
-            return f"widths (M_p, M_q) = {shape}"
-        if name == "unembeddings":
-            if not any(shape):
-                return "no inputs"
-            return f"inputs whose logZ used other unembeddings (fingerprints p={shape[:2]}, q={shape[2:]})"
-        return super()._describe(name, shape)
+        described = {
+            "moments": lambda: f"M_p + M_q = {moments_dim(shape[0]) - 2}",
+            "candidates": lambda: f"a buffer of {shape[0]} inputs with M_p + M_q = {shape[1] - META}",
+            "widths": lambda: f"widths (M_p, M_q) = {shape}",
+            "unembeddings": lambda: ("no inputs" if not any(shape) else
+                                     f"inputs whose logZ used other unembeddings (fingerprints p={shape[:2]}, q={shape[2:]})"),
+        }
+        return described[name]() if name in described else super()._describe(name, shape)
 
     def _check_sizes(self, m_p: int, m_q: int, k: int) -> None:
         """The set sizes, K and the memory the states and compute() need, before anything is allocated."""
