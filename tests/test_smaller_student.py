@@ -230,3 +230,17 @@ def test_rep_dim_from_logits_is_the_larger_rank():
     assert float(streamed.t1) == pytest.approx(float(res.t1), rel=STREAM_RTOL)
     wide, w_wide = with_redundant_column(f, g, "combination")
     assert llv_distance(z_t, wide @ w_wide[:, :5].T + w_wide[:, 5]).rep_dim == 4  # a redundant coordinate: still 4
+
+
+def test_default_buffer_fits_wide_models():
+    """The default candidate buffer holds 8,192 inputs, fewer for very wide models, so that two models of width 768
+    keep their state under 100 MB (their rows are 1,539 numbers)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(900, 768, generator=g) / 30
+    metric = SVDDissimilarity(unemb_p=w, unemb_q=w)
+    f = torch.randn(8, 768, generator=g)
+    metric.update(f, f + 0.01)
+    assert metric.buffer_size == 5450 and metric.state_nbytes() < 100e6
+    narrow = SVDDissimilarity(unemb_p=w[:, :64], unemb_q=w[:, :32])
+    narrow.update(f[:, :64], f[:, :32])
+    assert narrow.buffer_size == 8192

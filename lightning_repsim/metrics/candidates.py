@@ -17,7 +17,7 @@ from lightning_repsim.functional.llv_route import Candidates
 from lightning_repsim.metrics.base import StreamingMetric
 from lightning_repsim.metrics.sketch import META, buffer_content, empty_buffer, hash_keys
 
-__all__ = ["DEFAULT_BUFFER_SIZE", "REPRESENTATION_BUFFER_SIZE", "CandidateMixin"]
+__all__ = ["AUTO_BUFFER_BYTES", "DEFAULT_BUFFER_SIZE", "REPRESENTATION_BUFFER_SIZE", "CandidateMixin", "auto_buffer_size"]
 
 #: Candidate inputs kept by :class:`~lightning_repsim.metrics.LLVDistance` (rows of 2K + 3 numbers).
 DEFAULT_BUFFER_SIZE = 1024
@@ -27,6 +27,20 @@ DEFAULT_BUFFER_SIZE = 1024
 #: Gaussian families, 2.6 % and 32 % on the authors' models resampled with jitter (near-duplicate inputs); d_LLV did not
 #: move (T1 decides it there). benchmarks/bench_seed_spread.py measures it; ``buffer_size=N`` makes it exact.
 REPRESENTATION_BUFFER_SIZE = 8192
+#: ``SVDDissimilarity``'s default buffer (``buffer_size=None``) holds at most this many bytes of rows: 8,192 inputs up
+#: to widths ``M_p + M_q`` of about 1,020, fewer above (5,450 for two models of width 768: state under 100 MB).
+AUTO_BUFFER_BYTES = 64 * 2**20
+
+
+def auto_buffer_size(row_width: int) -> int:
+    """The default candidate buffer for rows of ``row_width`` numbers: :data:`REPRESENTATION_BUFFER_SIZE` inputs, or as
+    many as :data:`AUTO_BUFFER_BYTES` holds when that is fewer (never below :data:`DEFAULT_BUFFER_SIZE`).
+
+    Example:
+        >>> auto_buffer_size(2 + 2), auto_buffer_size(768 + 768)
+        (8192, 5450)
+    """
+    return int(max(DEFAULT_BUFFER_SIZE, min(REPRESENTATION_BUFFER_SIZE, AUTO_BUFFER_BYTES // (8 * (row_width + META)))))
 
 
 class CandidateMixin(StreamingMetric):
@@ -34,8 +48,11 @@ class CandidateMixin(StreamingMetric):
 
     options: LLVOptions
 
-    def _init_candidates(self, buffer_size: int, set_size: int | None, width: int | None) -> None:
-        check_positive_int(buffer_size, "buffer_size")
+    def _init_candidates(self, buffer_size: int | None, set_size: int | None, width: int | None) -> None:
+        """Declare the candidate buffer; ``buffer_size=None``: sized by :func:`auto_buffer_size` at the first update
+        (:meth:`_size_buffer`), once the rows' width is known."""
+        self._auto_buffer = buffer_size is None
+        buffer_size = REPRESENTATION_BUFFER_SIZE if buffer_size is None else check_positive_int(buffer_size, "buffer_size")
         self._pinned = None
         sets = self.options.input_sets
         if sets is not None:
@@ -52,13 +69,21 @@ class CandidateMixin(StreamingMetric):
         default = empty_buffer(buffer_size, width) if width is not None else torch.zeros(0, 0, dtype=torch.float64)
         self._add_state_kind("candidates", "buffer", default, capacity=buffer_size)
 
+    def _size_buffer(self, row_width: int) -> None:
+        """The default buffer's capacity for rows of ``row_width`` numbers (before its first allocation; the same on
+        every process, which see the same widths)."""
+        if self._auto_buffer and self._pinned is None:
+            self.buffer_size = auto_buffer_size(row_width)
+            self._kinds["candidates"].capacity = self.buffer_size
+
     @staticmethod
-    def candidate_config(options: LLVOptions, buffer_size: int) -> dict[str, int]:
-        """The part of the configuration that decides which inputs the buffer keeps (checked on merges)."""
+    def candidate_config(options: LLVOptions, buffer_size: int | None) -> dict[str, int]:
+        """The part of the configuration that decides which inputs the buffer keeps (checked on merges; a default
+        buffer is 0: its size follows from the widths, which are checked themselves)."""
         sets = options.input_sets
         return {
             "seed": options.seed,
-            "buffer_size": buffer_size if sets is None else int(torch.unique(sets).numel()),
+            "buffer_size": (buffer_size or 0) if sets is None else int(torch.unique(sets).numel()),
             "input_sets": -1 if sets is None else int(hash_keys(sets.reshape(1, -1), 0)[0]),
         }
 

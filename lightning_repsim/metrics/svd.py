@@ -24,7 +24,7 @@ from lightning_repsim.functional.llv_route import LLVSizes, llv_from_route
 from lightning_repsim.functional.llv_terms import CHUNK_NUMBERS
 from lightning_repsim.functional.svd import SVDResult, SVDStatistics, representation_dim, svd_from_parts
 from lightning_repsim.metrics.base import DEFAULT_MEMORY_BUDGET_GB
-from lightning_repsim.metrics.candidates import REPRESENTATION_BUFFER_SIZE, CandidateMixin
+from lightning_repsim.metrics.candidates import CandidateMixin
 from lightning_repsim.metrics.moment_state import moments_covariance, moments_dim
 from lightning_repsim.metrics.sketch import META, hash_keys
 
@@ -119,11 +119,11 @@ class SVDDissimilarity(CandidateMixin):
       (``Cov(log-probs) = B Cov(u) B^T``, never formed);
     * a candidate buffer of ``buffer_size`` inputs' embeddings, ``buffer_size x (M_p + M_q + 3)`` numbers, for
       the input-set search (T2, T4) and the g-part. Same bottom-k hash sketch as :class:`LLVDistance`. With the
-      default 8,192 inputs the search is exact (every pair of buffered inputs scored), so the result does not depend on
-      ``seed`` for up to 8,192 inputs; beyond, which inputs the seeded sketch keeps still moves T2 a little (measured in
-      ``benchmarks/bench_seed_spread.py``).
+      default buffer (8,192 inputs, fewer for very wide models) the search is exact (every pair of buffered inputs
+      scored), so the result does not depend on ``seed`` for up to that many inputs; beyond, which inputs the seeded
+      sketch keeps still moves T2 a little (measured in ``benchmarks/bench_seed_spread.py``).
 
-    So about ``8 (D^2 + buffer_size (M_p + M_q + 3))`` bytes: 0.5 MB for M = 2, 19 MB for widths 128 and 64, 120 MB
+    So about ``8 (D^2 + buffer_size (M_p + M_q + 3))`` bytes: 0.5 MB for M = 2, 13 MB for widths 128 and 64, 86 MB
     for M = 768, whatever K.
 
     Cost: ``update`` computes ``logZ`` in float64, O(B K M) per batch (none when the caller passes ``logz_p``,
@@ -139,7 +139,8 @@ class SVDDissimilarity(CandidateMixin):
             (``docs/smaller_student.md``).
         unemb_p, unemb_q: unembeddings (K, M_p) and (K, M_q), or with the bias as last column (e.g.
             ``torch.cat([head.weight, head.bias[:, None]], 1)``); may instead be given to ``update``.
-        buffer_size: candidate inputs kept (default 8,192).
+        buffer_size: candidate inputs kept. None (default): 8,192, or fewer when their rows would take more than
+            64 MB (:func:`~lightning_repsim.metrics.candidates.auto_buffer_size`: 5,450 for two models of width 768).
         nan_strategy, memory_budget_gb: as in :class:`LLVDistance`.
         kwargs: ``max_label_subsets``, the label subsets evaluated for the f-part (see
             :func:`~lightning_repsim.functional.svd_dissimilarity`; None picks
@@ -166,7 +167,7 @@ class SVDDissimilarity(CandidateMixin):
     plot_upper_bound = 1.0
 
     def __init__(self, rep_dim: int | None = None, unemb_p: Tensor | None = None, unemb_q: Tensor | None = None,
-                 buffer_size: int = REPRESENTATION_BUFFER_SIZE, nan_strategy: str = "error",
+                 buffer_size: int | None = None, nan_strategy: str = "error",
                  memory_budget_gb: float | None = DEFAULT_MEMORY_BUDGET_GB, **kwargs: Any) -> None:
         max_label_subsets = kwargs.pop("max_label_subsets", None)
         options, kwargs = LLVOptions.split(kwargs)
@@ -204,6 +205,7 @@ class SVDDissimilarity(CandidateMixin):
     def _check_sizes(self, m_p: int, m_q: int, k: int) -> None:
         """The set sizes, K and the memory the states and compute() need, before anything is allocated."""
         m = self.rep_dim if self.rep_dim is not None else max(m_p, m_q)
+        self._size_buffer(m_p + m_q)
         if self.buffer_size < m + 1 and self.options.input_sets is None:
             raise ValueError(f"`buffer_size`={self.buffer_size} cannot hold an input set of M+1 = {m + 1} inputs")
         check_num_labels(k, m, need_subsets=True)
