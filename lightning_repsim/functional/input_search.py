@@ -55,7 +55,9 @@ __all__ = [
     "all_pivots",
     "distinct_contents",
     "evaluate_pivots",
+    "is_exhaustive",
     "search_input_set",
+    "set_scores",
 ]
 
 #: Pair-scoring work (about ``R^2 / 2 * (2 D + 40)`` operations for R distinct candidates of dimension D) up to which the
@@ -115,6 +117,25 @@ def _local_search(stats: PairStatistics, m: int, sampled_sets: Tensor,
         if not fresh or not table.leader()[0] < before - TIE_RTOL * abs(before):
             return table, rounds, True
     return table, rounds, False
+
+
+def is_exhaustive(stats: PairStatistics, distinct: Tensor) -> bool:
+    """Whether the search scores every pair of the distinct candidates (within :data:`EXHAUSTIVE_BUDGET`)."""
+    return exhaustive_cost(int(distinct.sum()), stats.dim) <= EXHAUSTIVE_BUDGET
+
+
+def set_scores(stats: PairStatistics, sets: Tensor) -> Tensor:
+    """T2 of candidate sets (S, M+1; pivot first) from the pair scores (inf for an invalid pair), in chunks of sets:
+    a cheap account of the sampled sets when the search is exhaustive and they decide nothing (their exact entries
+    would cost a Gram matrix of every row they use)."""
+    m = sets.shape[1] - 1
+    out = []
+    for chunk in sets.split(max(1, 2**16 // max(m, 1))):
+        c = chunk.shape[0]
+        squared = stats.squared_scores(chunk[:, 0], chunk[:, 1:].reshape(-1)).view(c, c, m)
+        own = squared[torch.arange(c, device=chunk.device), torch.arange(c, device=chunk.device)]  # set j's members
+        out.append(own.amax(dim=1).clamp_min(0).sqrt())
+    return torch.cat(out) if out else sets.new_zeros(0, dtype=torch.float64)
 
 
 def search_input_set(

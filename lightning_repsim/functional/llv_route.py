@@ -25,7 +25,14 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from lightning_repsim.functional.input_search import PairStatistics, SearchInfo, distinct_contents, search_input_set
+from lightning_repsim.functional.input_search import (
+    PairStatistics,
+    SearchInfo,
+    distinct_contents,
+    is_exhaustive,
+    search_input_set,
+    set_scores,
+)
 from lightning_repsim.functional.llv_labels import LabelCov, LabelPart, label_cov_from_blocks, label_part
 from lightning_repsim.functional.llv_options import LLVOptions, LLVResult, ResolvedLabels
 from lightning_repsim.functional.llv_terms import InputPart, select_input_set, set_entries
@@ -167,23 +174,30 @@ def select_or_search(route: LLVRoute, candidates: Candidates, options: LLVOption
             f"needs M+1 = {set_size} distinct inputs: update() with more distinct inputs (repeated rows, e.g. the first "
             "token of every sequence, count once)"
         )
-    b, b_piv, t4, valid = route.set_entries(sets)
     member_ids = ids[sets].sort(dim=1).values
-    valid = valid & ~(member_ids[:, 1:] == member_ids[:, :-1]).any(dim=1)[:, None]
+    repeated = (member_ids[:, 1:] == member_ids[:, :-1]).any(dim=1)
+    stats = route.pair_statistics() if options.input_set_search == "optimise" else None
+    if stats is not None:
+        if is_exhaustive(stats, first):  # the argmin over all sets: the sampled sets are reported, they decide nothing
+            scores = set_scores(stats, sets).masked_fill(repeated, float("inf"))
+            best, info = search_input_set(stats, set_size, sets, scores, first)
+            if best is not None:
+                found = select_input_set(*route.set_entries(best[None]), candidates.report(best[None]), options.reduce)
+                positions = torch.cat([sets, best[None]])
+                inputs = replace(found, chosen_candidate=int(sets.shape[0]), candidate_sets=candidates.report(positions),
+                                 candidate_scores=torch.cat([scores, found.candidate_scores]))
+                return inputs, info, best
+    b, b_piv, t4, valid = route.set_entries(sets)  # the exact entries of the sampled sets
+    valid = valid & ~repeated[:, None]
     scores = torch.where(valid.all(1), torch.maximum(b.amax(1), b_piv.amax(1)), torch.full_like(b[:, 0], float("inf")))
     info = SearchInfo(method="sample", sampled_sets=int(sets.shape[0]), sampled_best=float(scores.min()),
                       pivots_evaluated=0, exhaustive=False, rounds=0, converged=True, distinct_candidates=count)
     positions = sets
-    if options.input_set_search == "optimise":
-        best, info = search_input_set(route.pair_statistics(), set_size, sets, scores, first)
-        if best is not None:  # appended as the last candidate
+    if stats is not None:
+        best, info = search_input_set(stats, set_size, sets, scores, first)
+        if best is not None:  # strictly better than every sampled set: appended as the last candidate
             extra = route.set_entries(best[None])
             positions = torch.cat([sets, best[None]])
-            if info.exhaustive:  # the argmin over all sets: the sampled sets are reported, they decide nothing
-                found = select_input_set(*extra, candidates.report(best[None]), options.reduce)
-                inputs = replace(found, chosen_candidate=int(sets.shape[0]), candidate_sets=candidates.report(positions),
-                                 candidate_scores=torch.cat([scores, found.candidate_scores]))
-                return inputs, info, best
             b, b_piv, t4, valid = (torch.cat([x, y]) for x, y in zip((b, b_piv, t4, valid), extra))
     inputs = select_input_set(b, b_piv, t4, valid, candidates.report(positions), options.reduce)
     return inputs, info, positions[inputs.chosen_candidate]

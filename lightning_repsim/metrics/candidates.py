@@ -8,6 +8,8 @@ keeps exactly the inputs whose ids occur in ``input_sets``, so explicit candidat
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -27,20 +29,27 @@ DEFAULT_BUFFER_SIZE = 1024
 #: Gaussian families, 2.6 % and 32 % on the authors' models resampled with jitter (near-duplicate inputs); d_LLV did not
 #: move (T1 decides it there). benchmarks/bench_seed_spread.py measures it; ``buffer_size=N`` makes it exact.
 REPRESENTATION_BUFFER_SIZE = 8192
-#: ``SVDDissimilarity``'s default buffer (``buffer_size=None``) holds at most this many bytes of rows: 8,192 inputs up
-#: to widths ``M_p + M_q`` of about 1,020, fewer above (5,450 for two models of width 768: state under 100 MB).
+#: ``SVDDissimilarity``'s default buffer (``buffer_size=None``) holds at most this many bytes of rows.
 AUTO_BUFFER_BYTES = 64 * 2**20
 
 
 def auto_buffer_size(row_width: int) -> int:
-    """The default candidate buffer for rows of ``row_width`` numbers: :data:`REPRESENTATION_BUFFER_SIZE` inputs, or as
-    many as :data:`AUTO_BUFFER_BYTES` holds when that is fewer (never below :data:`DEFAULT_BUFFER_SIZE`).
+    """The default candidate buffer for rows of ``row_width = M_p + M_q`` numbers: :data:`REPRESENTATION_BUFFER_SIZE`
+    inputs for narrow embeddings, fewer for wide ones, so that the exhaustive input-set search over the buffer costs
+    no more than over 8,192 inputs of two 2-d models (about a second of one CPU core,
+    :func:`~lightning_repsim.functional.input_search.exhaustive_cost`) and the rows take at most
+    :data:`AUTO_BUFFER_BYTES`; never fewer than :data:`DEFAULT_BUFFER_SIZE`.
 
     Example:
-        >>> auto_buffer_size(2 + 2), auto_buffer_size(768 + 768)
-        (8192, 5450)
+        >>> auto_buffer_size(2 + 2), auto_buffer_size(128 + 128), auto_buffer_size(768 + 768)
+        (8192, 2506, 1059)
     """
-    return int(max(DEFAULT_BUFFER_SIZE, min(REPRESENTATION_BUFFER_SIZE, AUTO_BUFFER_BYTES // (8 * (row_width + META)))))
+    from lightning_repsim.functional.input_search import exhaustive_cost
+
+    dim = row_width + 2  # the coefficient rows of the representation route: M_p + M_q + 2 numbers
+    by_time = math.isqrt(2 * exhaustive_cost(REPRESENTATION_BUFFER_SIZE, 6) // (2 * dim + 40)) + 1
+    by_memory = AUTO_BUFFER_BYTES // (8 * (row_width + META))
+    return int(max(DEFAULT_BUFFER_SIZE, min(REPRESENTATION_BUFFER_SIZE, by_time, by_memory)))
 
 
 class CandidateMixin(StreamingMetric):
