@@ -178,3 +178,22 @@ def test_tied_pivots_resolve_to_the_smallest_whatever_the_rounding():
     moved = llv_distance(lp + shift, lq - shift, rep_dim=2, num_input_sets=30)
     assert base.input_set.tolist() == moved.input_set.tolist() == [18, 135, 71]
     assert float(moved.t2) == pytest.approx(float(base.t2), rel=1e-12)
+
+
+def test_sampled_sets_scored_from_pair_statistics_equal_their_exact_entries():
+    """When the search is exhaustive the sampled sets are scored from the pair statistics (each pivot against its own
+    members): the same T2 as their exact entries, inf for a set with an invalid pair."""
+    from lightning_repsim.functional.input_search import set_scores
+    from lightning_repsim.functional.pair_scores import PairStatistics
+
+    z_p, z_q = pair(n=300, k=7, seed=5)
+    z_p[9], z_q[9] = z_p[8] + 1.0, z_q[8] - 3.0  # inputs 8 and 9: the same log-probabilities (zero normalisers)
+    lp, lq = torch.log_softmax(z_p, -1), torch.log_softmax(z_q, -1)
+    sets = torch.stack([torch.randperm(300, generator=torch.Generator().manual_seed(s))[:4] for s in range(50)])
+    sets[0] = torch.tensor([8, 9, 1, 2])
+    b, b_piv, _, valid = set_entries(lp, lq, sets)
+    exact = torch.where(valid.all(1), torch.maximum(b.amax(1), b_piv.amax(1)), torch.inf)
+    scores = set_scores(PairStatistics.from_log_probabilities(lp, lq), sets)
+    assert bool(torch.isinf(exact[0])) and torch.equal(torch.isinf(scores), torch.isinf(exact))
+    finite = torch.isfinite(exact)
+    torch.testing.assert_close(scores[finite], exact[finite], rtol=1e-9, atol=0)

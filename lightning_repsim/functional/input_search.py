@@ -125,17 +125,12 @@ def is_exhaustive(stats: PairStatistics, distinct: Tensor) -> bool:
 
 
 def set_scores(stats: PairStatistics, sets: Tensor) -> Tensor:
-    """T2 of candidate sets (S, M+1; pivot first) from the pair scores (inf for an invalid pair), in chunks of sets:
-    a cheap account of the sampled sets when the search is exhaustive and they decide nothing (their exact entries
-    would cost a Gram matrix of every row they use)."""
-    m = sets.shape[1] - 1
-    out = []
-    for chunk in sets.split(max(1, 2**16 // max(m, 1))):
-        c = chunk.shape[0]
-        squared = stats.squared_scores(chunk[:, 0], chunk[:, 1:].reshape(-1)).view(c, c, m)
-        own = squared[torch.arange(c, device=chunk.device), torch.arange(c, device=chunk.device)]  # set j's members
-        out.append(own.amax(dim=1).clamp_min(0).sqrt())
-    return torch.cat(out) if out else sets.new_zeros(0, dtype=torch.float64)
+    """T2 of candidate sets (S, M+1; pivot first) from the pair scores (inf for an invalid pair): a cheap account of
+    the sampled sets when the search is exhaustive and they decide nothing (their exact entries would cost a Gram
+    matrix of every row they use). Each set's pivot is scored against its own members only."""
+    if sets.shape[0] == 0:
+        return sets.new_zeros(0, dtype=torch.float64)
+    return stats.member_squared_scores(sets[:, 0], sets[:, 1:]).amax(dim=1).clamp_min(0).sqrt()
 
 
 def search_input_set(

@@ -127,23 +127,40 @@ class PairStatistics:
         block, the normalisers from two matrix products of the factors."""
         tp2 = torch.mm(self._left[0][z], self._right[0][i].T)
         tq2 = torch.mm(self._left[1][z], self._right[1][i].T)
+        positions = torch.arange(self.num_rows, device=tq2.device)
+        return self._scores(tp2, tq2, positions[z][:, None], positions[i][None, :])
+
+    def member_squared_scores(self, pivots: Tensor, members: Tensor) -> Tensor:
+        """``e(x_i; x_z)^2`` of each pivot ``z = pivots[j]`` and its own members ``i in members[j]`` (S, M): each pivot
+        against every row by one matrix product (O(S R D), no gathered factor rows), then its members taken, in chunks
+        of pivots of at most 2^21 scores."""
+        out = []
+        step = max(1, 2**21 // max(self.num_rows, 1))
+        for z, i in zip(pivots.split(step), members.split(step)):
+            tp2 = torch.mm(self._left[0][z], self._right[0].T).gather(1, i)
+            tq2 = torch.mm(self._left[1][z], self._right[1].T).gather(1, i)
+            out.append(self._scores(tp2, tq2, z[:, None], i))
+        return torch.cat(out) if out else members.new_zeros(members.shape, dtype=torch.float64)
+
+    def _scores(self, tp2: Tensor, tq2: Tensor, z: Tensor, i: Tensor) -> Tensor:
+        """The squared scores from the squared normalisers ``tp2``, ``tq2`` of pivots ``z`` and inputs ``i`` (row
+        positions, broadcast to the normalisers' shape); ``tp2``, ``tq2`` are overwritten."""
         suspect = (tp2 <= self._coarse[0]) | (tq2 <= self._coarse[1])  # a zero normaliser is possible only here
         delta = torch.sub(tq2, tp2)
         tp = tp2.sqrt_()
         t = delta.div_(tq2.sqrt().add_(tp).mul_(tp))
         vx, c2, vd = self.var_x, 2 * self.cov_xd, self.var_d
         score = torch.mul(t, vx[i]).sub_(c2[i]).mul_(t).add_(vd[i])
-        pivot = torch.mul(t, vx[z][:, None]).sub_(c2[z][:, None]).mul_(t).add_(vd[z][:, None])
+        pivot = torch.mul(t, vx[z]).sub_(c2[z]).mul_(t).add_(vd[z])
         score = torch.maximum(score, pivot, out=score).div_(tq2)
         if bool(suspect.any()):  # the exact test of :func:`~lightning_repsim.functional.llv_terms.normalisers`
-            rows, cols = suspect.nonzero(as_tuple=True)
-            zr = torch.arange(self.num_rows, device=tq2.device)[z][rows]
-            ic = torch.arange(self.num_rows, device=tq2.device)[i][cols]
+            where = suspect.nonzero(as_tuple=True)
+            zr, ic = z.expand_as(score)[where], i.expand_as(score)[where]
             eps = torch.finfo(torch.float64).eps * ZERO_VAR_ULPS
-            tp2_exact = tp[rows, cols].square()
-            invalid = (tp2_exact <= eps * (vx[zr] + vx[ic])) | (tq2[rows, cols] <= eps * (self.var_q[zr] + self.var_q[ic]))
-            invalid |= ~(tp2_exact > 0) | ~(tq2[rows, cols] > 0)
-            score[rows[invalid], cols[invalid]] = float("inf")
+            tp2_exact = tp[where].square()
+            invalid = (tp2_exact <= eps * (vx[zr] + vx[ic])) | (tq2[where] <= eps * (self.var_q[zr] + self.var_q[ic]))
+            invalid |= ~(tp2_exact > 0) | ~(tq2[where] > 0)
+            score[tuple(w[invalid] for w in where)] = float("inf")
         return score
 
     def affine_ranks(self) -> tuple[int, int]:
