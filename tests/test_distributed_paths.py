@@ -174,6 +174,11 @@ def ddp_worker(rank: int, out_dir: str, port: int) -> None:
         results["overlapping_shards"] = f"{type(err).__name__}: {err}"
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
         json.dump(results, fh)
+    # Lightning leaves a process group it did not launch in place; one still alive at interpreter exit can abort the
+    # process there ("terminate called without an active exception": gloo's threads destroyed while joinable)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
