@@ -197,3 +197,20 @@ def test_sampled_sets_scored_from_pair_statistics_equal_their_exact_entries():
     assert bool(torch.isinf(exact[0])) and torch.equal(torch.isinf(scores), torch.isinf(exact))
     finite = torch.isfinite(exact)
     torch.testing.assert_close(scores[finite], exact[finite], rtol=1e-9, atol=0)
+
+
+def test_affine_rank_capped_from_the_first_rows_equals_the_capped_rank():
+    """``affine_ranks(at_most)`` tries the first rows before all of them: the same ``min(rank, at_most)`` whether the
+    first rows reach the cap or not (here they span 2 dimensions, all the rows 5)."""
+    from lightning_repsim.functional.pair_scores import PairStatistics
+
+    g = torch.Generator().manual_seed(3)
+    emb = torch.zeros(60, 8, dtype=torch.float64)
+    emb[:30, :2] = torch.randn(30, 2, generator=g, dtype=torch.float64)  # the first 30 rows: a plane
+    emb[30:, :5] = torch.randn(30, 5, generator=g, dtype=torch.float64)
+    for at_most in (1, 2, 3, 5, 7):
+        stats = PairStatistics(*(torch.zeros(60, 1, dtype=torch.float64) for _ in range(2)),
+                               *(torch.ones(60, dtype=torch.float64) for _ in range(3)), emb, 2 * emb,
+                               center_directions=False)
+        assert stats.affine_ranks(at_most) == (min(5, at_most),) * 2, at_most
+        assert stats.affine_ranks() == (5, 5)

@@ -209,7 +209,7 @@ def _independent_members(stats: PairStatistics, pivot: int, order: Tensor, value
         return None
     index = order[finite]
     spaces = stats.displaced(pivot, index)
-    capacity = [min(m, rank) for rank in stats.affine_ranks()]
+    capacity = list(stats.affine_ranks(m))
     bases = [torch.empty(c, space.shape[1], dtype=torch.float64, device=order.device) for c, space in zip(capacity, spaces)]
     filled = [0, 0]
     chosen: list[int] = []

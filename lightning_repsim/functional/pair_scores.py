@@ -19,14 +19,18 @@ from torch import Tensor
 
 from lightning_repsim.functional.llv_terms import TIE_RTOL, ZERO_VAR_ULPS
 
-__all__ = ["FACTOR_RTOL", "PAIR_BLOCK", "PairStatistics", "PivotTable", "all_pivots", "evaluate_pivots", "exhaustive_cost",
-           "partner_width"]
+__all__ = ["FACTOR_MIN_ROWS_PER_DIM", "FACTOR_RTOL", "PAIR_BLOCK", "PairStatistics", "PivotTable", "all_pivots",
+           "evaluate_pivots", "exhaustive_cost", "partner_width"]
 
 #: Rows (and columns) of a block of pair scores: 2 MB of float64, so its element-wise passes stay in cache.
 PAIR_BLOCK = 512
 #: Eigenvalues of the rows' Gram matrix below this fraction of the largest are dropped by the low-rank factorisation
 #: (the inner products the scores need then change by about this much relative to the largest).
 FACTOR_RTOL = 1e-13
+#: The rows are projected on their joint span only when there are at least this many rows per column: the Gram and
+#: its eigendecomposition cost about ``4 R D^2 + 10 D^3`` and save at most ``2 R^2 (D - D')`` in the pair scores, which
+#: pays only for ``R`` above about ``3.4 D`` even when the rows span few dimensions (``D' << D``).
+FACTOR_MIN_ROWS_PER_DIM = 4
 
 
 def _low_rank_factors(a: Tensor, s: Tensor, weight: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
@@ -39,7 +43,7 @@ def _low_rank_factors(a: Tensor, s: Tensor, weight: Tensor | None, scale: float)
         a, s = a @ root, s @ root
     a, s = a * math.sqrt(scale), s * math.sqrt(scale)
     rows, dim = a.shape
-    if 2 * rows <= dim:  # fewer rows than columns: the rows' own span, through the (2R x 2R) Gram
+    if rows < FACTOR_MIN_ROWS_PER_DIM * dim:  # the factorisation would cost more than it can save
         return a, s
     gram = a.T @ a + s.T @ s  # the joint row space of both models' rows
     lam, vec = torch.linalg.eigh(gram)
@@ -69,7 +73,8 @@ class PairStatistics:
     directions_p: Tensor
     directions_q: Tensor
     center_directions: bool = True
-    _affine_ranks: tuple[int, int] | None = field(default=None, repr=False)
+    _ranks: list = field(default_factory=lambda: [None, None], repr=False)
+    _rank_floors: list = field(default_factory=lambda: [0, 0], repr=False)
 
     def __post_init__(self) -> None:
         self.norm_a = (self.a * self.a).sum(1)
@@ -115,7 +120,7 @@ class PairStatistics:
         """The statistics of a subset of the rows."""
         return PairStatistics(
             self.a[rows], self.s[rows], self.var_x[rows], self.cov_xd[rows], self.var_d[rows], self.directions_p[rows],
-            self.directions_q[rows], self.center_directions, None,
+            self.directions_q[rows], self.center_directions,
         )
 
     def squared_scores(self, z: Tensor | slice, i: Tensor | slice) -> Tensor:
@@ -163,18 +168,32 @@ class PairStatistics:
             score[tuple(w[invalid] for w in where)] = float("inf")
         return score
 
-    def affine_ranks(self) -> tuple[int, int]:
-        """The dimension of the affine span of the rows, for each model (cached): the most dimensions a set's
-        displacements can span for that model."""
-        if self._affine_ranks is None:
-            ranks = []
-            for directions in (self.directions_p, self.directions_q):
-                centred = directions - directions.mean(0, keepdim=True)
-                if self.center_directions:
-                    centred = centred - centred.mean(1, keepdim=True)
-                ranks.append(int(torch.linalg.matrix_rank(centred)))
-            self._affine_ranks = (ranks[0], ranks[1])
-        return self._affine_ranks
+    def affine_ranks(self, at_most: int | None = None) -> tuple[int, int]:
+        """The dimension of the affine span of the rows, for each model: the most dimensions a set's displacements can
+        span for that model. ``at_most``: only ``min(rank, at_most)`` is needed (the capacity of a set of that many
+        partners); the first ``2 at_most + 8`` rows are tried first (a subset's affine rank is a lower bound), the
+        whole rows only when they fall short. Cached."""
+        out = []
+        for model, directions in enumerate((self.directions_p, self.directions_q)):
+            if at_most is not None and self._rank_floors[model] < at_most and self._ranks[model] is None:
+                head = directions[: 2 * at_most + 8]
+                if head.shape[0] < directions.shape[0]:
+                    self._rank_floors[model] = max(self._rank_floors[model], self._affine_rank(head))
+            if at_most is not None and self._rank_floors[model] >= at_most:
+                out.append(at_most)
+                continue
+            if self._ranks[model] is None:
+                self._ranks[model] = self._affine_rank(directions)
+                self._rank_floors[model] = self._ranks[model]
+            rank = self._ranks[model]
+            out.append(rank if at_most is None else min(rank, at_most))
+        return out[0], out[1]
+
+    def _affine_rank(self, directions: Tensor) -> int:
+        centred = directions - directions.mean(0, keepdim=True)
+        if self.center_directions:
+            centred = centred - centred.mean(1, keepdim=True)
+        return int(torch.linalg.matrix_rank(centred))
 
     def displaced(self, pivot: int, members: Tensor) -> tuple[Tensor, Tensor]:
         """The members' displacements from the pivot, for each model (up to a constant over labels for
@@ -190,7 +209,7 @@ class PairStatistics:
     def rank_ok(self, pivot: int, members: Tensor) -> bool:
         """Whether the members' displacements from the pivot span, for each model, ``len(members)`` dimensions, or the
         model's own affine rank when that is lower."""
-        for moved, rank in zip(self.displaced(pivot, members), self.affine_ranks()):
+        for moved, rank in zip(self.displaced(pivot, members), self.affine_ranks(members.numel())):
             if int(torch.linalg.matrix_rank(moved)) < min(members.numel(), rank):
                 return False
         return True
