@@ -9,7 +9,8 @@ The functional core (``functional.compare``, default settings) scores every pair
 so T2 and d_LLV do not depend on the seed at all. The streaming metrics keep a bounded candidate buffer: when N
 exceeds it, which inputs the seeded sketch kept still decides the input set. This script measures that spread, over
 seeds, for the representation route (``SVDDissimilarity``, what the callback uses with embeddings) at several buffer
-sizes, on four model families shaped like the reference cases (SPEC §8):
+sizes and for the logits route (``LLVDistance`` on the models' logits, default buffer), on four model families shaped
+like the reference cases (SPEC §8):
 
 * ``gauss_k7_m2``: the reference case's unembeddings, Gaussian embeddings (a linear map plus noise);
 * ``table1_rho5``: the Theorem 3.1 construction at rho = 5 (permuted stars);
@@ -67,7 +68,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from lightning_repsim.functional import compare
-    from lightning_repsim.metrics import SVDDissimilarity
+    from lightning_repsim.functional.family import split_unembedding
+    from lightning_repsim.metrics import LLVDistance, SVDDissimilarity
 
     n = 3000 if args.quick else 10_000
     seeds = range(3) if args.quick else range(10)
@@ -95,6 +97,21 @@ def main() -> None:
                 d.append(float(res.value))
             print(f"| {name} | `SVDDissimilarity` | {size:,} | {spread(t2):.1e} | {spread(d):.1e} | {np.mean(d):.4f} | "
                   f"{took / len(seeds):.2f} |", flush=True)
+        # the logits route's metric at its default buffer (1,024 inputs), fed the two models' logits
+        logits = [f @ w.T + (0.0 if bias is None else bias)
+                  for f, (w, bias) in ((f_p, split_unembedding(g_p, f_p.shape[1])), (f_q, split_unembedding(g_q, f_q.shape[1])))]
+        t2, d, took = [], [], 0.0
+        for s in seeds:
+            metric = LLVDistance(seed=s)
+            for i in range(0, n, 256):
+                metric.update(logits[0][i : i + 256], logits[1][i : i + 256], ids=torch.arange(i, min(n, i + 256)))
+            start = time.process_time()
+            res = metric.compute_result()
+            took += time.process_time() - start
+            t2.append(float(res.t2))
+            d.append(float(res.value))
+        print(f"| {name} | `LLVDistance` (logits) | {metric.buffer_size:,} | {spread(t2):.1e} | {spread(d):.1e} | "
+              f"{np.mean(d):.4f} | {took / len(seeds):.2f} |", flush=True)
 
 
 if __name__ == "__main__":
