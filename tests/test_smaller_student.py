@@ -233,8 +233,8 @@ def test_rep_dim_from_logits_is_the_larger_rank():
 
 
 def test_default_buffer_fits_wide_models():
-    """The default candidate buffer holds 8,192 inputs for narrow embeddings and fewer for wide ones, so that the
-    exhaustive input-set search stays about as cheap as for 8,192 inputs of 2-d models and two models of width 768 keep
+    """The default candidate buffer holds 10,240 inputs for narrow embeddings and fewer for wide ones, so that the
+    exhaustive input-set search stays about as cheap as for 10,240 inputs of 2-d models and two models of width 768 keep
     their state well under 100 MB."""
     from lightning_repsim.functional.input_search import exhaustive_cost
     from lightning_repsim.metrics.candidates import auto_buffer_size
@@ -244,10 +244,10 @@ def test_default_buffer_fits_wide_models():
     metric = SVDDissimilarity(unemb_p=w, unemb_q=w)
     f = torch.randn(8, 768, generator=g)
     metric.update(f, f + 0.01)
-    assert metric.buffer_size == auto_buffer_size(1536) == 1059 and metric.state_nbytes() < 100e6
+    assert metric.buffer_size == auto_buffer_size(1536) == 1323 and metric.state_nbytes() < 100e6
     narrow = SVDDissimilarity(unemb_p=w[:, :2], unemb_q=w[:, :2])
     narrow.update(f[:, :2], f[:, :2] + 0.1)
-    assert narrow.buffer_size == 8192
+    assert narrow.buffer_size == 10240
     for width in (4, 64, 256, 1536):
         size = auto_buffer_size(width)
-        assert exhaustive_cost(size - 1, width + 2) <= exhaustive_cost(8192, 6) or size == 1024
+        assert exhaustive_cost(size - 1, width + 2) <= exhaustive_cost(10240, 6) or size == 1024

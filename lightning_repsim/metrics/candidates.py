@@ -24,11 +24,12 @@ __all__ = ["AUTO_BUFFER_BYTES", "DEFAULT_BUFFER_SIZE", "REPRESENTATION_BUFFER_SI
 #: Candidate inputs kept by :class:`~lightning_repsim.metrics.LLVDistance` (rows of 2K + 3 numbers).
 DEFAULT_BUFFER_SIZE = 1024
 #: Candidate inputs kept by :class:`~lightning_repsim.metrics.SVDDissimilarity` (rows of M_p + M_q + 3 numbers: 0.5 MB
-#: at M = 2, 100 MB at M = 768): the input-set search is exact, hence seed-free, up to this many inputs. Beyond, which
-#: inputs the seeded sketch keeps moves T2: at N = 10,000 by 0.04 % and 0.9 % over seeds 0..9 on the Table 1 and
-#: Gaussian families, 2.6 % and 32 % on the authors' models resampled with jitter (near-duplicate inputs); d_LLV did not
-#: move (T1 decides it there). benchmarks/bench_seed_spread.py measures it; ``buffer_size=N`` makes it exact.
-REPRESENTATION_BUFFER_SIZE = 8192
+#: at M = 2, 100 MB at M = 768): the input-set search is exact, hence seed-free, up to this many inputs (N = 10,000
+#: inputs of narrow models fit). Beyond, which inputs the seeded sketch keeps moves T2: with 8,192 inputs kept of
+#: 10,000, by 0.04 % and 0.9 % over seeds 0..9 on the Table 1 and Gaussian families, 2.6 % and 32 % on the authors'
+#: models resampled with jitter (near-duplicate inputs); d_LLV did not move (T1 decides it there).
+#: benchmarks/bench_seed_spread.py measures it; ``buffer_size=N`` makes it exact.
+REPRESENTATION_BUFFER_SIZE = 10240
 #: ``SVDDissimilarity``'s default buffer (``buffer_size=None``) holds at most this many bytes of rows.
 AUTO_BUFFER_BYTES = 64 * 2**20
 
@@ -36,13 +37,13 @@ AUTO_BUFFER_BYTES = 64 * 2**20
 def auto_buffer_size(row_width: int) -> int:
     """The default candidate buffer for rows of ``row_width = M_p + M_q`` numbers: :data:`REPRESENTATION_BUFFER_SIZE`
     inputs for narrow embeddings, fewer for wide ones, so that the exhaustive input-set search over the buffer costs
-    no more than over 8,192 inputs of two 2-d models (about a second of one CPU core,
+    no more than over 10,240 inputs of two 2-d models (about a second of one CPU core,
     :func:`~lightning_repsim.functional.input_search.exhaustive_cost`) and the rows take at most
     :data:`AUTO_BUFFER_BYTES`; never fewer than :data:`DEFAULT_BUFFER_SIZE`.
 
     Example:
         >>> auto_buffer_size(2 + 2), auto_buffer_size(128 + 128), auto_buffer_size(768 + 768)
-        (8192, 2506, 1059)
+        (10240, 3132, 1323)
     """
     from lightning_repsim.functional.input_search import exhaustive_cost
 

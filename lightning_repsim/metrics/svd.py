@@ -119,7 +119,7 @@ class SVDDissimilarity(CandidateMixin):
       (``Cov(log-probs) = B Cov(u) B^T``, never formed);
     * a candidate buffer of ``buffer_size`` inputs' embeddings, ``buffer_size x (M_p + M_q + 3)`` numbers, for
       the input-set search (T2, T4) and the g-part. Same bottom-k hash sketch as :class:`LLVDistance`. With the
-      default buffer (8,192 inputs for narrow embeddings, fewer for wide ones) the search is exact (every pair of buffered inputs
+      default buffer (10,240 inputs for narrow embeddings, fewer for wide ones) the search is exact (every pair of buffered inputs
       scored), so the result does not depend on ``seed`` for up to that many inputs; beyond, which inputs the seeded
       sketch keeps still moves T2 a little (measured in ``benchmarks/bench_seed_spread.py``).
 
@@ -139,9 +139,9 @@ class SVDDissimilarity(CandidateMixin):
             (``docs/smaller_student.md``).
         unemb_p, unemb_q: unembeddings (K, M_p) and (K, M_q), or with the bias as last column (e.g.
             ``torch.cat([head.weight, head.bias[:, None]], 1)``); may instead be given to ``update``.
-        buffer_size: candidate inputs kept. None (default): 8,192 for narrow embeddings, fewer for wide ones, so that
+        buffer_size: candidate inputs kept. None (default): 10,240 for narrow embeddings, fewer for wide ones, so that
             the exhaustive input-set search stays about a second of one CPU core
-            (:func:`~lightning_repsim.metrics.candidates.auto_buffer_size`: 2,506 for two models of width 128, 1,059 for
+            (:func:`~lightning_repsim.metrics.candidates.auto_buffer_size`: 3,132 for two models of width 128, 1,323 for
             width 768).
         nan_strategy, memory_budget_gb: as in :class:`LLVDistance`.
         kwargs: ``max_label_subsets``, the label subsets evaluated for the f-part (see
