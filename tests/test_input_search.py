@@ -214,3 +214,18 @@ def test_affine_rank_capped_from_the_first_rows_equals_the_capped_rank():
                                center_directions=False)
         assert stats.affine_ranks(at_most) == (min(5, at_most),) * 2, at_most
         assert stats.affine_ranks() == (5, 5)
+
+
+def test_llv_distance_default_buffer_is_seed_free_up_to_its_size():
+    """LLVDistance's default buffer is sized from K (10,049 inputs at K = 7): 3,000 inputs all fit, so T2 and d_LLV
+    are the exhaustive search's over all of them whatever the seed, and equal the functional core's."""
+    z_p, z_q = pair(n=3000, k=7, seed=11)
+    expected = llv_distance(z_p, z_q, rep_dim=2)
+    for seed in (0, 1, 2):
+        metric = LLVDistance(rep_dim=2, seed=seed)
+        for i in range(0, 3000, 700):
+            metric.update(z_p[i : i + 700], z_q[i : i + 700])
+        res = metric.compute_result()
+        assert metric.buffer_size == 10049 and res.search["exhaustive"]
+        assert float(res.t2) == pytest.approx(float(expected.t2), rel=STREAM_RTOL)
+        assert float(res.value) == pytest.approx(float(expected.value), rel=STREAM_RTOL)

@@ -292,8 +292,8 @@ def test_merge_state_refuses_incompatible_metrics():
     cases = [
         (llv(z6), llv(z5), r"K=5 labels.*K=6 labels"),
         (llv(z6), llv(z6, rep_dim=3), r"rep_dim=3 \(this metric: 2\)"),
-        (llv(z6), llv(z6, buffer_size=16), r"buffer_size=16 \(this metric: 1024\)"),
-        (llv(z6, buffer_size=16), llv(z6), r"buffer_size=1024 \(this metric: 16\)"),
+        (llv(z6), llv(z6, buffer_size=16), r"buffer_size=16 \(this metric: default\)"),
+        (llv(z6, buffer_size=16), llv(z6), r"buffer_size=default \(this metric: 16\)"),
         (llv(z6), llv(z6, seed=1), r"seed=1 \(this metric: 0\)"),
         (updated(MeanKLDivergence(), z6), updated(MeanKLDivergence(), z5), r"K=5 classes.*K=6 classes"),
     ]
@@ -319,7 +319,7 @@ def test_load_state_dict_refuses_a_different_buffer_size():
     big.update(torch.randn(50, 6), torch.randn(50, 6))
     big.persistent(True)
     small.persistent(True)
-    with pytest.raises(ValueError, match=r"buffer_size=1024 \(this metric: 16\)"):
+    with pytest.raises(ValueError, match=r"buffer_size=default \(this metric: 16\)"):
         small.load_state_dict(big.state_dict())
 
 

@@ -21,33 +21,38 @@ from lightning_repsim.metrics.sketch import META, buffer_content, empty_buffer, 
 
 __all__ = ["AUTO_BUFFER_BYTES", "DEFAULT_BUFFER_SIZE", "REPRESENTATION_BUFFER_SIZE", "CandidateMixin", "auto_buffer_size"]
 
-#: Candidate inputs kept by :class:`~lightning_repsim.metrics.LLVDistance` (rows of 2K + 3 numbers).
+#: The fewest candidate inputs a default buffer keeps (rows of 2K + 3 numbers for
+#: :class:`~lightning_repsim.metrics.LLVDistance`, M_p + M_q + 3 for :class:`~lightning_repsim.metrics.SVDDissimilarity`).
 DEFAULT_BUFFER_SIZE = 1024
-#: Candidate inputs kept by :class:`~lightning_repsim.metrics.SVDDissimilarity` (rows of M_p + M_q + 3 numbers: 0.5 MB
-#: at M = 2, 100 MB at M = 768): the input-set search is exact, hence seed-free, up to this many inputs (N = 10,000
-#: inputs of narrow models fit). Beyond, which inputs the seeded sketch keeps moves T2: with 8,192 inputs kept of
-#: 10,000, by 0.04 % and 0.9 % over seeds 0..9 on the Table 1 and Gaussian families, 2.6 % and 32 % on the authors'
-#: models resampled with jitter (near-duplicate inputs); d_LLV did not move (T1 decides it there).
-#: benchmarks/bench_seed_spread.py measures it; ``buffer_size=N`` makes it exact.
+#: The most candidate inputs a default buffer keeps, for narrow rows (0.5 MB of rows of two 2-d models' embeddings, or
+#: of 4-label logits); wider rows get fewer (:func:`auto_buffer_size`). The input-set search is exact, hence
+#: seed-free, up to the buffer's size (N = 10,000 inputs of narrow models fit). Beyond, which inputs the seeded sketch
+#: keeps moves T2: with 8,192 inputs kept of 10,000, by 0.04 % and 0.9 % over seeds 0..9 on the Table 1 and Gaussian
+#: families, 2.6 % and 32 % on the authors' models resampled with jitter (near-duplicate inputs); d_LLV did not move
+#: (T1 decides it there). benchmarks/bench_seed_spread.py measures it; ``buffer_size=N`` makes it exact.
 REPRESENTATION_BUFFER_SIZE = 10240
-#: ``SVDDissimilarity``'s default buffer (``buffer_size=None``) holds at most this many bytes of rows.
+#: A default buffer (``buffer_size=None``) holds at most this many bytes of rows.
 AUTO_BUFFER_BYTES = 64 * 2**20
 
 
-def auto_buffer_size(row_width: int) -> int:
-    """The default candidate buffer for rows of ``row_width = M_p + M_q`` numbers: :data:`REPRESENTATION_BUFFER_SIZE`
-    inputs for narrow embeddings, fewer for wide ones, so that the exhaustive input-set search over the buffer costs
+def auto_buffer_size(row_width: int, dim: int | None = None) -> int:
+    """The default candidate buffer for rows of ``row_width`` numbers whose pair scores live in ``dim`` dimensions
+    (``SVDDissimilarity``: ``M_p + M_q`` numbers, ``dim = M_p + M_q + 2`` by default; ``LLVDistance``: ``2K`` numbers,
+    ``dim = K``, the most the log-probability rows can span): :data:`REPRESENTATION_BUFFER_SIZE` inputs for narrow
+    rows, fewer for wide ones, so that the exhaustive input-set search over the buffer costs
     no more than over 10,240 inputs of two 2-d models (about a second of one CPU core,
     :func:`~lightning_repsim.functional.input_search.exhaustive_cost`) and the rows take at most
     :data:`AUTO_BUFFER_BYTES`; never fewer than :data:`DEFAULT_BUFFER_SIZE`.
 
     Example:
-        >>> auto_buffer_size(2 + 2), auto_buffer_size(128 + 128), auto_buffer_size(768 + 768)
+        >>> auto_buffer_size(2 + 2), auto_buffer_size(128 + 128), auto_buffer_size(768 + 768)  # SVDDissimilarity
         (10240, 3132, 1323)
+        >>> [auto_buffer_size(2 * k, dim=k) for k in (7, 10, 100, 1000)]  # LLVDistance, K labels
+        [10049, 9533, 4767, 1635]
     """
     from lightning_repsim.functional.input_search import exhaustive_cost
 
-    dim = row_width + 2  # the coefficient rows of the representation route: M_p + M_q + 2 numbers
+    dim = row_width + 2 if dim is None else dim  # the representation route's coefficient rows: M_p + M_q + 2 numbers
     by_time = math.isqrt(2 * exhaustive_cost(REPRESENTATION_BUFFER_SIZE, 6) // (2 * dim + 40)) + 1
     by_memory = AUTO_BUFFER_BYTES // (8 * (row_width + META))
     return int(max(DEFAULT_BUFFER_SIZE, min(REPRESENTATION_BUFFER_SIZE, by_time, by_memory)))
@@ -79,11 +84,11 @@ class CandidateMixin(StreamingMetric):
         default = empty_buffer(buffer_size, width) if width is not None else torch.zeros(0, 0, dtype=torch.float64)
         self._add_state_kind("candidates", "buffer", default, capacity=buffer_size)
 
-    def _size_buffer(self, row_width: int) -> None:
+    def _size_buffer(self, row_width: int, dim: int | None = None) -> None:
         """The default buffer's capacity for rows of ``row_width`` numbers (before its first allocation; the same on
         every process, which see the same widths)."""
         if self._auto_buffer and self._pinned is None:
-            self.buffer_size = auto_buffer_size(row_width)
+            self.buffer_size = auto_buffer_size(row_width, dim)
             self._kinds["candidates"].capacity = self.buffer_size
 
     @staticmethod

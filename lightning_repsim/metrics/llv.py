@@ -13,7 +13,7 @@ from lightning_repsim.functional.llv import LLVOptions, LLVResult, ResolvedLabel
 from lightning_repsim.functional.llv_route import LLVSizes, LogitsRoute, llv_from_route
 from lightning_repsim.functional.llv_terms import CHUNK_NUMBERS
 from lightning_repsim.metrics.base import DEFAULT_MEMORY_BUDGET_GB
-from lightning_repsim.metrics.candidates import DEFAULT_BUFFER_SIZE, CandidateMixin
+from lightning_repsim.metrics.candidates import CandidateMixin, auto_buffer_size
 from lightning_repsim.metrics.moment_state import empty_moments, moments_covariance, moments_dim
 from lightning_repsim.metrics.sketch import META, hash_keys
 
@@ -61,7 +61,7 @@ class LLVDistance(CandidateMixin):
       It keeps the inputs with the smallest seeded hash of their logits (or of ``ids``), so its content
       does not depend on batching or world size.
 
-    So about ``8 (4K^2 + buffer_size (2K + 3))`` bytes: 48 MB for K = 1000. Before allocating, the metric
+    So about ``8 (4K^2 + buffer_size (2K + 3))`` bytes: 58 MB for K = 1000 with the default buffer. Before allocating, the metric
     estimates its states and ``compute()`` temporaries and refuses (``ValueError``) a configuration above
     ``memory_budget_gb``: for language-model vocabularies (K = 50,257 would need about 160 GB) use
     :class:`~lightning_repsim.metrics.SVDDissimilarity` (the representation route, exact, O(M^2) state), or
@@ -72,7 +72,10 @@ class LLVDistance(CandidateMixin):
             two models' log-probabilities (centred over labels) over the inputs, ``max(r_p, r_q)``, found at
             ``compute()`` as :func:`~lightning_repsim.functional.llv_distance` does.
         num_labels: K; if None, taken from the first ``update`` (the states are then sized lazily).
-        buffer_size: capacity of the candidate buffer (default 1024, at least M+1).
+        buffer_size: capacity of the candidate buffer (at least M+1). None (default): sized from K when it is known
+            (:func:`~lightning_repsim.metrics.candidates.auto_buffer_size`): 10,049 inputs for K = 7, 4,767 for
+            K = 100, 1,635 for K = 1,000, so that the exhaustive input-set search over it stays about a second of one
+            CPU core; the search is exact, hence independent of ``seed``, for up to that many inputs.
         nan_strategy: ``"error"`` (default, the functional layer's error) or ``"ignore"``: rows with a
             non-finite logit in either model are dropped and counted in ``num_dropped``.
         memory_budget_gb: the most the states plus ``compute()`` may need (default 8); None: no check.
@@ -111,7 +114,7 @@ class LLVDistance(CandidateMixin):
         self,
         rep_dim: int | None = None,
         num_labels: int | None = None,
-        buffer_size: int = DEFAULT_BUFFER_SIZE,
+        buffer_size: int | None = None,
         nan_strategy: str = "error",
         memory_budget_gb: float | None = DEFAULT_MEMORY_BUDGET_GB,
         **kwargs: Any,
@@ -128,6 +131,8 @@ class LLVDistance(CandidateMixin):
         width = None
         if self.num_labels is not None:
             width = 2 * self._resolve(self.num_labels, buffer_size).num_compared
+            if buffer_size is None and options.input_sets is None:  # the default buffer, sized now that K is known
+                buffer_size = auto_buffer_size(width, dim=width // 2)
         self._add_state_kind("moments", "moments", empty_moments(width) if width else torch.zeros(0, dtype=torch.float64))
         self._add_state_kind("dims", "dims", torch.tensor([self.num_labels or 0], dtype=torch.int64))
         self._init_candidates(buffer_size, None if rep_dim is None else rep_dim + 1, width)
@@ -141,6 +146,8 @@ class LLVDistance(CandidateMixin):
         kk = k if resolved.labels is None else resolved.labels.numel()
         check_num_labels(kk)
         buf = self.buffer_size if buffer_size is None else buffer_size
+        if buf is None:  # the default buffer: sized from the compared labels
+            buf = auto_buffer_size(2 * kk, dim=kk)
         state = 8.0 * (1 + 2 * kk + 4 * kk * kk + buf * (2 * kk + 3))
         compute = 8.0 * (4 * kk * kk + 20 * min(kk * kk, CHUNK_NUMBERS) + 12 * CHUNK_NUMBERS)
         fit = int(math.sqrt(max(self.memory_budget_gb or 0, 0) * 1e9 / 8 / 8)) if self.memory_budget_gb else kk
@@ -166,7 +173,13 @@ class LLVDistance(CandidateMixin):
         """Accumulate a batch of both models' logits (see the class docstring)."""
         p, q, ids, dropped = logit_rows(logits_p, logits_q, mask, ids, self.nan_strategy)
         k = p.shape[1]
-        labels = self._resolve(k).resolved.labels
+        resolved = self._resolve(k)
+        labels = resolved.resolved.labels
+        if not self.candidates.numel():  # the default buffer's size, before its first allocation
+            self._size_buffer(2 * resolved.num_compared, dim=resolved.num_compared)
+            if self.rep_dim is not None and self.buffer_size < self.rep_dim + 1 and self.options.input_sets is None:
+                raise ValueError(f"the default candidate buffer for K={k:,} labels holds {self.buffer_size:,} inputs, fewer "
+                                 f"than an input set of M+1 = {self.rep_dim + 1}: pass buffer_size >= {self.rep_dim + 1}")
         contributions: dict[str, Any] = {"dims": torch.tensor([k], dtype=torch.int64)}
         if dropped:
             contributions["num_dropped"] = dropped

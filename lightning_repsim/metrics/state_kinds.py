@@ -285,7 +285,9 @@ class Config(StateKind):
     def check(self, ours: Tensor, theirs: Tensor) -> None:
         mine, other = ours.tolist(), theirs.tolist()
         if mine != other:
-            diff = ", ".join(f"{k}={b} (this metric: {a})" for k, a, b in zip(self.names, mine, other) if a != b)
+            shown = lambda k, v: "default" if k == "buffer_size" and v == 0 else v  # noqa: E731  (0: the default buffer)
+            diff = ", ".join(f"{k}={shown(k, b)} (this metric: {shown(k, a)})" for k, a, b in zip(self.names, mine, other)
+                             if a != b)
             raise ConfigMismatch(diff or f"{other} (this metric: {mine})")
 
     def merge(self, ours: Tensor, theirs: Tensor) -> Tensor:
