@@ -601,3 +601,27 @@ def test_compute_before_update_warns():
     for metric in metrics:
         with pytest.warns(UserWarning, match="before the ``update``"), pytest.raises(ValueError):
             metric.compute_result()
+
+
+def test_buffer_insert_merges_as_the_bottom_k_of_the_union():
+    """Inserting a batch into the sorted buffer (merged, not sorted again) gives the same bits as the bottom-k of the
+    union; batches with a repeated input (equal keys), an input already buffered or a key shared with a different
+    second key take the general ordering, with the same result; a full buffer only admits smaller keys."""
+    from lightning_repsim.metrics.sketch import META, _merged_order, bottom_k, buffer_insert, empty_buffer
+
+    g = torch.Generator().manual_seed(7)
+    paths = set()
+    for capacity, sizes in ((64, (10, 30, 50, 40, 30)), (1000, (256, 256, 256)), (8, (5, 5, 20, 4))):
+        buf = empty_buffer(capacity, 3)
+        for i, size in enumerate(sizes):
+            rows = torch.randn(size, META + 3, generator=g, dtype=torch.float64)
+            filled = int(torch.isfinite(buf[:, 0]).sum())
+            if i % 2 and filled:
+                rows[1] = rows[0]  # a repeated input
+                rows[2, :2] = buf[0, :2]  # an input already buffered
+                rows[3, 0], rows[3, 1] = buf[filled - 1, 0], buf[filled - 1, 1] + 1.0  # the same key, another key2
+            paths.add(_merged_order(buf[:, :2], rows[:, :2]) is None)
+            expected = bottom_k(torch.cat([buf, rows]), capacity)
+            buf = buffer_insert(buf, rows)
+            assert torch.equal(buf, expected), (capacity, size)
+    assert paths == {True, False}  # both the merge and the general ordering were taken

@@ -78,29 +78,72 @@ def empty_buffer(capacity: int, width: int, device: torch.device | str | None = 
     return buf
 
 
+def _bottom_k_order(keys: Tensor, capacity: int) -> Tensor:
+    """Row positions of the ``capacity`` smallest ``(key, key2)`` pairs of ``keys`` (R, 2), one per distinct pair, in
+    order (ties of a pair keep the first row); rows with an infinite key are empty slots."""
+    order = torch.nonzero(torch.isfinite(keys[:, 0])).flatten()
+    order = order[torch.argsort(keys[order, 1], stable=True)]
+    order = order[torch.argsort(keys[order, 0], stable=True)]
+    if order.numel() > 1:
+        ordered = keys[order]
+        dup = (ordered[1:, 0] == ordered[:-1, 0]) & (ordered[1:, 1] == ordered[:-1, 1])
+        order = order[torch.cat([dup.new_ones(1), ~dup])]
+    return order[:capacity]
+
+
+def _gather(sources: tuple[Tensor, ...], order: Tensor, capacity: int) -> Tensor:
+    """A buffer of ``capacity`` rows: the rows at ``order`` of the sources stacked (without stacking them), padded."""
+    first = sources[0]
+    out = empty_buffer(capacity, first.shape[1] - META, first.device)
+    start = 0
+    for src in sources:
+        take = (order >= start) & (order < start + src.shape[0])
+        out.index_copy_(0, torch.nonzero(take).flatten(), src.index_select(0, order[take] - start))
+        start += src.shape[0]
+    return out
+
+
 def bottom_k(rows: Tensor, capacity: int) -> Tensor:
     """The ``capacity`` rows with the smallest ``(key, key2)``, one per distinct pair, sorted, padded."""
-    rows = take_rows(rows, torch.isfinite(rows[:, 0]))
-    rows = rows.index_select(0, torch.argsort(rows[:, 1], stable=True))
-    rows = rows.index_select(0, torch.argsort(rows[:, 0], stable=True))
-    if rows.shape[0] > 1:
-        dup = (rows[1:, 0] == rows[:-1, 0]) & (rows[1:, 1] == rows[:-1, 1])
-        rows = take_rows(rows, torch.cat([dup.new_ones(1), ~dup]))
-    rows = rows[:capacity]
-    if rows.shape[0] < capacity:
-        pad = empty_buffer(capacity - rows.shape[0], rows.shape[1] - META, rows.device)
-        rows = torch.cat([rows, pad])
-    return rows
+    return _gather((rows,), _bottom_k_order(rows[:, :2], capacity), capacity)
 
 
 def buffer_insert(buf: Tensor, rows: Tensor) -> Tensor:
-    """Insert keyed rows ``[key, key2, id, data...]`` into a buffer (bottom-k of the union)."""
+    """Insert keyed rows ``[key, key2, id, data...]`` into a buffer (bottom-k of the union). The rows are ordered by
+    their keys alone and each row is copied once (the buffer and the batch are never concatenated)."""
     limit = buf[-1, 0]
     if bool(torch.isfinite(limit)):  # full: only keys up to the current largest can enter
         rows = take_rows(rows, rows[:, 0] <= limit)
     if rows.shape[0] == 0:
         return buf
-    return bottom_k(torch.cat([buf, rows]), buf.shape[0])
+    order = _merged_order(buf[:, :2], rows[:, :2])
+    if order is None:  # a key shared between or within the two: the general ordering
+        order = _bottom_k_order(torch.cat([buf[:, :2], rows[:, :2]]), buf.shape[0])
+    return _gather((buf, rows), order[: buf.shape[0]], buf.shape[0])
+
+
+def _merged_order(buf_keys: Tensor, new_keys: Tensor) -> Tensor | None:
+    """The bottom-k order of a sorted buffer and new rows by merging (the buffer is not sorted again): positions into
+    ``[buffer; new rows]``, or None when a key occurs twice (then ``key2`` and the duplicates decide, in
+    :func:`_bottom_k_order`). Equal to :func:`_bottom_k_order` whenever it answers."""
+    filled = int(torch.isfinite(buf_keys[:, 0]).sum())
+    key = buf_keys[:filled, 0].contiguous()
+    new = torch.nonzero(torch.isfinite(new_keys[:, 0])).flatten()
+    new = new[torch.argsort(new_keys[new, 0])]
+    new_key = new_keys[new, 0]
+    if new.numel() > 1 and bool((new_key[1:] == new_key[:-1]).any()):
+        return None
+    at = torch.searchsorted(key, new_key)  # buffer rows before each new row
+    if bool((key[at.clamp_max(max(filled - 1, 0))] == new_key).any()) if filled else False:
+        return None
+    total = filled + new.numel()
+    order = torch.empty(total, dtype=torch.long, device=key.device)
+    new_place = at + torch.arange(new.numel(), device=key.device)
+    order[new_place] = new + buf_keys.shape[0]
+    is_buf = torch.ones(total, dtype=torch.bool, device=key.device)
+    is_buf[new_place] = False
+    order[is_buf] = torch.arange(filled, device=key.device)
+    return order
 
 
 def fold_buffers(stacked: Tensor) -> Tensor:
