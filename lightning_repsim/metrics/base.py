@@ -32,7 +32,16 @@ from torchmetrics import Metric
 from torchmetrics.utilities.prints import rank_zero_warn
 
 from lightning_repsim.functional.inputs import NAN_STRATEGIES, check_choice
-from lightning_repsim.metrics.state_kinds import Config, ConfigMismatch, Count, SizeMismatch, StateKind, gather_states, state_kind
+from lightning_repsim.metrics.state_kinds import (
+    AUTOMATIC,
+    Config,
+    ConfigMismatch,
+    Count,
+    SizeMismatch,
+    StateKind,
+    gather_states,
+    state_kind,
+)
 
 __all__ = ["DEFAULT_MEMORY_BUDGET_GB", "MetricResult", "StreamingMetric", "gather_states"]
 
@@ -107,7 +116,7 @@ class StreamingMetric(Metric):
     plot_upper_bound: float | None = None
 
     def __init__(self, nan_strategy: str = "error", memory_budget_gb: float | None = DEFAULT_MEMORY_BUDGET_GB,
-                 config: dict[str, int] | None = None, **kwargs: Any) -> None:
+                 config: dict[str, int | None] | None = None, **kwargs: Any) -> None:
         if kwargs.get("dist_sync_on_step"):
             raise ValueError(
                 f"{type(self).__name__} does not support `dist_sync_on_step=True`: forward returns the process's own "
@@ -133,7 +142,7 @@ class StreamingMetric(Metric):
         self._warned: set[str] = set()
         if config:
             self._add_state_kind("config", Config(tuple(config)),
-                                 torch.tensor([int(v) for v in config.values()], dtype=torch.int64))
+                                 torch.tensor([AUTOMATIC if v is None else int(v) for v in config.values()], dtype=torch.int64))
         self._add_state_kind("num_dropped", Count(), torch.zeros((), dtype=torch.int64))
         self.register_load_state_dict_post_hook(_refuse_unfit_loaded_states)
 

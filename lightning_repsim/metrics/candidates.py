@@ -63,11 +63,15 @@ class CandidateMixin(StreamingMetric):
 
     options: LLVOptions
 
-    def _init_candidates(self, buffer_size: int | None, set_size: int | None, width: int | None) -> None:
-        """Declare the candidate buffer; ``buffer_size=None``: sized by :func:`auto_buffer_size` at the first update
-        (:meth:`_size_buffer`), once the rows' width is known."""
+    def _init_candidates(self, buffer_size: int | None, set_size: int | None, width: int | None,
+                         dim: int | None = None) -> None:
+        """Declare the candidate buffer of rows of ``width`` numbers (None: known at the first update) whose pair scores
+        live in ``dim`` dimensions; ``buffer_size=None``: sized by :func:`auto_buffer_size`, now if the width is known,
+        else at the first update (:meth:`_size_buffer`)."""
         self._auto_buffer = buffer_size is None
-        buffer_size = REPRESENTATION_BUFFER_SIZE if buffer_size is None else check_positive_int(buffer_size, "buffer_size")
+        if buffer_size is None:
+            buffer_size = REPRESENTATION_BUFFER_SIZE if width is None else auto_buffer_size(width, dim)
+        buffer_size = check_positive_int(buffer_size, "buffer_size")
         self._pinned = None
         sets = self.options.input_sets
         if sets is not None:
@@ -85,21 +89,21 @@ class CandidateMixin(StreamingMetric):
         self._add_state_kind("candidates", "buffer", default, capacity=buffer_size)
 
     def _size_buffer(self, row_width: int, dim: int | None = None) -> None:
-        """The default buffer's capacity for rows of ``row_width`` numbers (before its first allocation; the same on
+        """The default buffer's capacity for rows of ``row_width`` numbers, before its first allocation (the same on
         every process, which see the same widths)."""
-        if self._auto_buffer and self._pinned is None:
+        if self._auto_buffer and self._pinned is None and not self.candidates.numel():
             self.buffer_size = auto_buffer_size(row_width, dim)
             self._kinds["candidates"].capacity = self.buffer_size
 
     @staticmethod
-    def candidate_config(options: LLVOptions, buffer_size: int | None) -> dict[str, int]:
+    def candidate_config(options: LLVOptions, buffer_size: int | None) -> dict[str, int | None]:
         """The part of the configuration that decides which inputs the buffer keeps (checked on merges; a default
-        buffer is 0: its size follows from the widths, which are checked themselves)."""
+        buffer is None: its size follows from the widths or K, which are checked themselves)."""
         sets = options.input_sets
         return {
             "seed": options.seed,
-            "buffer_size": (buffer_size or 0) if sets is None else int(torch.unique(sets).numel()),
-            "input_sets": -1 if sets is None else int(hash_keys(sets.reshape(1, -1), 0)[0]),
+            "buffer_size": buffer_size if sets is None else int(torch.unique(sets).numel()),
+            "input_sets": None if sets is None else int(hash_keys(sets.reshape(1, -1), 0)[0]),
         }
 
     def _candidate_rows(self, content: Tensor, data: Tensor, ids: Tensor | None) -> Tensor:

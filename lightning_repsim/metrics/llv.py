@@ -120,9 +120,9 @@ class LLVDistance(CandidateMixin):
         **kwargs: Any,
     ) -> None:
         options, kwargs = LLVOptions.split(kwargs)
-        labels = -1 if options.labels is None else int(hash_keys(options.labels.reshape(1, -1), 0)[0])
+        labels = None if options.labels is None else int(hash_keys(options.labels.reshape(1, -1), 0)[0])
         rep_dim = None if rep_dim is None else check_rep_dim(rep_dim)
-        config = {"rep_dim": -1 if rep_dim is None else rep_dim, "labels": labels, **self.candidate_config(options, buffer_size)}
+        config = {"rep_dim": rep_dim, "labels": labels, **self.candidate_config(options, buffer_size)}
         super().__init__(nan_strategy=nan_strategy, memory_budget_gb=memory_budget_gb, config=config, **kwargs)
         self.options = options
         self.rep_dim = rep_dim
@@ -131,11 +131,9 @@ class LLVDistance(CandidateMixin):
         width = None
         if self.num_labels is not None:
             width = 2 * self._resolve(self.num_labels, buffer_size).num_compared
-            if buffer_size is None and options.input_sets is None:  # the default buffer, sized now that K is known
-                buffer_size = auto_buffer_size(width, dim=width // 2)
         self._add_state_kind("moments", "moments", empty_moments(width) if width else torch.zeros(0, dtype=torch.float64))
         self._add_state_kind("dims", "dims", torch.tensor([self.num_labels or 0], dtype=torch.int64))
-        self._init_candidates(buffer_size, None if rep_dim is None else rep_dim + 1, width)
+        self._init_candidates(buffer_size, None if rep_dim is None else rep_dim + 1, width, None if width is None else width // 2)
 
     # -- sizes -------------------------------------------------------------------------------------
     def _resolve(self, k: int, buffer_size: int | None = None) -> _Labels:
@@ -175,11 +173,10 @@ class LLVDistance(CandidateMixin):
         k = p.shape[1]
         resolved = self._resolve(k)
         labels = resolved.resolved.labels
-        if not self.candidates.numel():  # the default buffer's size, before its first allocation
-            self._size_buffer(2 * resolved.num_compared, dim=resolved.num_compared)
-            if self.rep_dim is not None and self.buffer_size < self.rep_dim + 1 and self.options.input_sets is None:
-                raise ValueError(f"the default candidate buffer for K={k:,} labels holds {self.buffer_size:,} inputs, fewer "
-                                 f"than an input set of M+1 = {self.rep_dim + 1}: pass buffer_size >= {self.rep_dim + 1}")
+        self._size_buffer(2 * resolved.num_compared, dim=resolved.num_compared)
+        if self.rep_dim is not None and self.buffer_size < self.rep_dim + 1 and self.options.input_sets is None:
+            raise ValueError(f"the default candidate buffer for K={k:,} labels holds {self.buffer_size:,} inputs, fewer "
+                             f"than an input set of M+1 = {self.rep_dim + 1}: pass buffer_size >= {self.rep_dim + 1}")
         contributions: dict[str, Any] = {"dims": torch.tensor([k], dtype=torch.int64)}
         if dropped:
             contributions["num_dropped"] = dropped

@@ -134,7 +134,7 @@ def _merged_order(buf_keys: Tensor, new_keys: Tensor) -> Tensor | None:
     if new.numel() > 1 and bool((new_key[1:] == new_key[:-1]).any()):
         return None
     at = torch.searchsorted(key, new_key)  # buffer rows before each new row
-    if bool((key[at.clamp_max(max(filled - 1, 0))] == new_key).any()) if filled else False:
+    if filled and bool((key[at.clamp_max(filled - 1)] == new_key).any()):
         return None
     total = filled + new.numel()
     order = torch.empty(total, dtype=torch.long, device=key.device)

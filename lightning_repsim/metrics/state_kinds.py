@@ -36,6 +36,7 @@ from lightning_repsim.metrics.moment_state import fold_moments, moments_add, mom
 from lightning_repsim.metrics.sketch import META, buffer_insert, empty_buffer, fold_buffers
 
 __all__ = [
+    "AUTOMATIC",
     "Buffer",
     "Config",
     "ConfigMismatch",
@@ -49,6 +50,11 @@ __all__ = [
     "gather_states",
     "state_kind",
 ]
+
+
+#: A configuration entry the metric chooses itself (given as None: ``rep_dim``, the default buffer, no label subset, no
+#: input sets): stored as this integer, shown as ``default`` in a mismatch.
+AUTOMATIC = -1
 
 
 class SizeMismatch(ValueError):
@@ -267,9 +273,10 @@ class Fingerprint(Dims):
 
 
 class Config(StateKind):
-    """The metric's configuration as integers (``names`` in order): states of differently configured metrics refuse
-    to merge. It is a metric's first state: torchmetrics < 1.9 compares only the first state of two metrics with the
-    same state names when it forms a ``MetricCollection``'s compute groups."""
+    """The metric's configuration as integers (``names`` in order; :data:`AUTOMATIC` for an entry given as None):
+    states of differently configured metrics refuse to merge. It is a metric's first state: torchmetrics < 1.9
+    compares only the first state of two metrics with the same state names when it forms a ``MetricCollection``'s
+    compute groups."""
 
     def __init__(self, names: tuple[str, ...]) -> None:
         self.names = names
@@ -285,13 +292,17 @@ class Config(StateKind):
     def check(self, ours: Tensor, theirs: Tensor) -> None:
         mine, other = ours.tolist(), theirs.tolist()
         if mine != other:
-            shown = lambda k, v: "default" if k == "buffer_size" and v == 0 else v  # noqa: E731  (0: the default buffer)
-            diff = ", ".join(f"{k}={shown(k, b)} (this metric: {shown(k, a)})" for k, a, b in zip(self.names, mine, other)
+            diff = ", ".join(f"{k}={_shown(b)} (this metric: {_shown(a)})" for k, a, b in zip(self.names, mine, other)
                              if a != b)
             raise ConfigMismatch(diff or f"{other} (this metric: {mine})")
 
     def merge(self, ours: Tensor, theirs: Tensor) -> Tensor:
         return ours
+
+
+def _shown(value: int) -> int | str:
+    """A configuration entry as a message shows it: :data:`AUTOMATIC` is ``default``."""
+    return "default" if value == AUTOMATIC else value
 
 
 #: The kinds by name, for the shorthand ``_add_state_kind(name, "moments", ...)``.

@@ -174,7 +174,7 @@ class SVDDissimilarity(CandidateMixin):
         max_label_subsets = kwargs.pop("max_label_subsets", None)
         options, kwargs = LLVOptions.split(kwargs)
         rep_dim = None if rep_dim is None else check_rep_dim(rep_dim)
-        config = {"rep_dim": -1 if rep_dim is None else rep_dim, **self.candidate_config(options, buffer_size)}
+        config = {"rep_dim": rep_dim, **self.candidate_config(options, buffer_size)}
         super().__init__(nan_strategy=nan_strategy, memory_budget_gb=memory_budget_gb, config=config, **kwargs)
         if options.labels is not None:
             raise ValueError("`labels` (a label subset) is for LLVDistance: the representation route is exact for any K")
