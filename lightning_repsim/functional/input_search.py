@@ -144,7 +144,7 @@ def search_input_set(
     rows = torch.nonzero(distinct).flatten()
     local = stats.select(rows)
     sampled_best = float(sampled_scores.min()) if sampled_scores.numel() else float("inf")
-    exhaustive = exhaustive_cost(local.num_rows, local.dim) <= EXHAUSTIVE_BUDGET
+    exhaustive = is_exhaustive(stats, distinct)
     rounds, converged = 0, True
     if exhaustive:
         table: PivotTable | None = all_pivots(local, m)

@@ -177,23 +177,25 @@ def select_or_search(route: LLVRoute, candidates: Candidates, options: LLVOption
     member_ids = ids[sets].sort(dim=1).values
     repeated = (member_ids[:, 1:] == member_ids[:, :-1]).any(dim=1)
     stats = route.pair_statistics() if options.input_set_search == "optimise" else None
-    if stats is not None:
-        if is_exhaustive(stats, first):  # the argmin over all sets: the sampled sets are reported, they decide nothing
-            scores = set_scores(stats, sets).masked_fill(repeated, float("inf"))
-            best, info = search_input_set(stats, set_size, sets, scores, first)
-            if best is not None:
-                found = select_input_set(*route.set_entries(best[None]), candidates.report(best[None]), options.reduce)
-                positions = torch.cat([sets, best[None]])
-                inputs = replace(found, chosen_candidate=int(sets.shape[0]), candidate_sets=candidates.report(positions),
-                                 candidate_scores=torch.cat([scores, found.candidate_scores]))
-                return inputs, info, best
+    exhaustive = None  # the exhaustive search's report, when it ran and found no diverse set
+    if stats is not None and is_exhaustive(stats, first):  # the argmin over all sets: the sampled sets decide nothing
+        scores = set_scores(stats, sets).masked_fill(repeated, float("inf"))
+        best, exhaustive = search_input_set(stats, set_size, sets, scores, first)
+        if best is not None:
+            found = select_input_set(*route.set_entries(best[None]), candidates.report(best[None]), options.reduce)
+            positions = torch.cat([sets, best[None]])
+            inputs = replace(found, chosen_candidate=int(sets.shape[0]), candidate_sets=candidates.report(positions),
+                             candidate_scores=torch.cat([scores, found.candidate_scores]))
+            return inputs, exhaustive, best
     b, b_piv, t4, valid = route.set_entries(sets)  # the exact entries of the sampled sets
     valid = valid & ~repeated[:, None]
     scores = torch.where(valid.all(1), torch.maximum(b.amax(1), b_piv.amax(1)), torch.full_like(b[:, 0], float("inf")))
     info = SearchInfo(method="sample", sampled_sets=int(sets.shape[0]), sampled_best=float(scores.min()),
                       pivots_evaluated=0, exhaustive=False, rounds=0, converged=True, distinct_candidates=count)
     positions = sets
-    if stats is not None:
+    if exhaustive is not None:  # no diverse set among all of them: the best sampled set, not a second search
+        info = replace(exhaustive, sampled_best=info.sampled_best)
+    elif stats is not None:
         best, info = search_input_set(stats, set_size, sets, scores, first)
         if best is not None:  # strictly better than every sampled set: appended as the last candidate
             extra = route.set_entries(best[None])

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from lightning_repsim.functional.llv_terms import TIE_RTOL, ZERO_VAR_ULPS
 
-__all__ = ["FACTOR_MIN_ROWS_PER_DIM", "FACTOR_RTOL", "PAIR_BLOCK", "PairStatistics", "PivotTable", "all_pivots",
+__all__ = ["FACTOR_RTOL", "PAIR_BLOCK", "PairStatistics", "PivotTable", "all_pivots",
            "evaluate_pivots", "exhaustive_cost", "partner_width"]
 
 #: Rows (and columns) of a block of pair scores: 2 MB of float64, so its element-wise passes stay in cache.
@@ -73,8 +73,8 @@ class PairStatistics:
     directions_p: Tensor
     directions_q: Tensor
     center_directions: bool = True
-    _ranks: list = field(default_factory=lambda: [None, None], repr=False)
-    _rank_floors: list = field(default_factory=lambda: [0, 0], repr=False)
+    #: per model, (a lower bound of the affine rank, whether it is the rank itself): see :meth:`affine_ranks`
+    _rank_known: list[tuple[int, bool]] = field(default_factory=lambda: [(0, False), (0, False)], repr=False)
 
     def __post_init__(self) -> None:
         self.norm_a = (self.a * self.a).sum(1)
@@ -175,18 +175,14 @@ class PairStatistics:
         whole rows only when they fall short. Cached."""
         out = []
         for model, directions in enumerate((self.directions_p, self.directions_q)):
-            if at_most is not None and self._rank_floors[model] < at_most and self._ranks[model] is None:
-                head = directions[: 2 * at_most + 8]
-                if head.shape[0] < directions.shape[0]:
-                    self._rank_floors[model] = max(self._rank_floors[model], self._affine_rank(head))
-            if at_most is not None and self._rank_floors[model] >= at_most:
-                out.append(at_most)
-                continue
-            if self._ranks[model] is None:
-                self._ranks[model] = self._affine_rank(directions)
-                self._rank_floors[model] = self._ranks[model]
-            rank = self._ranks[model]
-            out.append(rank if at_most is None else min(rank, at_most))
+            floor, exact = self._rank_known[model]
+            head = 2 * at_most + 8 if at_most is not None else 0
+            if not exact and floor < (at_most or 0) and head < directions.shape[0]:
+                floor = max(floor, self._affine_rank(directions[:head]))
+            if not exact and (at_most is None or floor < at_most):
+                floor, exact = self._affine_rank(directions), True
+            self._rank_known[model] = (floor, exact)
+            out.append(floor if at_most is None else min(floor, at_most))
         return out[0], out[1]
 
     def _affine_rank(self, directions: Tensor) -> int:
