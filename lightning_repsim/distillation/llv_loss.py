@@ -8,7 +8,7 @@ formula (:func:`~lightning_repsim.functional.llv_terms.compared_variance`) with 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
 import torch
@@ -98,10 +98,6 @@ def set_entries(m: BatchMoments, num_sets: int, eps: float) -> tuple[Tensor, Ten
     compared, reference = tuple(x[:, 1:] for x in own), tuple(x[:, :1] for x in own)
     b, b_piv, t4 = entries(s1sq, delta, compared, reference, eps)
     return torch.cat([b, b_piv], dim=-1), t4
-
-
-#: The options every loss has (:class:`~lightning_repsim.distillation.base.DistillationLoss`).
-COMMON_OPTIONS = ("reduction", "dtype", "check_finite", "chunk_size")
 
 
 @dataclass(frozen=True)
@@ -295,9 +291,9 @@ class LLVLoss(DistillationLoss):
     """
 
     def __init__(self, rep_dim: int | None = None, **options: Any) -> None:
-        common = {key: options.pop(key) for key in COMMON_OPTIONS if key in options}
-        super().__init__(**common)
-        opts = LLVLossOptions(**options)  # an unknown option is a TypeError naming it
+        own = {key: options.pop(key) for key in [f.name for f in fields(LLVLossOptions)] if key in options}
+        super().__init__(**options)  # the options every loss has; an unknown option is a TypeError naming it
+        opts = LLVLossOptions(**own)
         self.rep_dim = None if rep_dim is None else check_rep_dim(rep_dim)
         self.labels = LabelChoice(opts.label_pivot, opts.leave_out)
         self.input_terms = bool(opts.input_terms)

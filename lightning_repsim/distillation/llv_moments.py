@@ -303,7 +303,10 @@ def _row_reference_grad(rows: LogitRows, p1: _Pass1, full: Tensor) -> Tensor:
 def batch_moments(rows: LogitRows, pivot: int | None, mean_rows: bool, pairs: Tensor, own: Tensor) -> BatchMoments:
     """The moments of the module docstring over the kept rows of ``rows`` (whose runs must be known), for the
     label reference ``pivot`` (None: the mean over labels); the per-row moments against the column means when
-    ``mean_rows``; the pair moments of ``pairs`` (2, P) and the own moments of ``own`` (R,) (row positions)."""
+    ``mean_rows``; the pair moments of ``pairs`` (2, P) and the own moments of ``own`` (R,) (row positions). The
+    blocks must hold kept rows only (``LogitRows(..., host_runs=True)``): masked rows are never zeroed here."""
+    if rows.keep is not None:
+        raise ValueError("batch_moments needs the kept rows as runs (LogitRows(..., host_runs=True))")
     index = rows.kept_index()
     out = _BatchMoments.apply(rows.student, rows.teacher, rows, index, (pairs, own), (pivot, mean_rows))
     return BatchMoments(out[0:5], out[5], out[6], out[7:12], out[12], out[13], out[14:16], out[16:19])

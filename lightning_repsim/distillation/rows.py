@@ -10,7 +10,8 @@ explicit on any device; without it an accelerator takes blocks of 256 MB of floa
 
 Masks: on the CPU the kept rows are found once as contiguous runs (left or right padding gives one run per
 sequence) and masked rows are never read, so they may hold anything, even NaN. Where the mask must stay on
-the device (an accelerator, or ``torch.compile`` tracing) the blocks are sanitised with ``torch.where`` instead.
+the device (an accelerator, or ``torch.compile`` tracing) :meth:`LogitRows.block` returns each block with the mask of
+its dropped rows, and the loss zeroes them in its first temporary (``masked_fill_``) and in what it stores.
 
 ``chunk_size`` is an upper bound on the rows per block. On the CPU the default blocks are already about 1 MB (a
 larger ``chunk_size`` changes nothing: bigger blocks leave the cache and are slower); elsewhere the default blocks
