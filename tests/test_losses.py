@@ -592,8 +592,8 @@ def test_chunked_equals_unchunked(name, chunk_size):
 
 @pytest.mark.parametrize("name", ["ld_p2", "ld_p1", "ld_uncentred", "kd"])
 def test_mask_inside_blocks_equals_kept_runs(name, monkeypatch):
-    """Where the mask stays on the device (an accelerator, or torch.compile tracing), the blocks are sanitised
-    by ``where`` instead of skipping the masked runs: same values and gradients, NaN padding included."""
+    """Where the mask stays on the device (an accelerator, or torch.compile tracing), the masked rows are zeroed
+    inside the blocks instead of skipped as runs: same values and gradients, NaN padding included."""
     import lightning_repsim.distillation.rows as rows_module
 
     student, teacher = pair(n=3, k=6, seed=51, t=5)

@@ -60,9 +60,10 @@ class _KDRows(torch.autograd.Function):
         direct = grad.dtype == rows.dtype and rows.keep is None
         for i, j in rows.blocks():
             sb, tb, drop = rows.block(i, j)
-            ps = torch.mul(sb, inv, out=grad[i:j]) if direct else rows.sanitise(sb * inv, drop)
+            # dropped rows stay in their own row (possibly NaN) until ``store`` zeroes them
+            ps = torch.mul(sb, inv, out=grad[i:j]) if direct else sb * inv
             ps.sub_(lse[0, i:j, None]).exp_()
-            pt = rows.sanitise(tb * inv, drop).sub_(lse[1, i:j, None]).exp_()
+            pt = (tb * inv).sub_(lse[1, i:j, None]).exp_()
             ps.sub_(pt).mul_(scale[i:j, None])
             if not direct:
                 rows.store(grad, i, j, ps, drop)

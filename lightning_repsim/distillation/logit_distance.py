@@ -63,7 +63,8 @@ class _LogitDistanceRows(torch.autograd.Function):
         direct = grad.dtype == rows.dtype and rows.keep is None
         for a, b in rows.blocks():
             sb, tb, drop = rows.block(a, b)
-            d = torch.sub(sb, tb, out=grad[a:b]) if direct and p == 2 else rows.sanitise(sb - tb, drop)
+            # dropped rows stay in their own row (possibly NaN) until ``store`` zeroes them
+            d = torch.sub(sb, tb, out=grad[a:b]) if direct and p == 2 else sb - tb
             if centered:
                 d.sub_(means[a:b, None])
             if p == 2:
