@@ -22,6 +22,7 @@ from torchmetrics import MetricCollection
 
 from lightning_repsim.callbacks.config import METRIC_KEYS
 from lightning_repsim.callbacks.extraction import Representations
+from lightning_repsim.callbacks.overlap import distributed_world
 from lightning_repsim.functional import LLVOptions
 from lightning_repsim.functional.compare import svd_bounds
 from lightning_repsim.functional.family import unembedding_parts
@@ -225,7 +226,7 @@ class MetricSuite:
         """Rows added on all processes (a collective under DDP: every process calls compute)."""
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if distributed_world()[1] > 1:
             count = torch.tensor([self.num_rows], dtype=torch.int64, device=self.device)
             dist.all_reduce(count)
             return int(count.item())

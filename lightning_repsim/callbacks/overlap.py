@@ -100,7 +100,7 @@ class InputOverlap:
             return
         keys = [_sample_keys(t, batch_size) for t in tensors]
         combined = keys[0] if len(keys) == 1 else torch.stack(hash_keys(torch.cat(keys, 1), _SEED), 1)
-        self.keys.append(combined.cpu())
+        self.keys.append(combined)  # on the inputs' device: no host sync per batch
 
     def settle(self, device: torch.device) -> bool:
         """Compare what the processes accumulated (a collective: every process calls it) and say whether this
@@ -112,7 +112,7 @@ class InputOverlap:
             return True
         from torchmetrics.utilities.distributed import gather_all_tensors
 
-        local = torch.cat(self.keys) if self.keys else torch.zeros(0, 2, dtype=torch.float64)
+        local = torch.cat(self.keys).to(device) if self.keys else torch.zeros(0, 2, dtype=torch.float64, device=device)
         header = torch.cat([torch.tensor([local.shape[0], int(self.unhashable)]), self.digest]).to(device)
         headers = torch.stack(gather_all_tensors(header)).cpu()
         if bool(headers[:, 1].any()):
@@ -122,7 +122,7 @@ class InputOverlap:
         # tensor-parallel ranks of ModelParallelStrategy) form a group
         signature: list[Any] = [tuple(h[2:].tolist()) if int(h[2]) else ("empty", i) for i, h in enumerate(headers)]
         if int(headers[:, 0].sum()):
-            gathered = [t.cpu().to(torch.int64) for t in gather_all_tensors(local.to(device))]
+            gathered = [t.cpu().to(torch.int64) for t in gather_all_tensors(local)]
             uniques = [torch.unique(keys, dim=0, return_counts=True) for keys in gathered]
             for i, (rows, counts) in enumerate(uniques):
                 if rows.shape[0]:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 
-__all__ = ["TOKEN_STRIDE", "SamplePositions", "flat_loaders", "rows_and_ids"]
+__all__ = ["TOKEN_STRIDE", "SamplePositions", "rows_and_ids"]
 
 #: ids of token rows of (B, T) outputs: global sample position * 2**20 + token position.
 TOKEN_STRIDE = 2**20
@@ -53,13 +53,6 @@ def _at(tree: Any, path: tuple) -> Any:
     for key in path:
         tree = tree[key]
     return tree
-
-
-def flat_loaders(iterables: Any) -> list[Any]:
-    """The loaders of a validation container in Lightning's flat order (the ``dataloader_idx`` order)."""
-    if iterables is None:
-        return []
-    return [_at(iterables, path) for path in _leaf_paths(iterables)]
 
 
 def _combined_loader(trainer: pl.Trainer) -> Any:

@@ -65,15 +65,8 @@ class WorkerResults:
         if not os.path.exists(self.path):
             return None
         payload = torch.load(self.path, map_location="cpu", weights_only=False)  # written by our own worker
-        if not self.in_worker:
-            _remove(self.path, self.owner_pid)
+        _remove(self.path, self.owner_pid)  # only in the creating process (a pickled copy has no finalizer either)
         return payload
-
-    def __getstate__(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)  # no finalizer in a copy: only the creating process removes the file
 
 
 class SpawnedResults:
