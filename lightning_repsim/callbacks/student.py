@@ -60,9 +60,7 @@ class StudentForwards:
         """Before the first compared ``validation_step``: locate the head by one probing forward (which also checks
         this batch's reuse), so that the step's own forward is already captured."""
         if self.enabled and not self.capture.installed and not self.extractor.is_located(student):
-            self.stats["own_student_forward"] += 1
-            self.check.own = comparison.student_representations(batch, student)
-            self.install(student)
+            self.check.own = self.own(student, batch, comparison)
 
     def clear(self) -> None:
         """Forget the head calls (and the probe's forward) of the current batch."""
@@ -88,7 +86,8 @@ class StudentForwards:
         return self.own(student, batch, comparison)
 
     def own(self, student: nn.Module, batch: Any, comparison: ModelComparison) -> Representations:
-        """A forward of the comparison's own (not captured as the student's); reuse from the next batch on."""
+        """A forward of the comparison's own (counted, not captured as the student's); the head's calls captured again
+        after it, for reuse from the next batch on."""
         self.stats["own_student_forward"] += 1
         self.capture.remove()
         reps = comparison.student_representations(batch, student)
@@ -101,16 +100,12 @@ class StudentForwards:
         probing forward's, when it ran on this batch): trusted for the rest of the comparison when they agree, else
         None (own forwards from now on) and one warning saying why."""
         own = self.check.own
-        if own is None:
-            self.stats["own_student_forward"] += 1
-            self.capture.remove()  # the check's forward must not be captured as the student's, nor feed the layers
+        if own is None:  # the check's forward must not be captured as the student's, nor feed the layers
             rows = self.check.rows(reused.leading_shape)
             with comparison.layers_paused():
-                own = comparison.student_representations(first_samples(batch, reused.leading_shape[0], rows), student)
-            self.install(student)
+                own = self.own(student, first_samples(batch, reused.leading_shape[0], rows), comparison)
         problem = self.check.decide(reused, own)
         if problem is None:
             return reused
-        self.capture.remove()
         self.warn_once("reuse-mismatch", _MISMATCH.format(problem=problem))
         return None
