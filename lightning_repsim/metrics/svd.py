@@ -299,8 +299,7 @@ class SVDDissimilarity(CandidateMixin):
                     check_finite(unemb.to(torch.float64), name)
         contributions: dict[str, Any] = {"widths": torch.tensor([m_p, m_q], dtype=torch.int64)}
         if self._in_use is None and f_p.shape[0]:
-            fingerprints = [unembedding_fingerprint(self.unemb_p), unembedding_fingerprint(self.unemb_q)]
-            contributions["unembeddings"] = torch.cat(fingerprints)
+            contributions["unembeddings"] = self._fingerprints()
         if dropped:
             contributions["num_dropped"] = dropped
         if f_p.shape[0]:
@@ -327,14 +326,17 @@ class SVDDissimilarity(CandidateMixin):
         loaded = self.unembeddings
         if bool((loaded == 0).all()) or self.unemb_p is None or self.unemb_q is None:
             return
-        mine = torch.cat([unembedding_fingerprint(self.unemb_p), unembedding_fingerprint(self.unemb_q)]).to(loaded.device)
+        mine = self._fingerprints().to(loaded.device)
         if not torch.equal(mine, loaded):
             self.reset()
             raise ValueError(
-                f"SVDDissimilarity: the loaded state_dict holds {self._describe('unembeddings', tuple(loaded.tolist()))} "
-                f"than this metric's ({self._describe('unembeddings', tuple(mine.tolist()))}): its statistics belong to "
-                "another model"
+                "SVDDissimilarity: the loaded state_dict holds inputs whose logZ used other unembeddings (fingerprints "
+                f"{loaded.tolist()}) than this metric's ({mine.tolist()}): its statistics belong to another model"
             )
+
+    def _fingerprints(self) -> Tensor:
+        """The fingerprints of both unembeddings, ``[p (2), q (2)]``: what the ``unembeddings`` state holds."""
+        return torch.cat([unembedding_fingerprint(self.unemb_p), unembedding_fingerprint(self.unemb_q)])
 
     def __getstate__(self) -> dict[str, Any]:
         # tensor version counters do not survive a copy: a copy checks the unembeddings from its next update on
