@@ -82,7 +82,7 @@ class CandidateMixin(StreamingMetric):
         elif set_size is not None and buffer_size < set_size:
             raise ValueError(
                 f"`buffer_size`={buffer_size} cannot hold an input set of M+1 = {set_size} inputs: use buffer_size >= {set_size} "
-                f"(default {DEFAULT_BUFFER_SIZE})"
+                "(or None, the default: sized from the widths or K)"
             )
         self.buffer_size = buffer_size
         default = empty_buffer(buffer_size, width) if width is not None else torch.zeros(0, 0, dtype=torch.float64)
